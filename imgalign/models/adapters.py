@@ -1,0 +1,379 @@
+"""One adapter per model family: everything a method needs to know about a diffusers pipeline.
+
+Methods never branch on the family. They ask the adapter to
+  encode prompts            -> a conditioning dict of batch-first tensors (`Cond`)
+  encode / decode images    -> latents in the space the denoiser sees
+  sample training times     -> the family's own time variable `t`
+  noise a batch             -> (noisy latents, the training target of this family's prediction type)
+  predict                   -> the denoiser's output for (noisy, t, cond), with or without CFG
+and get the family's diffusers pipeline back for generation.
+
+Time variable `t`: integer DDPM timesteps in [0, T) for SD-type models (epsilon or v-prediction);
+the noise level sigma in (0, 1) for flow-matching models (SD3, FLUX), where
+    x_t = (1 - sigma) x0 + sigma * noise,   target velocity = noise - x0.
+
+The trainable network is passed to `predict` explicitly (`model=`), so a recipe can hand in the
+accelerate-wrapped network, the same network with its LoRA adapter disabled (reference), or a frozen copy.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+Cond = dict[str, Tensor]
+DEFAULT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+
+
+def repeat_cond(cond: Cond, n: int) -> Cond:
+    """[B, ...] -> [n*B, ...], batch order [c_1..c_B, c_1..c_B, ...] (winner/loser halves share the text)."""
+    return {k: v.repeat(n, *([1] * (v.dim() - 1))) for k, v in cond.items()}
+
+
+def cat_cond(*conds: Cond) -> Cond:
+    return {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+
+
+@contextmanager
+def adapters_disabled(model: nn.Module):
+    """The reference model of LoRA training: the same network with its adapters switched off."""
+    model = getattr(model, "module", model)  # DDP / accelerate wrappers
+    model.disable_adapters()
+    try:
+        yield model
+    finally:
+        model.enable_adapters()
+
+
+class ModelAdapter:
+    family: ClassVar[str]
+    is_flow: ClassVar[bool] = False
+    denoiser_name: ClassVar[str] = "unet"
+    lora_layers_kwarg: ClassVar[str] = "unet_lora_layers"
+
+    def __init__(self, pipe, *, timestep_sampling: str = "logit_normal", flow_shift: float | None = None,
+                 flux_guidance: float = 3.5, max_sequence_length: int = 128):
+        self.pipe = pipe
+        self.timestep_sampling = timestep_sampling
+        self.flow_shift = flow_shift
+        self.flux_guidance = flux_guidance
+        self.max_sequence_length = max_sequence_length
+
+    # ---- components ---------------------------------------------------------------------------
+    @property
+    def denoiser(self) -> nn.Module:
+        return getattr(self.pipe, self.denoiser_name)
+
+    @property
+    def vae(self):
+        return self.pipe.vae
+
+    @property
+    def device(self) -> torch.device:
+        return self.denoiser.device
+
+    @property
+    def prediction_type(self) -> str:
+        return "flow" if self.is_flow else self.pipe.scheduler.config.get("prediction_type", "epsilon")
+
+    def to(self, device=None, dtype=None) -> ModelAdapter:
+        self.pipe.to(device=device, dtype=dtype)
+        return self
+
+    def text_encoders(self) -> list[nn.Module]:
+        names = ("text_encoder", "text_encoder_2", "text_encoder_3")
+        return [m for n in names if (m := getattr(self.pipe, n, None)) is not None]
+
+    def freeze_all(self) -> None:
+        for m in [self.vae, self.denoiser, *self.text_encoders()]:
+            m.requires_grad_(False)
+
+    # ---- images -------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode_images(self, pixels: Tensor, generator: torch.Generator | None = None) -> Tensor:
+        """pixels [B, 3, H, W] in [-1, 1] -> latents [B, C, H/f, W/f] (scaled, and shifted where the VAE has one)."""
+        cfg = self.vae.config
+        pixels = pixels.to(self.vae.device, self.vae.dtype)
+        latents = self.vae.encode(pixels).latent_dist.sample(generator=generator)
+        shift = cfg.get("shift_factor") or 0.0
+        return ((latents - shift) * cfg.scaling_factor).float()
+
+    @torch.no_grad()
+    def decode_latents(self, latents: Tensor) -> Tensor:
+        """latents -> pixels [B, 3, H, W] in [-1, 1]."""
+        cfg = self.vae.config
+        shift = cfg.get("shift_factor") or 0.0
+        latents = latents.to(self.vae.device, self.vae.dtype) / cfg.scaling_factor + shift
+        return self.vae.decode(latents).sample.clamp(-1, 1).float()
+
+    # ---- text ---------------------------------------------------------------------------------
+    def encode_prompts(self, prompts: list[str], **micro) -> Cond:
+        raise NotImplementedError
+
+    # ---- training -----------------------------------------------------------------------------
+    def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        raise NotImplementedError
+
+    def noise_and_target(self, latents: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError
+
+    def predict(self, model: nn.Module, noisy: Tensor, t: Tensor, cond: Cond) -> Tensor:
+        raise NotImplementedError
+
+    def predict_cfg(self, model: nn.Module, noisy: Tensor, t: Tensor, cond: Cond, uncond: Cond, scale: float) -> Tensor:
+        """Classifier-free guidance in one batched forward: uncond + scale * (cond - uncond)."""
+        if scale == 1.0:
+            return self.predict(model, noisy, t, cond)
+        pred = self.predict(model, torch.cat([noisy, noisy]), torch.cat([t, t]), cat_cond(uncond, cond))
+        pred_u, pred_c = pred.chunk(2)
+        return pred_u + scale * (pred_c - pred_u)
+
+    # ---- LoRA ---------------------------------------------------------------------------------
+    def add_lora(self, rank: int = 8, alpha: float | None = None, target_modules=DEFAULT_LORA_TARGETS,
+                 init: str | bool = "gaussian", dropout: float = 0.0) -> None:
+        """Attach a peft LoRA adapter to the denoiser; only its parameters require grad, kept in fp32."""
+        from peft import LoraConfig
+
+        self.denoiser.requires_grad_(False)
+        config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
+                            init_lora_weights=init, target_modules=list(target_modules))
+        self.denoiser.add_adapter(config)
+        for p in self.denoiser.parameters():
+            if p.requires_grad:
+                p.data = p.data.float()  # trainable params in fp32 under mixed precision
+
+    def lora_state_dict(self, model: nn.Module | None = None) -> dict[str, Tensor]:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        model = getattr(model, "module", model) or self.denoiser
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+
+    def save_lora(self, out_dir: str | Path, model: nn.Module | None = None) -> Path:
+        """diffusers-format `pytorch_lora_weights.safetensors`, loadable with `pipe.load_lora_weights(out_dir)`."""
+        out = Path(out_dir)
+        type(self.pipe).save_lora_weights(out, **{self.lora_layers_kwarg: self.lora_state_dict(model)},
+                                          safe_serialization=True)
+        return out
+
+    def load_lora_into_denoiser(self, lora_dir: str | Path) -> None:
+        """Load a saved adapter's weights into the attached (trainable) adapter, for resume."""
+        from peft import set_peft_model_state_dict
+        from safetensors.torch import load_file
+
+        sd = load_file(str(Path(lora_dir) / "pytorch_lora_weights.safetensors"))
+        prefix = self.denoiser_name + "."
+        sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+        from diffusers.utils import convert_unet_state_dict_to_peft
+
+        result = set_peft_model_state_dict(self.denoiser, convert_unet_state_dict_to_peft(sd), adapter_name="default")
+        if result is not None and getattr(result, "unexpected_keys", None):
+            raise RuntimeError(f"unexpected LoRA keys in {lora_dir}: {result.unexpected_keys[:5]}")
+
+
+# ------------------------------------------------------------------------------------------------
+# SD-type (DDPM) families
+# ------------------------------------------------------------------------------------------------
+class _DDPMAdapter(ModelAdapter):
+    def __init__(self, pipe, **kw):
+        super().__init__(pipe, **kw)
+        from diffusers import DDPMScheduler
+
+        # Training noise schedule: the same betas as the pipeline's inference scheduler.
+        self.noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)
+
+    @property
+    def num_train_timesteps(self) -> int:
+        return self.noise_scheduler.config.num_train_timesteps
+
+    def sample_timesteps(self, n, generator=None):
+        """t ~ U{0, ..., T-1}, as in the Diffusion-DPO references (no SNR weighting)."""
+        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator).to(self.device)
+
+    def noise_and_target(self, latents, noise, t):
+        noisy = self.noise_scheduler.add_noise(latents, noise, t)
+        if self.prediction_type == "epsilon":
+            return noisy, noise
+        if self.prediction_type == "v_prediction":
+            return noisy, self.noise_scheduler.get_velocity(latents, noise, t)
+        raise ValueError(f"unsupported prediction_type {self.prediction_type!r} (epsilon or v_prediction)")
+
+
+class SDAdapter(_DDPMAdapter):
+    """Stable Diffusion 1.x / 2.x: one CLIP text encoder, epsilon or v-prediction UNet."""
+
+    family = "sd"
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts, **micro):
+        embeds, _ = self.pipe.encode_prompt(list(prompts), self.device, 1, False)
+        return {"encoder_hidden_states": embeds}
+
+    def predict(self, model, noisy, t, cond):
+        return model(noisy, t, encoder_hidden_states=cond["encoder_hidden_states"]).sample
+
+
+class SDXLAdapter(_DDPMAdapter):
+    """SDXL: two text encoders (penultimate hidden states concatenated), pooled embeds and
+    micro-conditioning time ids (original size, crop top-left, target size) per example."""
+
+    family = "sdxl"
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts, original_sizes: Tensor | None = None, crops_top_left: Tensor | None = None,
+                       target_size: tuple[int, int] | None = None, **micro):
+        prompts = list(prompts)
+        embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, device=self.device, do_classifier_free_guidance=False)
+        n = len(prompts)
+        res = self.pipe.unet.config.sample_size * self.pipe.vae_scale_factor
+        target = torch.tensor(target_size or (res, res), dtype=torch.float32).expand(n, 2)
+        orig = original_sizes.float() if original_sizes is not None else target
+        crop = crops_top_left.float() if crops_top_left is not None else torch.zeros(n, 2)
+        time_ids = torch.cat([orig, crop, target], dim=1).to(self.device)  # [B, 6]
+        return {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": time_ids.to(embeds.dtype)}
+
+    def predict(self, model, noisy, t, cond):
+        added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
+        return model(noisy, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added).sample
+
+
+# ------------------------------------------------------------------------------------------------
+# Flow-matching families
+# ------------------------------------------------------------------------------------------------
+class _FlowAdapter(ModelAdapter):
+    is_flow = True
+    denoiser_name = "transformer"
+    lora_layers_kwarg = "transformer_lora_layers"
+
+    @property
+    def shift(self) -> float:
+        """Static timestep shift for training sigmas; 1 (none) for schedulers with resolution-dependent
+        (dynamic) shifting such as FLUX's, as in diffusers' training scripts."""
+        if self.flow_shift is not None:
+            return self.flow_shift
+        cfg = self.pipe.scheduler.config
+        return 1.0 if cfg.get("use_dynamic_shifting") else float(cfg.get("shift", 1.0))
+
+    def sample_timesteps(self, n, generator=None):
+        """sigma = shift*u / (1 + (shift-1)*u) with u ~ logit-normal(0, 1) (SD3 paper) or uniform."""
+        if self.timestep_sampling == "logit_normal":
+            u = torch.sigmoid(torch.randn(n, generator=generator))
+        elif self.timestep_sampling == "uniform":
+            u = torch.rand(n, generator=generator)
+        else:
+            raise ValueError(f"timestep_sampling must be logit_normal or uniform, got {self.timestep_sampling!r}")
+        u = u.clamp(1e-4, 1 - 1e-4)
+        s = self.shift
+        return (s * u / (1 + (s - 1) * u)).to(self.device)
+
+    def noise_and_target(self, latents, noise, t):
+        sigma = t.view(-1, *([1] * (latents.dim() - 1))).to(latents.dtype)
+        return (1 - sigma) * latents + sigma * noise, noise - latents
+
+
+class SD3Adapter(_FlowAdapter):
+    """SD3 / SD3.5: CLIP-L + CLIP-G (+ optional T5) text encoders, MMDiT velocity model."""
+
+    family = "sd3"
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts, **micro):
+        prompts = list(prompts)
+        embeds, _, pooled, _ = self.pipe.encode_prompt(prompts, prompts, prompts, device=self.device,
+                                                       do_classifier_free_guidance=False,
+                                                       max_sequence_length=self.max_sequence_length)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    def predict(self, model, noisy, t, cond):
+        return model(hidden_states=noisy, timestep=t * 1000, encoder_hidden_states=cond["encoder_hidden_states"],
+                     pooled_projections=cond["pooled_projections"]).sample
+
+
+class FluxAdapter(_FlowAdapter):
+    """FLUX.1: CLIP pooled + T5 sequence embeddings, packed 2x2 latent patches, guidance embedding (dev)."""
+
+    family = "flux"
+
+    @torch.no_grad()
+    def encode_prompts(self, prompts, **micro):
+        prompts = list(prompts)
+        embeds, pooled, _ = self.pipe.encode_prompt(prompts, prompts, device=self.device,
+                                                    max_sequence_length=self.max_sequence_length)
+        return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    def predict(self, model, noisy, t, cond):
+        from diffusers import FluxPipeline
+
+        b, c, h, w = noisy.shape
+        packed = FluxPipeline._pack_latents(noisy, b, c, h, w)  # [B, (h/2)(w/2), 4c]
+        img_ids = FluxPipeline._prepare_latent_image_ids(b, h // 2, w // 2, noisy.device, noisy.dtype)
+        txt = cond["encoder_hidden_states"]
+        txt_ids = torch.zeros(txt.shape[1], 3, device=noisy.device, dtype=noisy.dtype)
+        net = getattr(model, "module", model)
+        guidance = torch.full((b,), self.flux_guidance, device=noisy.device) if net.config.guidance_embeds else None
+        out = model(hidden_states=packed, timestep=t, guidance=guidance, pooled_projections=cond["pooled_projections"],
+                    encoder_hidden_states=txt, txt_ids=txt_ids, img_ids=img_ids).sample
+        # unpack [B, (h/2)(w/2), 4c] -> [B, c, h, w] (inverse of _pack_latents)
+        out = out.view(b, h // 2, w // 2, c, 2, 2).permute(0, 3, 1, 4, 2, 5)
+        return out.reshape(b, c, h, w)
+
+
+# ------------------------------------------------------------------------------------------------
+# Loading
+# ------------------------------------------------------------------------------------------------
+ADAPTERS: dict[str, type[ModelAdapter]] = {
+    "StableDiffusionPipeline": SDAdapter,
+    "StableDiffusionXLPipeline": SDXLAdapter,
+    "StableDiffusion3Pipeline": SD3Adapter,
+    "FluxPipeline": FluxAdapter,
+}
+FAMILY_NAMES = {"sd": SDAdapter, "sd15": SDAdapter, "sd2": SDAdapter, "sdxl": SDXLAdapter, "sd3": SD3Adapter,
+                "flux": FluxAdapter}
+
+
+def adapter_for_pipeline(pipe, **kw) -> ModelAdapter:
+    name = type(pipe).__name__
+    if name not in ADAPTERS:
+        raise ValueError(f"no imgalign adapter for {name}; supported: {', '.join(ADAPTERS)}")
+    return ADAPTERS[name](pipe, **kw)
+
+
+def load_adapter(model: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
+                 variant: str | None = None, drop_t5: bool = False, local_files_only: bool | None = None,
+                 **adapter_kw) -> ModelAdapter:
+    """Load a diffusers pipeline from a hub id or a local directory and wrap it in its family adapter.
+
+    `drop_t5=True` loads SD3 without its T5 encoder (text_encoder_3=None), as the SD3 paper allows.
+    """
+    from diffusers import DiffusionPipeline
+
+    kwargs = {"torch_dtype": dtype}
+    if variant:
+        kwargs["variant"] = variant
+    if Path(model).exists():
+        local_files_only = True
+    if local_files_only is not None:
+        kwargs["local_files_only"] = local_files_only
+    try:
+        config = DiffusionPipeline.load_config(model, local_files_only=kwargs.get("local_files_only", False))
+        cls_name = config["_class_name"]
+        if cls_name in ("StableDiffusionPipeline",):
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        if cls_name == "StableDiffusion3Pipeline" and drop_t5:
+            kwargs.update(text_encoder_3=None, tokenizer_3=None)
+        pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
+    except OSError as e:
+        raise OSError(
+            f"could not load the pipeline {model!r}: {e}\n"
+            "If this machine has no network, download the model elsewhere (e.g. `huggingface-cli download "
+            f"{model} --local-dir DIR`) and pass the local directory instead of the hub id."
+        ) from e
+    pipe.set_progress_bar_config(disable=True)
+    adapter = adapter_for_pipeline(pipe, **adapter_kw)
+    adapter.to(device)
+    return adapter
+

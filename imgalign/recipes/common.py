@@ -1,0 +1,111 @@
+"""Config sections and set-up steps that every diffusion recipe shares (model, LoRA, validation)."""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from imgalign.config import MISSING, cfg_field
+from imgalign.models.adapters import DEFAULT_LORA_TARGETS, ModelAdapter, load_adapter
+from imgalign.train.setup import image_grid
+
+
+@dataclass
+class ModelConfig:
+    pretrained: str = cfg_field(MISSING, "hub id or local folder of a diffusers pipeline (SD1.x/2.x, SDXL, SD3, FLUX)")
+    variant: str | None = cfg_field(None, "weights variant to load, e.g. fp16")
+    drop_t5: bool = cfg_field(False, "SD3 only: load without the T5 text encoder")
+    timestep_sampling: str = cfg_field("logit_normal", "flow families: logit_normal | uniform density of training sigmas")
+    flow_shift: float | None = cfg_field(None, "flow families: timestep shift for training sigmas (null: scheduler's static shift)")
+    flux_guidance: float = cfg_field(3.5, "FLUX guidance-embedding value used in training forwards")
+    max_sequence_length: int = cfg_field(128, "T5 token length for SD3/FLUX prompts")
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = cfg_field(True, "train a LoRA adapter (reference = adapter disabled); false = full fine-tuning "
+                              "with a frozen reference copy")
+    rank: int = cfg_field(8, "LoRA rank r")
+    alpha: float | None = cfg_field(None, "LoRA alpha (null: equal to rank)")
+    target_modules: list[str] = cfg_field(list(DEFAULT_LORA_TARGETS), "module names that get LoRA layers")
+    init: str = cfg_field("gaussian", "peft init_lora_weights (gaussian: A random, B zero, so step 0 equals the base)")
+    ref_cpu_offload: bool = cfg_field(False, "full fine-tuning on GPU: stream the frozen reference from CPU memory")
+
+
+@dataclass
+class ValidationConfig:
+    every: int = cfg_field(0, "write a validation image grid every N optimizer steps (0: only before and after)")
+    prompts: list[str] = cfg_field(["a red circle", "two blue squares"], "validation prompts")
+    images_per_prompt: int = cfg_field(2, "images per prompt (one grid row per prompt)")
+    seed: int = cfg_field(1234, "fixed seed, so grids are comparable across steps")
+    num_inference_steps: int = cfg_field(20, "sampler steps")
+    guidance_scale: float = cfg_field(5.0, "CFG scale")
+    resolution: int | None = cfg_field(None, "image size (null: the training resolution)")
+
+
+def load_model(cfg: ModelConfig, device, dtype: torch.dtype) -> ModelAdapter:
+    adapter = load_adapter(cfg.pretrained, dtype=dtype, device=device, variant=cfg.variant, drop_t5=cfg.drop_t5,
+                           timestep_sampling=cfg.timestep_sampling, flow_shift=cfg.flow_shift,
+                           flux_guidance=cfg.flux_guidance, max_sequence_length=cfg.max_sequence_length)
+    adapter.freeze_all()
+    return adapter
+
+
+def make_trainable(adapter: ModelAdapter, lora: LoraConfig, gradient_checkpointing: bool, weight_dtype: torch.dtype):
+    """LoRA (reference = adapter disabled, no second copy) or full fine-tuning (reference = frozen copy).
+
+    Returns the reference network for full fine-tuning, or None for LoRA.
+    """
+    net = adapter.denoiser
+    if gradient_checkpointing:
+        net.enable_gradient_checkpointing()
+    if lora.enabled:
+        adapter.add_lora(rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules, init=lora.init)
+        return None
+    reference = copy.deepcopy(net).to(weight_dtype).requires_grad_(False).eval()
+    net.to(torch.float32).requires_grad_(True)  # trainable master weights in fp32
+    if lora.ref_cpu_offload and net.device.type != "cpu":
+        from accelerate import cpu_offload
+
+        reference = cpu_offload(reference.to("cpu"), execution_device=net.device)
+    return reference
+
+
+def save_weights(adapter: ModelAdapter, model, folder: Path, lora: bool) -> None:
+    """LoRA: diffusers-format pytorch_lora_weights.safetensors; full: the denoiser via save_pretrained."""
+    if lora:
+        adapter.save_lora(folder, model)
+    else:
+        model.save_pretrained(folder / adapter.denoiser_name, safe_serialization=True)
+
+
+def load_weights(adapter: ModelAdapter, model, folder: Path, lora: bool) -> None:
+    if lora:
+        adapter.load_lora_into_denoiser(folder)
+    else:
+        from safetensors.torch import load_file
+
+        files = sorted((folder / adapter.denoiser_name).glob("*.safetensors"))
+        state = {}
+        for f in files:
+            state.update(load_file(str(f)))
+        model.load_state_dict(state)
+
+
+@torch.no_grad()
+def validation_grid(adapter: ModelAdapter, cfg: ValidationConfig, resolution: int):
+    """Generate the validation prompts at a fixed seed with the pipeline as it is now; returns a PIL grid."""
+    size = cfg.resolution or resolution
+    gen = torch.Generator("cpu").manual_seed(cfg.seed)
+    was_training = adapter.denoiser.training
+    adapter.denoiser.eval()
+    images = adapter.pipe(
+        prompt=[p for p in cfg.prompts for _ in range(cfg.images_per_prompt)], height=size, width=size,
+        num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, generator=gen,
+        output_type="pt",
+    ).images  # [N, 3, H, W] in [0, 1]
+    adapter.denoiser.train(was_training)
+    return image_grid(images * 2 - 1, nrow=cfg.images_per_prompt)

@@ -1,0 +1,300 @@
+"""Diffusion-DPO (Wallace et al. 2023, arXiv 2311.12908), and every core preference loss, on any family.
+
+One training step, read top to bottom:
+  1. a batch of B preference pairs, winner first: pixels [2B, 3, R, R] = [w_1..w_B, l_1..l_B]
+  2. VAE latents; the SAME noise and the SAME timestep for both images of a pair
+  3. text conditioning computed once per pair and repeated for the two halves
+  4. one trainable forward over 2B; one reference forward on identical inputs without grad
+     (LoRA: the same network with its adapter disabled; full fine-tuning: a frozen copy)
+  5. per-sample errors err = mean_{C,H,W} (prediction - target)^2, target by the family's prediction type
+     (epsilon, v, or flow velocity)
+  6. errors -> log-likelihoods log p = -err/2 -> the shared loss core (sigmoid DPO by default)
+
+Beta convention (one for the whole toolkit): the original paper's / Salesforce code's,
+    loss = -log sigmoid( -(beta/2) * [(errθ_w - errθ_l) - (err_ref_w - err_ref_l)] ),
+beta = 5000 for SD1.5 and SDXL. diffusers' research script writes -log sigmoid(beta_hf * (ref_diff - model_diff)),
+so its beta_hf = 2500 is our 5000 (`imgalign.losses.diffusion.beta_from_diffusers`).
+
+Ties (label 0.5), when kept, are trained symmetrically: loss = 0.5 L(w, l) + 0.5 L(l, w), which pushes the
+implicit reward margin of the pair toward zero.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from imgalign.config import MISSING, cfg_field, save_run_info
+from imgalign.losses import diffusion_pair_inputs, implicit_accuracy, preference_loss
+from imgalign.models.adapters import adapters_disabled, repeat_cond
+from imgalign.recipes.common import (
+    LoraConfig,
+    ModelConfig,
+    ValidationConfig,
+    load_model,
+    load_weights,
+    make_trainable,
+    save_weights,
+    validation_grid,
+)
+from imgalign.train.checkpoint import load_checkpoint, register_weight_hooks, resolve_resume, save_checkpoint
+from imgalign.train.data_order import deterministic_loader
+from imgalign.train.setup import (
+    MeanMetrics,
+    OptimConfig,
+    RunConfig,
+    banner,
+    count_params,
+    make_accelerator,
+    make_optimizer,
+    progress_bar,
+    weight_dtype,
+)
+
+
+@dataclass
+class DataConfig:
+    source: str = cfg_field(MISSING, "Pick-a-Pic-layout pairs: a parquet file/folder, a JSONL file (with an image "
+                            "root), a saved `datasets` folder, or a hub dataset id")
+    split: str = cfg_field("train", "split name for `datasets` sources")
+    image_root: str | None = cfg_field(None, "JSONL sources: folder the image paths are relative to (default: the JSONL's folder)")
+    resolution: int = cfg_field(512, "training resolution R (shorter side resized to R, then an R x R crop)")
+    random_crop: bool = cfg_field(False, "random instead of centre crop (the same crop for both images of a pair)")
+    hflip: bool = cfg_field(True, "random horizontal flip (the same flip for both images of a pair)")
+    keep_ties: bool = cfg_field(False, "keep label_0 == 0.5 pairs (trained symmetrically); default drops and counts them")
+    on_error: str = cfg_field("raise", "bad rows: raise (error names file and row) | skip (counted and logged)")
+    max_rows: int | None = cfg_field(None, "use only the first N rows")
+    cache_latents: bool = cfg_field(False, "encode each pair's VAE latent distribution and text conditioning once and "
+                                    "reuse them (augmentation is then fixed per item: epoch 0's crop/flip)")
+    num_workers: int = cfg_field(0, "DataLoader worker processes")
+
+
+@dataclass
+class LossConfig:
+    loss_type: list[str] = cfg_field(["sigmoid"], "core preference losses by name (imgalign.losses), summed with loss_weights")
+    loss_weights: list[float] | None = cfg_field(None, "one weight per loss_type (null: all 1)")
+    beta: float = cfg_field(5000.0, "KL strength in the paper's convention (SD1.5/SDXL: 5000 = diffusers' 2500)")
+    params: dict[str, float] = cfg_field({}, "extra loss parameters, e.g. {label_smoothing: 0.1} or {gamma: 0.5}")
+
+
+@dataclass
+class DiffusionDPOConfig:
+    model: ModelConfig = cfg_field(ModelConfig, "which pipeline to align")
+    lora: LoraConfig = cfg_field(LoraConfig, "LoRA or full fine-tuning")
+    data: DataConfig = cfg_field(DataConfig, "preference pairs")
+    loss: LossConfig = cfg_field(LossConfig, "preference loss")
+    optim: OptimConfig = cfg_field(OptimConfig, "optimizer and learning-rate schedule")
+    run: RunConfig = cfg_field(RunConfig, "steps, batch, precision, checkpoints, logging")
+    validation: ValidationConfig = cfg_field(ValidationConfig, "validation image grids")
+
+
+Config = DiffusionDPOConfig
+
+
+def dpo_losses(model_err, ref_err, labels, loss: LossConfig):
+    """Per-sample errors [2B] (winners first) and pair labels [B] -> per-pair loss [B] and rewards.
+
+    label 1: winner preferred; label 0.5: tie, trained as 0.5 L(w, l) + 0.5 L(l, w).
+    """
+    err_w, err_l = model_err.chunk(2)
+    ref_w, ref_l = ref_err.chunk(2)
+    out = preference_loss(loss.loss_type, diffusion_pair_inputs(err_w, err_l, ref_w, ref_l), beta=loss.beta,
+                          weights=loss.loss_weights, **loss.params)
+    losses = out.losses
+    if (labels != 1).any():
+        swapped = preference_loss(loss.loss_type, diffusion_pair_inputs(err_l, err_w, ref_l, ref_w), beta=loss.beta,
+                                  weights=loss.loss_weights, **loss.params)
+        losses = labels * losses + (1 - labels) * swapped.losses
+    return losses, out.chosen_rewards, out.rejected_rewards
+
+
+def train(cfg: DiffusionDPOConfig) -> dict:
+    run = cfg.run
+    out_dir = Path(run.output_dir)
+    accelerator = make_accelerator(run, project="diffusion_dpo")
+    dtype = weight_dtype(accelerator)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_run_info(cfg, out_dir)
+
+    # ---- model, trainable part, reference -------------------------------------------------------
+    adapter = load_model(cfg.model, accelerator.device, dtype)
+    reference = make_trainable(adapter, cfg.lora, run.gradient_checkpointing, dtype)
+    use_lora = cfg.lora.enabled
+    register_weight_hooks(accelerator, lambda m, d: save_weights(adapter, m, d, use_lora),
+                          lambda m, d: load_weights(adapter, m, d, use_lora))
+
+    # ---- data -------------------------------------------------------------------------------------
+    from imgalign.data import PairTransform, collate_pairs, load_preference_pairs
+
+    pairs = load_preference_pairs(cfg.data.source, split=cfg.data.split, image_root=cfg.data.image_root,
+                                  keep_ties=cfg.data.keep_ties, on_error=cfg.data.on_error, max_rows=cfg.data.max_rows)
+    transform = PairTransform(cfg.data.resolution, random_crop=cfg.data.random_crop, hflip=cfg.data.hflip, seed=run.seed)
+    collate, num_workers = collate_pairs, cfg.data.num_workers
+    if cfg.data.cache_latents:  # the cache lives in this process, so no worker processes
+        transform, collate, num_workers = _CachedPairs(adapter, transform), collate_cached, 0
+
+    # ---- optimizer, resume -------------------------------------------------------------------------
+    optimizer, scheduler = make_optimizer(adapter.denoiser.parameters(), cfg.optim, run.max_steps, accelerator.num_processes)
+    model, optimizer, scheduler = accelerator.prepare(adapter.denoiser, optimizer, scheduler)
+    start_step = 0
+    resume = resolve_resume(out_dir, run.resume_from)
+    if resume is not None:
+        start_step = load_checkpoint(accelerator, resume)["step"]
+    loader = deterministic_loader(pairs, transform, collate, run.batch_size, run.seed, accelerator.process_index,
+                                  accelerator.num_processes, start_step * run.grad_accum, num_workers)
+
+    trainable, total = count_params(adapter.denoiser)
+    stats = getattr(pairs, "stats", None)
+    banner(accelerator, "imgalign diffusion-dpo", {
+        "model": f"{cfg.model.pretrained} ({adapter.family}, {adapter.prediction_type})",
+        "trainable": f"{trainable:,} of {total:,} params ({'LoRA r=%d' % cfg.lora.rank if use_lora else 'full'})",
+        "reference": "same network, adapter disabled" if use_lora else "frozen copy",
+        "pairs": f"{len(pairs):,} ({stats})" if stats is not None else f"{len(pairs):,}",
+        "loss": f"{'+'.join(cfg.loss.loss_type)}, beta={cfg.loss.beta:g} (paper convention)",
+        "effective batch": f"{run.batch_size} pairs x {run.grad_accum} accum x {accelerator.num_processes} procs"
+                           f" = {run.batch_size * run.grad_accum * accelerator.num_processes} pairs/step",
+        "steps": f"{start_step} -> {run.max_steps}" + (f" (resumed from {resume})" if resume else ""),
+        "output": str(out_dir),
+    })
+
+    def write_grid(step: int):
+        if accelerator.is_main_process:
+            grid = validation_grid(adapter, cfg.validation, cfg.data.resolution)
+            (out_dir / "validation").mkdir(exist_ok=True)
+            grid.save(out_dir / "validation" / f"step-{step:06d}.png")
+
+    if start_step == 0:
+        write_grid(0)
+
+    # ---- loop ---------------------------------------------------------------------------------------
+    metrics = MeanMetrics()
+    history: list[dict] = []
+    bar = progress_bar(accelerator, run.max_steps, start_step, run.progress, "diffusion-dpo")
+    step, micro = start_step, start_step * run.grad_accum
+    data_iter = iter(loader)
+    model.train()
+    t0 = time.time()
+    while step < run.max_steps:
+        batch = next(data_iter)
+        # noise and timesteps depend only on (seed, micro-step, rank): resume reproduces them exactly
+        gen = torch.Generator().manual_seed(run.seed * 1_000_003 + micro * 4099 + accelerator.process_index)
+        with accelerator.accumulate(model):
+            loss, m = _step(adapter, model, reference, batch, gen, cfg, accelerator)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        metrics.add(m)
+        micro += 1
+        if not accelerator.sync_gradients:
+            continue
+        step += 1
+        logs = {f"train/{k}": v for k, v in metrics.reduce(accelerator).items()}
+        logs["train/lr"] = scheduler.get_last_lr()[0]
+        history.append({"step": step, **logs})
+        if step % run.log_every == 0:
+            accelerator.log(logs, step=step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{logs['train/loss']:.4f}", acc=f"{logs['train/implicit_acc']:.2f}", lr=f"{logs['train/lr']:.2e}")
+        if run.checkpoint_every and step % run.checkpoint_every == 0 and step < run.max_steps:
+            save_checkpoint(accelerator, out_dir, step, {"micro_step": micro}, run.keep_last)
+        if cfg.validation.every and step % cfg.validation.every == 0 and step < run.max_steps:
+            write_grid(step)
+    bar.close()
+
+    # ---- final artifacts --------------------------------------------------------------------------
+    if step > start_step or not resume:
+        save_checkpoint(accelerator, out_dir, step, {"micro_step": micro}, run.keep_last)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_weights(adapter, accelerator.unwrap_model(model), out_dir, use_lora)
+        write_grid(step)
+    accelerator.end_training()
+    return {"steps": step, "history": history, "seconds": time.time() - t0, "output_dir": str(out_dir)}
+
+
+def _step(adapter, model, reference, batch, gen, cfg: DiffusionDPOConfig, accelerator):
+    """One micro-batch of B pairs -> (mean loss, metrics)."""
+    labels = batch["labels"].to(accelerator.device)  # [B]
+    b = labels.shape[0]
+    if "latents" in batch:  # cached: sample from the stored latent distribution with this step's generator
+        mean, std = batch["latents"].chunk(2, dim=1)
+        latents = (mean + std * torch.randn(mean.shape, generator=gen)).to(accelerator.device)
+        cond = {k: v.to(accelerator.device) for k, v in batch["cond"].items()}
+    else:
+        pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]])  # [2B, 3, R, R], winners first
+        latents = adapter.encode_images(pixels, generator=gen)  # [2B, C, h, w]
+        cond = adapter.encode_prompts(batch["captions"], original_sizes=batch["original_sizes"],
+                                      crops_top_left=batch["crops_top_left"], target_size=pixels.shape[-2:])
+    noise = torch.randn(latents[:b].shape, generator=gen).to(latents.device).repeat(2, 1, 1, 1)  # same noise per pair
+    t = adapter.sample_timesteps(b, generator=gen).repeat(2)  # same timestep per pair
+    noisy, target = adapter.noise_and_target(latents, noise, t)
+    cond = repeat_cond(cond, 2)
+
+    with accelerator.autocast():
+        pred = adapter.predict(model, noisy, t, cond)
+    model_err = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # [2B]
+    with torch.no_grad(), accelerator.autocast():
+        if reference is None:
+            with adapters_disabled(model):
+                ref_pred = adapter.predict(model, noisy, t, cond)
+        else:
+            ref_pred = adapter.predict(reference, noisy, t, cond)
+    ref_err = (ref_pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))  # [2B]
+
+    losses, chosen, rejected = dpo_losses(model_err, ref_err, labels, cfg.loss)
+    decided = labels == 1
+    m = {
+        "loss": losses.mean().detach(),
+        "implicit_acc": implicit_accuracy(chosen[decided], rejected[decided]) if decided.any() else torch.tensor(math.nan),
+        "reward_margin": (chosen - rejected).mean(),
+        "reward_chosen": chosen.mean(),
+        "reward_rejected": rejected.mean(),
+        "model_err_w": model_err[:b].mean().detach(),
+        "model_err_l": model_err[b:].mean().detach(),
+        "ref_err_w": ref_err[:b].mean(),
+        "ref_err_l": ref_err[b:].mean(),
+    }
+    return losses.mean(), m
+
+
+class _CachedPairs:
+    """Transform wrapper that stores each item's VAE latent distribution and text conditioning once."""
+
+    def __init__(self, adapter, transform):
+        self.adapter, self.transform, self.cache = adapter, transform, {}
+
+    @torch.no_grad()
+    def __call__(self, item, index: int, epoch: int):
+        if index not in self.cache:
+            x = self.transform(item, index=index, epoch=0)
+            pixels = torch.stack([x["pixels_w"], x["pixels_l"]]).to(self.adapter.vae.device, self.adapter.vae.dtype)
+            dist = self.adapter.vae.encode(pixels).latent_dist
+            cfg = self.adapter.vae.config
+            shift, scale = (cfg.get("shift_factor") or 0.0), cfg.scaling_factor
+            mean, std = ((dist.mean - shift) * scale).float().cpu(), (dist.std * scale).float().cpu()  # [2, C, h, w]
+            cond = self.adapter.encode_prompts([x["caption"]], original_sizes=torch.tensor([x["original_size"]]),
+                                               crops_top_left=torch.tensor([x["crop_top_left"]]),
+                                               target_size=pixels.shape[-2:])
+            self.cache[index] = {"caption": x["caption"], "label": x["label"], "mean": mean, "std": std,
+                                 "cond": {k: v[0].cpu() for k, v in cond.items()}}
+        return self.cache[index]
+
+
+def collate_cached(items):
+    """Cached items -> latents [2B, 2C, h, w] (mean | std, winners first) and stacked conditioning."""
+    mean = torch.cat([torch.stack([it["mean"][0] for it in items]), torch.stack([it["mean"][1] for it in items])])
+    std = torch.cat([torch.stack([it["std"][0] for it in items]), torch.stack([it["std"][1] for it in items])])
+    return {
+        "latents": torch.cat([mean, std], dim=1),
+        "cond": {k: torch.stack([it["cond"][k] for it in items]) for k in items[0]["cond"]},
+        "labels": torch.tensor([it["label"] for it in items], dtype=torch.float32),
+        "captions": [it["caption"] for it in items],
+    }

@@ -1,0 +1,97 @@
+"""Family adapters on tiny pipelines saved to disk and loaded back by path."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from imgalign.models.adapters import adapters_disabled, load_adapter, repeat_cond
+
+FAMILY_OF = {"sd15": "sd", "sd2-v": "sd", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
+PREDICTION = {"sd15": "epsilon", "sd2-v": "v_prediction", "sdxl": "epsilon", "sd3": "flow", "flux": "flow"}
+
+
+@pytest.fixture(scope="module", params=list(FAMILY_OF))
+def adapter(request, tiny_pipelines):
+    return request.param, load_adapter(tiny_pipelines(request.param))
+
+
+def test_loads_family_and_prediction_type(adapter):
+    name, a = adapter
+    assert a.family == FAMILY_OF[name]
+    assert a.prediction_type == PREDICTION[name]
+
+
+def test_noise_and_target_follow_the_prediction_type(adapter):
+    """epsilon: target = noise; v: target = sqrt(a_t) noise - sqrt(1 - a_t) x0; flow: x_t = (1-s) x0 + s n,
+    target = n - x0. Checked against the closed forms, not the code under test."""
+    name, a = adapter
+    g = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 4, 8, 8, generator=g)
+    n = torch.randn(3, 4, 8, 8, generator=g)
+    t = a.sample_timesteps(3, generator=g)
+    noisy, target = a.noise_and_target(x0, n, t)
+    if a.is_flow:
+        assert ((t > 0) & (t < 1)).all()
+        s = t.view(-1, 1, 1, 1)
+        torch.testing.assert_close(noisy, (1 - s) * x0 + s * n)
+        torch.testing.assert_close(target, n - x0)
+        return
+    assert t.dtype == torch.int64 and ((t >= 0) & (t < 1000)).all()
+    ab = a.noise_scheduler.alphas_cumprod[t].view(-1, 1, 1, 1)
+    torch.testing.assert_close(noisy, ab.sqrt() * x0 + (1 - ab).sqrt() * n)
+    expected = n if name != "sd2-v" else ab.sqrt() * n - (1 - ab).sqrt() * x0
+    torch.testing.assert_close(target, expected)
+
+
+def test_predict_shapes_and_fresh_lora_is_identity(adapter):
+    """With B = 0 (gaussian init) the LoRA output equals the base; disabling adapters gives the base too."""
+    name, a = adapter
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    latents = a.encode_images(pixels, generator=g)
+    assert latents.shape[0] == 2 and latents.shape[-1] == 32 // a.pipe.vae_scale_factor
+    cond = a.encode_prompts(["a red circle", "two blue squares"])
+    t = a.sample_timesteps(2, generator=g)
+    noisy, _ = a.noise_and_target(latents, torch.randn(latents.shape, generator=g), t)
+    with torch.no_grad():
+        base = a.predict(a.denoiser, noisy, t, cond)
+        assert base.shape == latents.shape
+        if not any("lora" in n for n, _ in a.denoiser.named_parameters()):
+            a.add_lora(rank=4)
+        fresh = a.predict(a.denoiser, noisy, t, cond)
+        with adapters_disabled(a.denoiser):
+            off = a.predict(a.denoiser, noisy, t, cond)
+    torch.testing.assert_close(fresh, base, rtol=0, atol=0)
+    torch.testing.assert_close(off, base, rtol=0, atol=0)
+    assert all(p.dtype == torch.float32 for p in a.denoiser.parameters() if p.requires_grad)
+    assert all("lora" in n for n, p in a.denoiser.named_parameters() if p.requires_grad)
+
+
+def test_cfg_combines_in_one_batched_forward(adapter):
+    name, a = adapter
+    g = torch.Generator().manual_seed(2)
+    x = torch.randn(1, 4, 16, 16, generator=g)
+    t = a.sample_timesteps(1, generator=g)
+    cond, uncond = a.encode_prompts(["a red circle"]), a.encode_prompts([""])
+    with torch.no_grad():
+        c = a.predict(a.denoiser, x, t, cond)
+        u = a.predict(a.denoiser, x, t, uncond)
+        guided = a.predict_cfg(a.denoiser, x, t, cond, uncond, scale=4.0)
+    torch.testing.assert_close(guided, u + 4.0 * (c - u), rtol=1e-4, atol=1e-5)
+
+
+def test_sdxl_time_ids_use_true_original_size_and_crop(tiny_pipelines):
+    a = load_adapter(tiny_pipelines("sdxl"))
+    cond = a.encode_prompts(["x", "y"], original_sizes=torch.tensor([[600, 400], [32, 48]]),
+                            crops_top_left=torch.tensor([[5, 0], [0, 7]]), target_size=(32, 32))
+    assert cond["time_ids"].tolist() == [[600, 400, 5, 0, 32, 32], [32, 48, 0, 7, 32, 32]]
+    assert cond["text_embeds"].shape == (2, 32)
+    rep = repeat_cond(cond, 2)
+    assert rep["time_ids"].shape == (4, 6)
+    torch.testing.assert_close(rep["time_ids"][2:], cond["time_ids"])
+
+
+def test_missing_model_error_names_id_and_local_path_fix(tmp_path):
+    with pytest.raises(OSError, match="pass the local directory"):
+        load_adapter("no-such-org/no-such-model-xyz", local_files_only=True)
