@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 
 from imgalign.config import MISSING, cfg_field, save_run_info
-from imgalign.losses import diffusion_pair_inputs, implicit_accuracy, preference_loss
+from imgalign.losses import diffusion_preference_loss, implicit_accuracy
 from imgalign.models.adapters import adapters_disabled, repeat_cond
 from imgalign.recipes.common import (
     LoraConfig,
@@ -102,12 +102,11 @@ def dpo_losses(model_err, ref_err, labels, loss: LossConfig):
     """
     err_w, err_l = model_err.chunk(2)
     ref_w, ref_l = ref_err.chunk(2)
-    out = preference_loss(loss.loss_type, diffusion_pair_inputs(err_w, err_l, ref_w, ref_l), beta=loss.beta,
-                          weights=loss.loss_weights, **loss.params)
+    kw = dict(beta=loss.beta, weights=loss.loss_weights, **loss.params)
+    out = diffusion_preference_loss(loss.loss_type, err_w, err_l, ref_w, ref_l, **kw)
     losses = out.losses
     if (labels != 1).any():
-        swapped = preference_loss(loss.loss_type, diffusion_pair_inputs(err_l, err_w, ref_l, ref_w), beta=loss.beta,
-                                  weights=loss.loss_weights, **loss.params)
+        swapped = diffusion_preference_loss(loss.loss_type, err_l, err_w, ref_l, ref_w, **kw)
         losses = labels * losses + (1 - labels) * swapped.losses
     return losses, out.chosen_rewards, out.rejected_rewards
 
@@ -149,12 +148,11 @@ def train(cfg: DiffusionDPOConfig) -> dict:
                                   accelerator.num_processes, start_step * run.grad_accum, num_workers)
 
     trainable, total = count_params(adapter.denoiser)
-    stats = getattr(pairs, "stats", None)
     banner(accelerator, "imgalign diffusion-dpo", {
         "model": f"{cfg.model.pretrained} ({adapter.family}, {adapter.prediction_type})",
         "trainable": f"{trainable:,} of {total:,} params ({'LoRA r=%d' % cfg.lora.rank if use_lora else 'full'})",
         "reference": "same network, adapter disabled" if use_lora else "frozen copy",
-        "pairs": f"{len(pairs):,} ({stats})" if stats is not None else f"{len(pairs):,}",
+        "pairs": pairs.stats.summary(),
         "loss": f"{'+'.join(cfg.loss.loss_type)}, beta={cfg.loss.beta:g} (paper convention)",
         "effective batch": f"{run.batch_size} pairs x {run.grad_accum} accum x {accelerator.num_processes} procs"
                            f" = {run.batch_size * run.grad_accum * accelerator.num_processes} pairs/step",

@@ -1,0 +1,27 @@
+"""Data: preference pairs in the Pick-a-Pic layout, their joint transform, and prompt sets."""
+
+from imgalign.data.errors import DataError
+from imgalign.data.pair_transform import PairTransform, collate_pairs, pair_generator
+from imgalign.data.preference import (
+    PairStats,
+    PreferencePairs,
+    load_preference_pairs,
+    write_preference_jsonl,
+    write_preference_parquet,
+)
+from imgalign.data.prompts import PromptRecord, load_prompt_file, load_prompt_records
+
+__all__ = [
+    "DataError",
+    "PairStats",
+    "PairTransform",
+    "PreferencePairs",
+    "PromptRecord",
+    "collate_pairs",
+    "load_preference_pairs",
+    "load_prompt_file",
+    "load_prompt_records",
+    "pair_generator",
+    "write_preference_jsonl",
+    "write_preference_parquet",
+]
