@@ -1,0 +1,113 @@
+"""`imgalign demo`: Diffusion-DPO on the toy world, on a CPU, with a before/after report.
+
+What it does, top to bottom:
+  1. builds a tiny SD-type pipeline in code and saves it (the trained toy models replace it once shipped)
+  2. writes toy preference pairs in the Pick-a-Pic layout: for a prompt of the toy grammar, the winner is a
+     render of that prompt, the loser a render of a prompt that contradicts it in one attribute
+  3. trains Diffusion-DPO (LoRA) through the same recipe and config system as `imgalign train diffusion-dpo`
+  4. reports, on held-out pairs, how often the model itself finds the winner more likely (lower denoising
+     error under shared noise) before and after, with a paired bootstrap 95% interval of the change, and
+     writes a plot of the training curves and the recipe's validation grids
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from imgalign.eval.preference import bootstrap_ci, pair_error_margins
+
+
+def _toy_pairs(n: int, seed: int, size: int = 32):
+    from imgalign.toy import parse, perturb_scene, render, sample_scene
+
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        scene = sample_scene(rng, kind="single" if i % 2 == 0 else None)
+        bad = perturb_scene(scene, rng)
+        win, _ = render(scene, rng, size=size)
+        lose, _ = render(bad, rng, size=size)
+        label = 1.0 if i % 2 == 0 else 0.0  # store half the pairs loser-first, as Pick-a-Pic does
+        rows.append((scene.to_text(), win if label else lose, lose if label else win, label))
+        assert parse(scene.to_text()) is not None
+    return rows
+
+
+def _plot(history: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    steps = [h["step"] for h in history]
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
+    for ax, key, title in zip(axes, ["train/loss", "train/implicit_acc", "train/reward_margin"],
+                              ["DPO loss", "implicit accuracy", "implicit reward margin"]):
+        ax.plot(steps, [h[key] for h in history])
+        ax.set_title(title)
+        ax.set_xlabel("step")
+    axes[0].axhline(np.log(2), ls="--", c="gray", lw=0.8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def run_demo(args) -> int:
+    from imgalign.config import load_config
+    from imgalign.data import PairTransform, collate_pairs, load_preference_pairs, write_preference_parquet
+    from imgalign.models.adapters import load_adapter
+    from imgalign.models.tiny import save_tiny_pipeline
+    from imgalign.recipes import diffusion_dpo
+
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    steps = args.steps or 150
+    print(f"[demo] building a tiny SD pipeline and toy preference pairs in {out}", flush=True)
+    base = save_tiny_pipeline("sd15", out / "base_pipeline", seed=0)
+    write_preference_parquet(out / "pairs_train.parquet", _toy_pairs(256, seed=1))
+    write_preference_parquet(out / "pairs_heldout.parquet", _toy_pairs(128, seed=2))
+
+    heldout = load_preference_pairs(out / "pairs_heldout.parquet")
+    transform = PairTransform(32, hflip=False)
+    batches = [collate_pairs([transform(heldout[j], index=j) for j in range(i, min(i + 16, len(heldout)))])
+               for i in range(0, len(heldout), 16)]
+
+    def margins(lora_dir=None):
+        adapter = load_adapter(str(base))
+        if lora_dir:
+            adapter.pipe.load_lora_weights(str(lora_dir))
+        return pair_error_margins(adapter, adapter.denoiser, batches, n_draws=8, seed=3).numpy()
+
+    before = margins()
+    cfg = load_config(diffusion_dpo.Config, None, [
+        f"model.pretrained={base}", f"data.source={out / 'pairs_train.parquet'}", "data.resolution=32",
+        "data.hflip=false", f"run.output_dir={out / 'dpo'}", f"run.max_steps={steps}", "run.batch_size=8",
+        "run.checkpoint_every=50", "run.keep_last=1", "optim.lr=1e-3", "optim.lr_scheduler=constant",
+        "lora.rank=8", "loss.beta=5000", "validation.every=50", "validation.num_inference_steps=10",
+        "validation.prompts=[a red circle,a blue square,two green triangles]",
+    ])
+    result = diffusion_dpo.train(cfg)
+    after = margins(out / "dpo")
+
+    acc_b, acc_a = (before > 0).astype(float), (after > 0).astype(float)
+    b = bootstrap_ci(acc_b)
+    a = bootstrap_ci(acc_a)
+    d = bootstrap_ci(acc_a - acc_b)
+    _plot(result["history"], out / "training_curves.png")
+    lines = [
+        "",
+        "== imgalign demo: Diffusion-DPO on toy preference pairs ==",
+        f"held-out pairs: {len(acc_b)}; metric: fraction where the model finds the winner more likely",
+        f"  before: {b[0]:.3f}  [95% CI {b[1]:.3f}, {b[2]:.3f}]",
+        f"  after:  {a[0]:.3f}  [95% CI {a[1]:.3f}, {a[2]:.3f}]",
+        f"  change: {d[0]:+.3f}  [95% CI {d[1]:+.3f}, {d[2]:+.3f}]  (paired bootstrap)",
+        f"training: {result['steps']} steps in {result['seconds']:.0f} s; curves: {out / 'training_curves.png'}",
+        f"validation grids: {out / 'dpo' / 'validation'}; LoRA: {out / 'dpo' / 'pytorch_lora_weights.safetensors'}",
+    ]
+    print("\n".join(lines))
+    (out / "report.txt").write_text("\n".join(lines) + "\n")
+    torch.save({"before": before, "after": after}, out / "margins.pt")
+    return 0
