@@ -52,6 +52,7 @@ def make_accelerator(run: RunConfig, project: str):
     out = Path(run.output_dir)
     log_with = None if run.log_with in ("none", "", None) else run.log_with
     accelerator = Accelerator(
+        cpu=not torch.cuda.is_available(),  # lets torchrun start gloo multi-process runs on CPU-only machines
         gradient_accumulation_steps=run.grad_accum,
         mixed_precision=run.mixed_precision,
         log_with=log_with,
