@@ -102,10 +102,12 @@ def validation_grid(adapter: ModelAdapter, cfg: ValidationConfig, resolution: in
     gen = torch.Generator("cpu").manual_seed(cfg.seed)
     was_training = adapter.denoiser.training
     adapter.denoiser.eval()
-    images = adapter.pipe(
-        prompt=[p for p in cfg.prompts for _ in range(cfg.images_per_prompt)], height=size, width=size,
-        num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, generator=gen,
-        output_type="pt",
-    ).images  # [N, 3, H, W] in [0, 1]
+    dtype = adapter.vae.dtype  # mixed precision: frozen weights in bf16/fp16, LoRA in fp32
+    with torch.autocast(adapter.device.type, dtype=dtype, enabled=dtype != torch.float32):
+        images = adapter.pipe(
+            prompt=[p for p in cfg.prompts for _ in range(cfg.images_per_prompt)], height=size, width=size,
+            num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, generator=gen,
+            output_type="pt",
+        ).images.float()  # [N, 3, H, W] in [0, 1]
     adapter.denoiser.train(was_training)
     return image_grid(images * 2 - 1, nrow=cfg.images_per_prompt)

@@ -173,3 +173,27 @@ def test_two_process_run_saves_every_rank_state(tiny_pipelines, tiny_pairs, tmp_
     ckpt = out / "checkpoint-2"
     assert (ckpt / "random_states_0.pkl").is_file() and (ckpt / "random_states_1.pkl").is_file()
     assert (out / "pytorch_lora_weights.safetensors").is_file()
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_cached_latents_bf16_and_gradient_checkpointing(family, tiny_pipelines, tiny_pairs, tmp_path):
+    out = tmp_path / "cached"
+    result = diffusion_dpo.train(make_cfg(tiny_pipelines(family), tiny_pairs, out, "data.cache_latents=true",
+                                          "run.mixed_precision=bf16", "run.gradient_checkpointing=true",
+                                          "run.max_steps=2", "run.checkpoint_every=0"))
+    hist = result["history"]
+    assert hist[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-3)  # bf16 forward: equal up to rounding
+    assert all(math.isfinite(h["train/loss"]) for h in hist)
+    w = lora_weights(out)
+    assert all(v.dtype == torch.float32 for v in w.values())
+    assert any(v.abs().sum() > 0 for k, v in w.items() if "lora_B" in k or "lora.up" in k)
+
+
+def test_generate_and_env_commands(tiny_pipelines, tmp_path):
+    from imgalign.cli import main
+
+    assert main(["generate", "--model", tiny_pipelines("sd15"), "--prompt", "a red circle", "--prompt", "a blue square",
+                 "--out", str(tmp_path / "gen"), "--steps", "2", "--size", "32", "--num-images", "2"]) == 0
+    assert len(list((tmp_path / "gen").glob("*.png"))) == 4
+    assert (tmp_path / "gen" / "prompts.txt").read_text().splitlines() == ["a red circle"] * 2 + ["a blue square"] * 2
+    assert main(["env"]) == 0
