@@ -150,7 +150,7 @@ def train(cfg: DiffusionDPOConfig) -> dict:
     trainable, total = count_params(adapter.denoiser)
     banner(accelerator, "imgalign diffusion-dpo", {
         "model": f"{cfg.model.pretrained} ({adapter.family}, {adapter.prediction_type})",
-        "trainable": f"{trainable:,} of {total:,} params ({'LoRA r=%d' % cfg.lora.rank if use_lora else 'full'})",
+        "trainable": f"{trainable:,} of {total:,} params ({f'LoRA r={cfg.lora.rank}' if use_lora else 'full'})",
         "reference": "same network, adapter disabled" if use_lora else "frozen copy",
         "pairs": pairs.stats.summary(),
         "loss": f"{'+'.join(cfg.loss.loss_type)}, beta={cfg.loss.beta:g} (paper convention)",
