@@ -104,12 +104,14 @@ def main() -> None:
             from imgalign.models.tiny import save_tiny_pipeline
 
             pipeline = str(save_tiny_pipeline(args.family, d))
-        rows = {}
-        for mode in ("bare", "recipe", "cached"):
+        rows: dict[str, dict] = {}
+        for mode in ("bare", "recipe", "cached", "bare", "recipe", "cached"):  # interleaved; best of two each
             cmd = [sys.executable, __file__, "--mode", mode, "--pipeline", pipeline, "--pairs", str(args.pairs),
                    "--steps", str(args.steps), "--resolution", str(args.resolution)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
-            rows[mode] = json.loads(out)
+            r = json.loads(out)
+            if mode not in rows or r["median_s"] < rows[mode]["median_s"]:
+                rows[mode] = r
     base = rows["bare"]
     print(f"Diffusion-DPO step, {args.pairs} pairs, {args.resolution}px, {args.family if not args.pipeline else args.pipeline}")
     print(f"{'mode':<8}{'median s/step':>15}{'x bare':>8}{'peak MB':>10}{'x bare':>8}")

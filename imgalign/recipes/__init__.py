@@ -4,6 +4,7 @@ import importlib
 
 RECIPES = {
     "diffusion-dpo": "imgalign.recipes.diffusion_dpo",
+    "llm-dpo": "imgalign.recipes.llm_dpo",
 }
 
 

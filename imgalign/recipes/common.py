@@ -44,6 +44,9 @@ class ValidationConfig:
     num_inference_steps: int = cfg_field(20, "sampler steps")
     guidance_scale: float = cfg_field(5.0, "CFG scale")
     resolution: int | None = cfg_field(None, "image size (null: the training resolution)")
+    prompts_file: str | None = cfg_field(None, "read validation prompts from this file instead (.txt, .jsonl, .csv)")
+    reward: str | None = cfg_field(None, "score validation images with this reward (imgalign.rewards name, e.g. toy, "
+                                   "pickscore) and log val/<reward>")
 
 
 def load_model(cfg: ModelConfig, device, dtype: torch.dtype) -> ModelAdapter:
@@ -96,18 +99,35 @@ def load_weights(adapter: ModelAdapter, model, folder: Path, lora: bool) -> None
 
 
 @torch.no_grad()
-def validation_grid(adapter: ModelAdapter, cfg: ValidationConfig, resolution: int):
-    """Generate the validation prompts at a fixed seed with the pipeline as it is now; returns a PIL grid."""
+def validation_images(adapter: ModelAdapter, cfg: ValidationConfig, resolution: int) -> tuple[torch.Tensor, list[str]]:
+    """Generate the validation prompts at a fixed seed with the pipeline as it is now.
+
+    Returns images [N, 3, H, W] in [0, 1] and their prompts (images_per_prompt consecutive images per prompt).
+    """
+    prompts = cfg.prompts
+    if cfg.prompts_file:
+        from imgalign.data import load_prompt_file
+
+        prompts = load_prompt_file(cfg.prompts_file)
+    prompts = [p for p in prompts for _ in range(cfg.images_per_prompt)]
     size = cfg.resolution or resolution
     gen = torch.Generator("cpu").manual_seed(cfg.seed)
     was_training = adapter.denoiser.training
     adapter.denoiser.eval()
     dtype = adapter.vae.dtype  # mixed precision: frozen weights in bf16/fp16, LoRA in fp32
     with torch.autocast(adapter.device.type, dtype=dtype, enabled=dtype != torch.float32):
-        images = adapter.pipe(
-            prompt=[p for p in cfg.prompts for _ in range(cfg.images_per_prompt)], height=size, width=size,
-            num_inference_steps=cfg.num_inference_steps, guidance_scale=cfg.guidance_scale, generator=gen,
-            output_type="pt",
-        ).images.float()  # [N, 3, H, W] in [0, 1]
+        images = adapter.pipe(prompt=prompts, height=size, width=size, num_inference_steps=cfg.num_inference_steps,
+                              guidance_scale=cfg.guidance_scale, generator=gen, output_type="pt").images.float()
     adapter.denoiser.train(was_training)
-    return image_grid(images * 2 - 1, nrow=cfg.images_per_prompt)
+    return images, prompts
+
+
+def run_validation(adapter: ModelAdapter, cfg: ValidationConfig, resolution: int, out_dir: Path, step: int,
+                   reward=None) -> dict[str, float]:
+    """Write validation/step-N.png (one row per prompt) and, with a reward, return {"val/<name>": mean score}."""
+    images, prompts = validation_images(adapter, cfg, resolution)
+    (out_dir / "validation").mkdir(parents=True, exist_ok=True)
+    image_grid(images * 2 - 1, nrow=cfg.images_per_prompt).save(out_dir / "validation" / f"step-{step:06d}.png")
+    if reward is None:
+        return {}
+    return {f"val/{cfg.reward}": float(reward.score(images, prompts).mean())}

@@ -39,7 +39,7 @@ from imgalign.recipes.common import (
     load_weights,
     make_trainable,
     save_weights,
-    validation_grid,
+    run_validation,
 )
 from imgalign.train.checkpoint import load_checkpoint, register_weight_hooks, resolve_resume, save_checkpoint
 from imgalign.train.data_order import deterministic_loader
@@ -160,14 +160,21 @@ def train(cfg: DiffusionDPOConfig) -> dict:
         "output": str(out_dir),
     })
 
-    def write_grid(step: int):
-        if accelerator.is_main_process:
-            grid = validation_grid(adapter, cfg.validation, cfg.data.resolution)
-            (out_dir / "validation").mkdir(exist_ok=True)
-            grid.save(out_dir / "validation" / f"step-{step:06d}.png")
+    val_reward = None
+    if cfg.validation.reward:
+        from imgalign.rewards import build_reward
 
-    if start_step == 0:
-        write_grid(0)
+        val_reward = build_reward(cfg.validation.reward)
+
+    def validate(step: int) -> dict:
+        if not accelerator.is_main_process:
+            return {}
+        logs = run_validation(adapter, cfg.validation, cfg.data.resolution, out_dir, step, val_reward)
+        if logs:
+            accelerator.log(logs, step=step)
+        return logs
+
+    val_history = [{"step": 0, **validate(0)}] if start_step == 0 else []
 
     # ---- loop ---------------------------------------------------------------------------------------
     metrics = MeanMetrics()
@@ -204,7 +211,7 @@ def train(cfg: DiffusionDPOConfig) -> dict:
         if run.checkpoint_every and step % run.checkpoint_every == 0 and step < run.max_steps:
             save_checkpoint(accelerator, out_dir, step, {"micro_step": micro}, run.keep_last)
         if cfg.validation.every and step % cfg.validation.every == 0 and step < run.max_steps:
-            write_grid(step)
+            val_history.append({"step": step, **validate(step)})
     bar.close()
 
     # ---- final artifacts --------------------------------------------------------------------------
@@ -213,9 +220,10 @@ def train(cfg: DiffusionDPOConfig) -> dict:
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
         save_weights(adapter, accelerator.unwrap_model(model), out_dir, use_lora)
-        write_grid(step)
+        val_history.append({"step": step, **validate(step)})
     accelerator.end_training()
-    return {"steps": step, "history": history, "seconds": time.time() - t0, "output_dir": str(out_dir)}
+    return {"steps": step, "history": history, "validation": val_history, "seconds": time.time() - t0,
+            "output_dir": str(out_dir)}
 
 
 def _step(adapter, model, reference, batch, gen, cfg: DiffusionDPOConfig, accelerator):

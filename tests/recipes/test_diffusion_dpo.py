@@ -34,8 +34,10 @@ def lora_weights(folder: Path) -> dict[str, torch.Tensor]:
 def test_dpo_steps_train_every_lora_param_log_checkpoint_and_load(family, tiny_pipelines, tiny_pairs, tmp_path):
     out = tmp_path / "run"
     base_dir = tiny_pipelines(family)
-    result = diffusion_dpo.train(make_cfg(base_dir, tiny_pairs, out))
+    result = diffusion_dpo.train(make_cfg(base_dir, tiny_pairs, out, "validation.reward=toy"))
     hist = result["history"]
+    assert [v["step"] for v in result["validation"]] == [0, 3]
+    assert all(0.0 <= v["val/toy"] <= 1.0 for v in result["validation"])
     assert [h["step"] for h in hist] == [1, 2, 3]
 
     # step 1 is measured before any update: a fresh LoRA (B = 0) makes policy == reference, so the
