@@ -113,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="the embedded default: Diffusion-DPO on the toy world, before/after report")
     d.add_argument("--out", default="outputs/demo", help="output folder")
     d.add_argument("--steps", type=int, default=None, help="override the number of DPO steps")
+    d.add_argument("--tiny", action="store_true", help="use a tiny random pipeline built in code instead of the toy model")
     d.set_defaults(func=_demo)
 
     e = sub.add_parser("env", help="print versions and hardware, for bug reports")
