@@ -38,8 +38,8 @@ from imgalign.recipes.common import (
     load_model,
     load_weights,
     make_trainable,
-    save_weights,
     run_validation,
+    save_weights,
 )
 from imgalign.train.checkpoint import load_checkpoint, register_weight_hooks, resolve_resume, save_checkpoint
 from imgalign.train.data_order import deterministic_loader
