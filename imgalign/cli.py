@@ -122,7 +122,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra and args.command == "train":  # dotted overrides may come before or after --config
+        bad = [e for e in extra if e.startswith("-") or "=" not in e]
+        if bad:
+            parser.error(f"unrecognized arguments: {' '.join(bad)} (overrides look like key=value)")
+        args.overrides = list(args.overrides) + extra
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     return args.func(args) or 0
 
 

@@ -5,6 +5,7 @@ import importlib
 RECIPES = {
     "diffusion-dpo": "imgalign.recipes.diffusion_dpo",
     "llm-dpo": "imgalign.recipes.llm_dpo",
+    "pref-grpo": "imgalign.recipes.pref_grpo",
 }
 
 

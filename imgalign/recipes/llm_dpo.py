@@ -324,6 +324,11 @@ def train(cfg: LLMDPOConfig) -> dict:
         logs = {f"eval/{k}": v for k, v in res.items()}
         evals.append({"step": step, **logs})
         accelerator.log(logs, step=step)
+        if accelerator.is_main_process:
+            from tqdm.auto import tqdm
+
+            tqdm.write(f"step {step}: held-out preference accuracy {res['pref_acc']:.3f}, "
+                       f"mean margin {res['margin']:+.3f} ({len(held)} examples)")
         return logs
 
     if start_step == 0:

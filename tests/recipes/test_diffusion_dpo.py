@@ -154,6 +154,11 @@ def test_unknown_config_key_names_the_closest(tiny_pipelines, tmp_path):
                           capture_output=True, text=True)
     assert proc.returncode == 2
     assert "data.resolutoin" in proc.stderr and "data.resolution" in proc.stderr and str(yaml) in proc.stderr
+    # overrides after --config, as the README writes them
+    yaml.write_text("model:\n  pretrained: x\ndata:\n  source: y\n")
+    proc = subprocess.run([sys.executable, "-m", "imgalign.cli", "train", "diffusion-dpo", "--config", str(yaml),
+                           "optim.lrr=1e-5"], capture_output=True, text=True)
+    assert proc.returncode == 2 and "did you mean 'optim.lr'" in proc.stderr and "command line" in proc.stderr
 
 
 def test_shipped_configs_parse():
