@@ -5,7 +5,9 @@ the same 2B (adapter disabled), from precomputed latents and text embeddings, pl
 Recipe step: `imgalign.recipes.diffusion_dpo._step` as training runs it (VAE and text encoding included,
 or from the latent/text cache with --cached), loss core, backward and optimizer step.
 
-Each mode runs in its own process so peak RSS (CPU) or peak allocated memory (CUDA) is its own.
+Each mode runs in its own process so peak RSS (CPU) or peak allocated memory (CUDA) is its own. On CPU the
+time is the process's CPU time with one thread, which other load on a shared machine disturbs far less
+than wall time; on CUDA it is wall time after synchronisation.
 
     python scripts/bench_dpo_step.py --family sd15 --pairs 4 --steps 20
 """
@@ -38,6 +40,10 @@ def run_mode(mode: str, pipeline: str, pairs: int, steps: int, res: int) -> dict
 
     torch.manual_seed(0)
     accelerator = Accelerator()
+    on_cpu = accelerator.device.type == "cpu"
+    if on_cpu:
+        torch.set_num_threads(1)
+    clock = time.process_time if on_cpu else time.perf_counter
     adapter = load_adapter(pipeline, device=accelerator.device)
     adapter.freeze_all()
     adapter.add_lora(rank=8)
@@ -69,7 +75,7 @@ def run_mode(mode: str, pipeline: str, pairs: int, steps: int, res: int) -> dict
         gen = torch.Generator().manual_seed(i)
         if accelerator.device.type == "cuda":
             torch.cuda.synchronize()
-        t0 = time.perf_counter()
+        t0 = clock()
         if mode == "bare":
             bare_step(gen)
         else:
@@ -80,7 +86,7 @@ def run_mode(mode: str, pipeline: str, pairs: int, steps: int, res: int) -> dict
         if accelerator.device.type == "cuda":
             torch.cuda.synchronize()
         if i >= 2:  # warm-up
-            times.append(time.perf_counter() - t0)
+            times.append(clock() - t0)
     n_denoisers = sum(1 for m in [adapter.denoiser] if m is not None)
     return {"mode": mode, "median_s": statistics.median(times), "peak_mb": _peak_mb(accelerator.device),
             "denoiser_copies": n_denoisers}
