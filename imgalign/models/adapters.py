@@ -347,7 +347,8 @@ def load_adapter(model: str, dtype: torch.dtype = torch.float32, device: str | t
                  **adapter_kw) -> ModelAdapter:
     """Load a diffusers pipeline from a hub id or a local directory and wrap it in its family adapter.
 
-    `drop_t5=True` loads SD3 without its T5 encoder (text_encoder_3=None), as the SD3 paper allows.
+    `drop_t5=True` loads SD3 without its T5 encoder (text_encoder_3=None), as the SD3 paper allows; a saved
+    SD3 pipeline whose `model_index.json` has no T5 (`text_encoder_3: [null, null]`) loads that way by itself.
     """
     from diffusers import DiffusionPipeline
 
@@ -363,7 +364,8 @@ def load_adapter(model: str, dtype: torch.dtype = torch.float32, device: str | t
         cls_name = config["_class_name"]
         if cls_name in ("StableDiffusionPipeline",):
             kwargs.update(safety_checker=None, requires_safety_checker=False)
-        if cls_name == "StableDiffusion3Pipeline" and drop_t5:
+        saved_without_t5 = (config.get("text_encoder_3") or [None])[0] is None
+        if cls_name == "StableDiffusion3Pipeline" and (drop_t5 or saved_without_t5):
             kwargs.update(text_encoder_3=None, tokenizer_3=None)
         pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
     except OSError as e:

@@ -47,8 +47,14 @@ class RunConfig:
 
 def make_accelerator(run: RunConfig, project: str):
     from accelerate import Accelerator
+    from accelerate.state import AcceleratorState, GradientState
     from accelerate.utils import ProjectConfiguration, set_seed
 
+    # accelerate keeps process-wide singletons; a second run in the same process (a notebook sweep, the demo,
+    # a test session) with another mixed precision or accumulation would be refused. The process group
+    # (PartialState) is kept.
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
     out = Path(run.output_dir)
     log_with = None if run.log_with in ("none", "", None) else run.log_with
     accelerator = Accelerator(
