@@ -1,0 +1,705 @@
+"""Pref-GRPO (arXiv 2508.20751), with Flow-GRPO (arXiv 2505.05470) and DDPO (arXiv 2305.13301) as configurations.
+
+One iteration (= one "step" of `run.max_steps`), read top to bottom:
+  1. P prompts are drawn; each is repeated k times (a group); the P*k samples are split across processes
+     (a group may span processes)
+  2. rollout: each process samples its share with a stochastic sampler that records every transition's
+     log-probability (flow SDE / CPS / DanceGRPO for SD3 and FLUX, DDIM eta=1 for SD-type models); CFG inside
+  3. rewards on the decoded images, per group:
+       reward.mode = pairwise (Pref-GRPO): every pair of a group is judged (optionally in both orders; ties and
+                     failures 0.5) and each image's win rate is its reward
+       reward.mode = pointwise (Flow-GRPO / DDPO): the reward's score
+  4. group advantages (imgalign.losses.policy): per prompt, group or global std, several rewards normalised then
+     weighted (Pref-GRPO) or weighted then normalised (Flow-GRPO); zero-std groups dropped; advantage clip
+  5. training: for the trained steps of every kept sample, the log-probability of the stored transition is
+     recomputed with the current policy and the PPO clipped surrogate (clip ~1e-4) is minimised, plus optionally
+     beta * KL to the reference (LoRA adapter off, or a frozen copy); `train.updates_per_iteration` optimizer
+     steps per iteration; EMA of the trainable weights.
+
+The training forward uses exactly the rollout's micro-batches (same samples, same batch size, same CFG path), so
+before the first update of an iteration the recomputed log-probs equal the rollout's bit for bit and the ratio
+is exactly 1 (logged as train/ratio_dev_before_update, which must be 0).
+
+Presets: configs/pref_grpo/{sd15,sdxl,sd3,flux,toy}.yaml. Flow-GRPO = reward.mode=pointwise,
+advantage.std=global, reward.combine=weight_then_normalize, train.beta=0.04; DDPO = pointwise + sampler ddim +
+train.timestep_order=random.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imgalign.config import cfg_field, save_run_info
+from imgalign.losses.policy import (
+    clipped_surrogate,
+    combine_advantages,
+    gaussian_mean_kl,
+    preference_matrix,
+    ratio_norm_log_ratio,
+    win_rates,
+    zero_std_groups,
+)
+from imgalign.models.adapters import adapters_disabled
+from imgalign.recipes.common import (
+    LoraConfig,
+    ModelConfig,
+    ValidationConfig,
+    load_model,
+    load_weights,
+    make_trainable,
+    run_validation,
+    save_weights,
+)
+from imgalign.train.checkpoint import load_checkpoint, register_weight_hooks, resolve_resume, save_checkpoint
+from imgalign.train.setup import (
+    MeanMetrics,
+    OptimConfig,
+    RunConfig,
+    banner,
+    count_params,
+    image_grid,
+    make_accelerator,
+    make_optimizer,
+    progress_bar,
+    weight_dtype,
+)
+
+TOY_PROMPTS = Path(__file__).resolve().parents[2] / "assets" / "toy" / "prompts" / "train.txt"
+
+
+@dataclass
+class DataConfig:
+    prompts: str | None = cfg_field(None, "training prompts file (.txt/.jsonl/.csv); null: the toy train prompts")
+    max_prompts: int | None = cfg_field(None, "use only the first N prompts")
+
+
+@dataclass
+class SampleConfig:
+    groups_per_iteration: int = cfg_field(2, "prompts P per iteration (all processes together)")
+    group_size: int = cfg_field(4, "images k per prompt (the group)")
+    batch_size: int = cfg_field(2, "rollout micro-batch per forward; the training recompute uses the same batches")
+    num_steps: int = cfg_field(10, "sampler steps of a training rollout")
+    guidance_scale: float = cfg_field(4.5, "CFG scale in rollout and training forwards (1: no CFG)")
+    resolution: int = cfg_field(512, "image size")
+    sampler: str = cfg_field("auto", "auto (ddim for SD-type, sde for flow) | ddim | sde | cps | dance")
+    noise_level: float | None = cfg_field(None, "flow: a of sde/cps, eta of dance (null: 0.7 / 0.8 / 0.3)")
+    eta: float = cfg_field(1.0, "DDIM eta (DDPO samples with 1)")
+    flow_spacing: str = cfg_field("auto", "flow sigma grid: auto (uniform for dynamic-shift FLUX, else diffusers) | "
+                                  "diffusers | uniform")
+    sde_window_size: int = cfg_field(0, "Flow-GRPO-Fast: only this many consecutive steps are stochastic and "
+                                     "trained (0: all steps stochastic)")
+    sde_window_range: list[int] = cfg_field([0, 5], "the window start is drawn uniformly so the window fits here")
+    same_latent: bool = cfg_field(False, "one initial noise per group (DanceGRPO --init_same_noise)")
+
+
+@dataclass
+class RewardConfig:
+    mode: str = cfg_field("pairwise", "pairwise: win rate inside each group (Pref-GRPO) | pointwise: the score "
+                          "(Flow-GRPO, DDPO)")
+    rewards: list[str] = cfg_field(["toy"], "reward specs NAME or NAME:WEIGHT (imgalign.rewards registry)")
+    kwargs: dict[str, dict[str, Any]] = cfg_field({}, "constructor arguments per reward name, e.g. "
+                                                  "{vlm_judge: {base_url: 'http://localhost:8000/v1', swap: false}}")
+    combine: str = cfg_field("normalize_then_weight", "several rewards: normalize_then_weight (Pref-GRPO) | "
+                             "weight_then_normalize (Flow-GRPO)")
+    swap_order: bool = cfg_field(False, "pairwise judges: judge every pair in both orders and average")
+    hard_wins: bool = cfg_field(True, "win rate counts verdicts (win 1, tie 1/2) as Pref-GRPO; false: mean P(win)")
+
+
+@dataclass
+class AdvantageConfig:
+    std: str = cfg_field("group", "group (Pref-GRPO) | global (Flow-GRPO) std in the normalisation")
+    eps: float = cfg_field(1e-4, "added to the std")
+    unbiased: bool = cfg_field(False, "std with n - 1 (torch, Pref-GRPO) instead of n (numpy, Flow-GRPO)")
+    clip_max: float = cfg_field(5.0, "advantages clamped to [-clip_max, clip_max]")
+    filter_zero_std: bool = cfg_field(True, "drop the samples of groups whose rewards are all equal")
+
+
+@dataclass
+class TrainConfig:
+    clip_range: float = cfg_field(1e-4, "PPO clip range of the ratio (1e-4 Flow-GRPO / DDPO / Pref-GRPO)")
+    beta: float = cfg_field(0.0, "KL-to-reference weight (Flow-GRPO SD3: 0.04 GenEval/OCR, 0.01 PickScore)")
+    kl_form: str = cfg_field("flow_grpo", "flow_grpo: ||mu - mu_ref||^2 / (2 std^2 / dt) | gaussian: true step KL")
+    timestep_fraction: float = cfg_field(1.0, "train int(fraction * S) of the S trainable steps per sample")
+    timestep_order: str = cfg_field("ordered", "ordered: the first steps in order (Flow-GRPO) | random: a random "
+                                    "permutation per sample (DDPO, DanceGRPO, Pref-GRPO)")
+    skip_last_step: bool = cfg_field(True, "never train the final denoising step (its Gaussian is very sharp)")
+    num_inner_epochs: int = cfg_field(1, "passes over each rollout")
+    updates_per_iteration: int = cfg_field(1, "optimizer steps per pass (the rollout batches are split evenly)")
+    ratio_norm: bool = cfg_field(False, "RatioNorm (GRPO-Guard): re-centre and rescale the log-ratio per step")
+    ema_decay: float = cfg_field(0.0, "EMA of the trainable weights (Flow-GRPO 0.9; 0 disables)")
+    ema_every: int = cfg_field(8, "EMA update interval in optimizer steps")
+    sample_grid_every: int = cfg_field(1, "save a grid of rollout images every N iterations (0: never)")
+
+
+@dataclass
+class PrefGRPOConfig:
+    model: ModelConfig = cfg_field(ModelConfig, "which pipeline to align")
+    lora: LoraConfig = cfg_field(LoraConfig, "LoRA or full fine-tuning")
+    data: DataConfig = cfg_field(DataConfig, "training prompts")
+    sample: SampleConfig = cfg_field(SampleConfig, "rollouts")
+    reward: RewardConfig = cfg_field(RewardConfig, "rewards and how they become per-sample values")
+    advantage: AdvantageConfig = cfg_field(AdvantageConfig, "group advantages")
+    train: TrainConfig = cfg_field(TrainConfig, "policy update")
+    optim: OptimConfig = cfg_field(OptimConfig, "optimizer and learning-rate schedule")
+    run: RunConfig = cfg_field(RunConfig, "iterations (max_steps), precision, checkpoints, logging")
+    validation: ValidationConfig = cfg_field(ValidationConfig, "validation image grids")
+
+
+Config = PrefGRPOConfig
+
+
+# ------------------------------------------------------------------------------------------------
+# Sampler and rollout
+# ------------------------------------------------------------------------------------------------
+def make_sampler(adapter, sample: SampleConfig):
+    """The stochastic sampler of the rollout, built from the pipeline's own scheduler config."""
+    from imgalign.sampling import DDIMSampler, FlowSampler, ddim_schedule, flow_schedule
+
+    method = sample.sampler
+    if method == "auto":
+        method = "sde" if adapter.is_flow else "ddim"
+    if not adapter.is_flow:
+        if method != "ddim":
+            raise ValueError(f"sample.sampler={method!r}: SD-type models use 'ddim' (or 'auto')")
+        return DDIMSampler(ddim_schedule(adapter.pipe.scheduler, sample.num_steps), eta=sample.eta)
+    if method not in ("sde", "cps", "dance"):
+        raise ValueError(f"sample.sampler={method!r}: flow models use sde | cps | dance (or 'auto')")
+    config = adapter.pipe.scheduler.config
+    dynamic = bool(config.get("use_dynamic_shifting"))
+    spacing = sample.flow_spacing if sample.flow_spacing != "auto" else ("uniform" if dynamic else "diffusers")
+    mu = None
+    if dynamic:  # FLUX: the resolution-dependent shift, as the pipeline computes it
+        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
+
+        side = sample.resolution // adapter.pipe.vae_scale_factor // 2
+        mu = calculate_shift(side * side, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
+                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
+    schedule = flow_schedule(adapter.pipe.scheduler, sample.num_steps, mu=mu, spacing=spacing)
+    return FlowSampler(schedule, method=method, noise_level=sample.noise_level)
+
+
+def step_dt(sampler, j: torch.Tensor) -> torch.Tensor:
+    """Fraction of the trajectory covered by step j [B]: sigma_j - sigma_{j+1} (flow) or (t_j - t_prev_j) / T (DDIM)."""
+    s = sampler.schedule
+    if hasattr(s, "sigmas"):
+        sig = s.sigmas.to(j.device)
+        return (sig[j] - sig[j + 1]).float()
+    return ((s.timesteps.to(j.device)[j] - s.prev_timesteps.to(j.device)[j]).float() / s.num_train_timesteps)
+
+
+def make_predict(adapter, model, cond, uncond, guidance_scale: float):
+    """predict(x, sampler_timestep) for the sampler: flow samplers hand sigma * 1000, adapters take sigma."""
+
+    def predict(x, t):
+        t = t / 1000.0 if adapter.is_flow else t
+        return adapter.predict_cfg(model, x, t, cond, uncond, guidance_scale)
+
+    return predict
+
+
+def _seed(*parts) -> int:
+    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") & (2**63 - 1)
+
+
+def latent_shape(adapter, resolution: int) -> tuple[int, int, int]:
+    f = adapter.pipe.vae_scale_factor
+    return adapter.vae.config.latent_channels, resolution // f, resolution // f
+
+
+@torch.no_grad()
+def rollout(adapter, model, sampler, prompts: list[str], seeds: list[int], sample: SampleConfig, dtype,
+            sde_window=None, decode: bool = True, noise_seeds: list[int] | None = None):
+    """Sample prompts [B] -> (trajectory, images in [-1, 1] or None, cond, uncond).
+
+    seeds: one per sample, for the sampler's step noise; noise_seeds: for the initial noise (default: seeds; equal
+    within a group for `same_latent`). Each sample has its own generators, so it does not depend on the batch split.
+    """
+    from imgalign.sampling import sample_trajectory
+
+    device = adapter.device
+    shape = latent_shape(adapter, sample.resolution)
+    init = [torch.Generator().manual_seed(s) for s in (noise_seeds or seeds)]
+    x_T = torch.stack([torch.randn(shape, generator=g) for g in init]).to(device, dtype)
+    step_gens = [torch.Generator(device).manual_seed(s + 1) for s in seeds]
+    cond = adapter.encode_prompts(prompts)
+    uncond = adapter.encode_prompts([""] * len(prompts)) if sample.guidance_scale != 1.0 else None
+    traj = sample_trajectory(make_predict(adapter, model, cond, uncond, sample.guidance_scale), x_T, sampler,
+                             sde_window=sde_window, generator=step_gens)
+    images = adapter.decode_latents(traj.sample) if decode else None
+    return traj, images, cond, uncond
+
+
+# ------------------------------------------------------------------------------------------------
+# Rewards
+# ------------------------------------------------------------------------------------------------
+def build_reward_list(cfg: RewardConfig, device):
+    from imgalign.rewards import RewardSpec
+
+    if cfg.mode not in ("pairwise", "pointwise"):
+        raise ValueError(f"reward.mode must be pairwise or pointwise, got {cfg.mode!r}")
+    unknown = set(cfg.kwargs) - {RewardSpec.parse(s).name for s in cfg.rewards}
+    if unknown:
+        raise ValueError(f"reward.kwargs names {sorted(unknown)}, which are not in reward.rewards={cfg.rewards}")
+    specs = [RewardSpec.parse(s, dict(cfg.kwargs.get(RewardSpec.parse(s).name, {}))) for s in cfg.rewards]
+    rewards = [s.build() for s in specs]
+    for spec, reward in zip(specs, rewards):
+        if cfg.mode == "pointwise" and reward.pairwise:
+            raise ValueError(f"reward '{spec.name}' is pairwise: use reward.mode=pairwise")
+        if hasattr(reward, "to") and device.type != "cpu":
+            reward.to(device)
+    return specs, rewards
+
+
+def judge_group(reward, images, prompt: str, *, swap_order: bool, hard: bool) -> tuple[torch.Tensor, int]:
+    """Win rates [G] of one group's images [G, 3, H, W] in [-1, 1], and the number of failed judge calls.
+
+    A pointwise reward's P(i beats j) comes from its G scores (its `compare`, without re-scoring); a pairwise judge
+    sees all G(G-1)/2 pairs in one `compare` call (twice with swap_order). A failed call counts as ties (0.5).
+    """
+    g = images.shape[0]
+    pairs = [(i, j) for i in range(g) for j in range(i + 1, g)]
+    failures = 0
+    if not reward.pairwise:
+        scores = reward.score(images, [prompt] * g, value_range=(-1, 1)).float().cpu()
+        probs = torch.stack([torch.sigmoid(reward.compare_scale * (scores[i] - scores[j])) for i, j in pairs])
+        return win_rates(preference_matrix(g, pairs, probs), hard=hard), 0
+
+    def ask(order):
+        nonlocal failures
+        a = images[[p[order] for p in pairs]]
+        b = images[[p[1 - order] for p in pairs]]
+        try:
+            return reward.compare(a, b, [prompt] * len(pairs), value_range=(-1, 1)).float().cpu()
+        except Exception:  # judge server down, unparsable answer...: ties, counted and logged
+            failures += 1
+            return torch.full((len(pairs),), float("nan"))
+
+    probs = ask(0)
+    swapped = ask(1) if swap_order else None
+    return win_rates(preference_matrix(g, pairs, probs, swapped), hard=hard), failures
+
+
+def compute_rewards(specs, rewards, cfg: RewardConfig, images, prompts: list[str], groups: torch.Tensor,
+                    accelerator) -> tuple[torch.Tensor, dict]:
+    """Images [L, 3, H, W] of this process (global group ids `groups` [L]) -> per-reward values [K, N] of all N
+    samples of the iteration (identical on every process) and the raw pointwise scores [K, N] (NaN if pairwise)."""
+    world, rank = accelerator.num_processes, accelerator.process_index
+    all_groups = accelerator.gather(groups.to(accelerator.device)).cpu()  # [N]
+    if cfg.mode == "pointwise":
+        local = torch.stack([r.score(images, prompts, value_range=(-1, 1)).float().to(accelerator.device)
+                             for r in rewards])  # [K, L]
+        values = accelerator.gather(local.T.contiguous()).T.cpu()  # [K, N]
+        return values, {"scores": values, "failures": 0.0}
+    # pairwise: every process sees all images (uint8), and judges the groups g with g % world == rank
+    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).to(accelerator.device)
+    all_images = accelerator.gather(pixels).cpu().float() / 127.5 - 1.0  # [N, 3, H, W]
+    all_prompts = _gather_strings(prompts, accelerator)
+    values = torch.zeros(len(rewards), all_groups.shape[0])
+    scores = torch.full((len(rewards), all_groups.shape[0]), float("nan"))
+    failures = 0
+    for g in all_groups.unique().tolist():
+        if g % world != rank:
+            continue
+        idx = torch.nonzero(all_groups == g).flatten()
+        for k, reward in enumerate(rewards):
+            w, f = judge_group(reward, all_images[idx], all_prompts[int(idx[0])], swap_order=cfg.swap_order,
+                               hard=cfg.hard_wins)
+            values[k, idx], failures = w, failures + f
+            if not reward.pairwise:
+                scores[k, idx] = reward.score(all_images[idx], [all_prompts[int(idx[0])]] * len(idx),
+                                              value_range=(-1, 1)).float().cpu()
+    if world > 1:
+        values = accelerator.reduce(values.to(accelerator.device), reduction="sum").cpu()
+        scores = accelerator.reduce(torch.nan_to_num(scores, nan=0.0).to(accelerator.device), reduction="sum").cpu()
+    return values, {"scores": scores, "failures": float(failures)}
+
+
+def _gather_strings(items: list[str], accelerator) -> list[str]:
+    if accelerator.num_processes == 1:
+        return list(items)
+    from accelerate.utils import gather_object
+
+    return list(gather_object(list(items)))
+
+
+# ------------------------------------------------------------------------------------------------
+# EMA of the trainable weights
+# ------------------------------------------------------------------------------------------------
+class EMA:
+    """Exponential moving average of the trainable parameters, updated every `every` optimizer steps."""
+
+    def __init__(self, params, decay: float, every: int):
+        self.params = [p for p in params if p.requires_grad]
+        self.decay, self.every, self.num_updates = decay, max(1, every), 0
+        self.shadow = [p.detach().clone().float() for p in self.params]
+
+    @torch.no_grad()
+    def step(self, optimizer_step: int) -> None:
+        if optimizer_step % self.every:
+            return
+        self.num_updates += 1
+        for s, p in zip(self.shadow, self.params):
+            s.lerp_(p.detach().float(), 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """Use the EMA weights inside the block (validation, EMA export)."""
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for s, p in zip(self.shadow, self.params):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for b, p in zip(backup, self.params):
+                    p.copy_(b)
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        tensors = {f"p{i}": s.contiguous() for i, s in enumerate(self.shadow)}
+        tensors["num_updates"] = torch.tensor([self.num_updates])
+        save_file(tensors, str(folder / "ema.safetensors"))
+
+    def load(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        tensors = load_file(str(folder / "ema.safetensors"))
+        with torch.no_grad():
+            for i, s in enumerate(self.shadow):
+                s.copy_(tensors[f"p{i}"])
+        self.num_updates = int(tensors["num_updates"][0])
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+def _prompt_indices(n_prompts: int, iteration: int, count: int, seed: int) -> list[int]:
+    """The prompts of iteration `iteration`: consecutive slices of a fresh random permutation per pass."""
+    out = []
+    for g in range(iteration * count, (iteration + 1) * count):
+        pass_, pos = divmod(g, n_prompts)
+        perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(_seed(seed, "prompts", pass_)))
+        out.append(int(perm[pos]))
+    return out
+
+
+def train(cfg: PrefGRPOConfig) -> dict:
+    run, sample, tcfg = cfg.run, cfg.sample, cfg.train
+    out_dir = Path(run.output_dir)
+    if run.grad_accum != 1:
+        raise ValueError("run.grad_accum is not used by pref-grpo: gradients are accumulated over each rollout; "
+                         "set train.updates_per_iteration (optimizer steps per pass) instead")
+    accelerator = make_accelerator(run, project="pref_grpo")
+    dtype = weight_dtype(accelerator)
+    world = accelerator.num_processes
+    n_global = sample.groups_per_iteration * sample.group_size
+    if n_global % world:
+        raise ValueError(f"groups_per_iteration * group_size = {n_global} must divide by the {world} processes")
+    n_local = n_global // world
+    if n_local % sample.batch_size:
+        raise ValueError(f"each process samples {n_local} images: sample.batch_size={sample.batch_size} must divide it")
+    n_chunks = n_local // sample.batch_size
+    if tcfg.updates_per_iteration < 1 or n_chunks % tcfg.updates_per_iteration:
+        raise ValueError(f"train.updates_per_iteration={tcfg.updates_per_iteration} must divide the {n_chunks} "
+                         "rollout batches per process")
+    if tcfg.timestep_order not in ("ordered", "random"):
+        raise ValueError(f"train.timestep_order must be ordered or random, got {tcfg.timestep_order!r}")
+    if tcfg.kl_form not in ("flow_grpo", "gaussian"):
+        raise ValueError(f"train.kl_form must be flow_grpo or gaussian, got {tcfg.kl_form!r}")
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_run_info(cfg, out_dir)
+
+    # ---- model, trainable part, reference, sampler, rewards --------------------------------------
+    adapter = load_model(cfg.model, accelerator.device, dtype)
+    reference = make_trainable(adapter, cfg.lora, run.gradient_checkpointing, dtype)
+    use_lora = cfg.lora.enabled
+    sampler = make_sampler(adapter, sample)
+    specs, rewards = build_reward_list(cfg.reward, accelerator.device)
+    weights = [s.weight for s in specs]
+
+    from imgalign.data import load_prompt_file
+
+    prompt_file = cfg.data.prompts or str(TOY_PROMPTS)
+    all_prompts = load_prompt_file(prompt_file)[: cfg.data.max_prompts]
+    if not all_prompts:
+        raise ValueError(f"no prompts in {prompt_file}")
+
+    # ---- optimizer, EMA, checkpoint hooks, resume --------------------------------------------------
+    opt_steps = run.max_steps * tcfg.num_inner_epochs * tcfg.updates_per_iteration
+    optimizer, scheduler = make_optimizer(adapter.denoiser.parameters(), cfg.optim, opt_steps, world)
+    ema = EMA(adapter.denoiser.parameters(), tcfg.ema_decay, tcfg.ema_every) if tcfg.ema_decay > 0 else None
+
+    def save_all(m, folder):
+        save_weights(adapter, m, folder, use_lora)
+        if ema is not None:
+            ema.save(folder)
+
+    def load_all(m, folder):
+        load_weights(adapter, m, folder, use_lora)
+        if ema is not None:
+            ema.load(folder)
+
+    register_weight_hooks(accelerator, save_all, load_all)
+    model, optimizer, scheduler = accelerator.prepare(adapter.denoiser, optimizer, scheduler)
+    start = 0
+    resume = resolve_resume(out_dir, run.resume_from)
+    if resume is not None:
+        start = load_checkpoint(accelerator, resume)["step"]
+
+    trainable, total = count_params(adapter.denoiser)
+    n_trainable_steps = len(_candidate_steps(sampler.num_steps, None, tcfg))
+    banner(accelerator, "imgalign pref-grpo", {
+        "model": f"{cfg.model.pretrained} ({adapter.family}, {adapter.prediction_type})",
+        "trainable": f"{trainable:,} of {total:,} params ({f'LoRA r={cfg.lora.rank}' if use_lora else 'full'})",
+        "reference": "same network, adapter disabled" if use_lora else "frozen copy",
+        "sampler": f"{type(sampler).__name__}({getattr(sampler, 'method', 'ddim')}), {sampler.num_steps} steps, "
+                   f"CFG {sample.guidance_scale:g}" + (f", SDE window {sample.sde_window_size}" if sample.sde_window_size else ""),
+        "reward": f"{cfg.reward.mode}: {', '.join(map(str, specs))} ({cfg.reward.combine})",
+        "rollout": f"{sample.groups_per_iteration} prompts x {sample.group_size} images = {n_global}/iteration "
+                   f"({n_local} per process x {world} procs, batches of {sample.batch_size})",
+        "updates": f"{tcfg.updates_per_iteration} optimizer steps x {tcfg.num_inner_epochs} passes per iteration, "
+                   f"<= {n_trainable_steps} trained steps/sample, clip {tcfg.clip_range:g}, beta {tcfg.beta:g}",
+        "prompts": f"{len(all_prompts)} from {prompt_file}",
+        "iterations": f"{start} -> {run.max_steps}" + (f" (resumed from {resume})" if resume else ""),
+        "output": str(out_dir),
+    })
+
+    val_reward = None
+    if cfg.validation.reward:
+        from imgalign.rewards import build_reward
+
+        val_reward = build_reward(cfg.validation.reward)
+
+    def validate(it: int) -> dict:
+        if not accelerator.is_main_process:
+            return {}
+        with ema.swapped() if ema is not None else contextlib.nullcontext():
+            logs = run_validation(adapter, cfg.validation, sample.resolution, out_dir, it, val_reward)
+        if logs:
+            accelerator.log(logs, step=it)
+        return logs
+
+    val_history = [{"step": 0, **validate(0)}] if start == 0 else []
+
+    # ---- loop over iterations ------------------------------------------------------------------------
+    history: list[dict] = []
+    bar = progress_bar(accelerator, run.max_steps, start, run.progress, "pref-grpo")
+    opt_step = start * tcfg.num_inner_epochs * tcfg.updates_per_iteration
+    t0 = time.time()
+    it = start
+    while it < run.max_steps:
+        logs, opt_step = _iteration(it, opt_step, cfg, adapter, model, reference, sampler, specs, rewards, weights,
+                                    all_prompts, optimizer, scheduler, ema, accelerator, out_dir)
+        it += 1
+        history.append({"step": it, **logs})
+        if it % run.log_every == 0:
+            accelerator.log(logs, step=it)
+        bar.update(1)
+        bar.set_postfix(reward=f"{logs['train/reward_mean']:.3f}", kl=f"{logs.get('train/approx_kl', 0):.1e}")
+        if run.checkpoint_every and it % run.checkpoint_every == 0 and it < run.max_steps:
+            save_checkpoint(accelerator, out_dir, it, {"optimizer_step": opt_step}, run.keep_last)
+        if cfg.validation.every and it % cfg.validation.every == 0 and it < run.max_steps:
+            val_history.append({"step": it, **validate(it)})
+    bar.close()
+
+    # ---- final artifacts ---------------------------------------------------------------------------
+    if it > start or not resume:
+        save_checkpoint(accelerator, out_dir, it, {"optimizer_step": opt_step}, run.keep_last)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        unwrapped = accelerator.unwrap_model(model)
+        save_weights(adapter, unwrapped, out_dir, use_lora)
+        if ema is not None:
+            with ema.swapped():
+                save_weights(adapter, unwrapped, out_dir / "ema", use_lora)
+        val_history.append({"step": it, **validate(it)})
+    accelerator.end_training()
+    return {"steps": it, "history": history, "validation": val_history, "seconds": time.time() - t0,
+            "output_dir": str(out_dir)}
+
+
+def _candidate_steps(num_steps: int, window, tcfg: TrainConfig) -> list[int]:
+    """Trainable steps: the stochastic ones (the SDE window, or all), without the final step if skip_last_step."""
+    lo, hi = window if window is not None else (0, num_steps)
+    if tcfg.skip_last_step:
+        hi = min(hi, num_steps - 1)
+    return list(range(lo, hi))
+
+
+def _iteration(it, opt_step, cfg, adapter, model, reference, sampler, specs, rewards, weights, all_prompts,
+               optimizer, scheduler, ema, accelerator, out_dir):
+    """Rollout, rewards, advantages and the policy update of one iteration -> (logs, optimizer step)."""
+    sample, tcfg, acfg = cfg.sample, cfg.train, cfg.advantage
+    world, rank = accelerator.num_processes, accelerator.process_index
+    dtype = weight_dtype(accelerator)
+    seed = cfg.run.seed
+    k = sample.group_size
+    n_local = sample.groups_per_iteration * k // world
+
+    # ---- 1. prompts and this process's share of the P*k samples ---------------------------------------
+    chosen = _prompt_indices(len(all_prompts), it, sample.groups_per_iteration, seed)
+    flat = [(g, c) for g in range(sample.groups_per_iteration) for c in range(k)]  # (group, copy), N of them
+    mine = flat[rank * n_local:(rank + 1) * n_local]
+    prompts = [all_prompts[chosen[g]] for g, _ in mine]
+    groups = torch.tensor([it * sample.groups_per_iteration + g for g, _ in mine])
+    seeds = [_seed(seed, "noise", it, g, c) for g, c in mine]
+    noise_seeds = [_seed(seed, "noise", it, g, 0) for g, c in mine] if sample.same_latent else seeds
+    window = None
+    if sample.sde_window_size:
+        from imgalign.sampling import sample_sde_window
+
+        window = sample_sde_window(sample.sde_window_size, tuple(sample.sde_window_range),
+                                   torch.Generator().manual_seed(_seed(seed, "window", it)))
+
+    # ---- 2. rollout in micro-batches (the training recompute reuses exactly these batches) --------------
+    model.eval()
+    chunks = []
+    bs = sample.batch_size
+    for c0 in range(0, n_local, bs):
+        with accelerator.autocast():
+            traj, images, cond, uncond = rollout(adapter, model, sampler, prompts[c0:c0 + bs], seeds[c0:c0 + bs],
+                                                 sample, dtype, sde_window=window, noise_seeds=noise_seeds[c0:c0 + bs])
+        chunks.append({"traj": traj, "cond": cond, "uncond": uncond, "images": images})
+    images = torch.cat([c["images"] for c in chunks])  # [L, 3, H, W] in [-1, 1]
+
+    # ---- 3. rewards of all N samples (identical on every process) ---------------------------------------
+    values, extra = compute_rewards(specs, rewards, cfg.reward, images, prompts, groups, accelerator)
+    all_groups = accelerator.gather(groups.to(accelerator.device)).cpu()
+
+    # ---- 4. advantages ---------------------------------------------------------------------------------
+    adv = combine_advantages(values, weights, all_groups, order=cfg.reward.combine, std=acfg.std, eps=acfg.eps,
+                             unbiased=acfg.unbiased)
+    zero = zero_std_groups(values, all_groups)
+    adv = torch.where(zero, torch.zeros_like(adv), adv)
+    keep = ~zero if acfg.filter_zero_std else torch.ones_like(zero)
+    adv_local = adv[rank * n_local:(rank + 1) * n_local].to(accelerator.device)
+    keep_local = keep[rank * n_local:(rank + 1) * n_local].to(accelerator.device)
+
+    logs = _reward_logs(specs, values, extra, all_groups, zero, adv, keep, cfg.reward.mode)
+    if tcfg.sample_grid_every and it % tcfg.sample_grid_every == 0 and accelerator.is_main_process:
+        (out_dir / "samples").mkdir(parents=True, exist_ok=True)
+        image_grid(images[: 4 * k].float(), nrow=k).save(out_dir / "samples" / f"iter-{it:06d}.png")
+
+    # ---- 5. policy update ------------------------------------------------------------------------------
+    candidates = _candidate_steps(sampler.num_steps, window, tcfg)
+    n_train = max(1, int(len(candidates) * tcfg.timestep_fraction))
+    cand = torch.tensor(candidates)
+    metrics = MeanMetrics()
+    ratio_dev = torch.zeros((), device=accelerator.device)
+    model.train()
+    per_update = len(chunks) // tcfg.updates_per_iteration
+    for epoch in range(tcfg.num_inner_epochs):
+        gen = torch.Generator().manual_seed(_seed(seed, "timesteps", it, epoch, rank))
+        if tcfg.timestep_order == "random":
+            steps = torch.stack([cand[torch.randperm(len(cand), generator=gen)[:n_train]] for _ in range(n_local)])
+        else:
+            steps = cand[:n_train].expand(n_local, n_train)
+        for u in range(tcfg.updates_per_iteration):
+            part = range(u * per_update, (u + 1) * per_update)
+            n_terms = sum(int(keep_local[c * bs:(c + 1) * bs].sum()) for c in part) * n_train
+            calls = [(c, s) for c in part for s in range(n_train)
+                     if world > 1 or keep_local[c * bs:(c + 1) * bs].any()]
+            for n, (c, s) in enumerate(calls):
+                rows = slice(c * bs, (c + 1) * bs)
+                sync = n == len(calls) - 1
+                with contextlib.nullcontext() if sync else accelerator.no_sync(model):
+                    loss, m = _policy_step(adapter, model, reference, sampler, chunks[c], steps[rows, s],
+                                           adv_local[rows], keep_local[rows], max(n_terms, 1), cfg, accelerator)
+                    accelerator.backward(loss)
+                metrics.add(m)
+                if epoch == 0 and u == 0:
+                    ratio_dev = torch.maximum(ratio_dev, m["_ratio_dev"])
+            if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            opt_step += 1
+            if ema is not None:
+                ema.step(opt_step)
+
+    train_logs = metrics.reduce(accelerator)
+    train_logs.pop("_ratio_dev", None)
+    logs.update({f"train/{k_}": v for k_, v in train_logs.items()})
+    logs["train/ratio_dev_before_update"] = float(accelerator.reduce(ratio_dev, reduction="sum"))
+    logs["train/lr"] = scheduler.get_last_lr()[0]
+    return logs, opt_step
+
+
+def _reward_logs(specs, values, extra, groups, zero, adv, keep, mode) -> dict:
+    logs = {}
+    combined = sum(w * v for w, v in zip([s.weight for s in specs], values))
+    logs["train/reward_mean"] = float(combined.mean())
+    logs["train/reward_std"] = float(combined.std(unbiased=False))
+    n_groups = int(groups.unique().numel())
+    logs["train/zero_std_ratio"] = len(groups[zero].unique()) / n_groups
+    logs["train/kept_fraction"] = float(keep.float().mean())
+    logs["train/adv_abs_mean"] = float(adv.abs().mean())
+    for spec, v, s in zip(specs, values, extra["scores"]):
+        name = spec.name
+        if mode == "pairwise":
+            logs[f"train/win_rate/{name}"] = float(v.mean())  # 0.5 by construction; the spread is what matters
+            logs[f"train/win_rate_std/{name}"] = float(v.std(unbiased=False))
+            best = [float(v[groups == g].max()) for g in groups.unique()]
+            logs[f"train/win_rate_best/{name}"] = sum(best) / len(best)
+            if not torch.isnan(s).all():
+                logs[f"train/score/{name}"] = float(s.mean())
+        else:
+            logs[f"train/score/{name}"] = float(v.mean())
+    if mode == "pairwise":
+        logs["train/judge_failures"] = extra["failures"]
+    return logs
+
+
+def _policy_step(adapter, model, reference, sampler, chunk, j, adv, keep, n_terms, cfg, accelerator):
+    """Recompute the log-prob of stored transitions at steps j [b] and return (loss share, metrics)."""
+    tcfg, sample = cfg.train, cfg.sample
+    tr = chunk["traj"].transition(j.to(chunk["traj"].log_probs.device))
+    predict = make_predict(adapter, model, chunk["cond"], chunk["uncond"], sample.guidance_scale)
+    with accelerator.autocast():
+        pred = predict(tr.x_t, tr.timestep)
+    out = sampler.step(tr.step_index, pred, tr.x_t, prev_sample=tr.prev_sample)
+    if tcfg.ratio_norm:
+        log_ratio = ratio_norm_log_ratio(out.log_prob, tr.log_prob, out.mean, tr.mean, out.std)
+    else:
+        log_ratio = out.log_prob - tr.log_prob
+    sur = clipped_surrogate(out.log_prob, tr.log_prob, adv, tcfg.clip_range, cfg.advantage.clip_max,
+                            log_ratio=log_ratio)
+    w = keep.float()
+    loss = (sur.loss * w).sum() / n_terms
+    m = {"policy_loss": (sur.loss * w).sum() / w.sum().clamp(min=1)}
+    if tcfg.beta > 0:
+        with torch.no_grad(), accelerator.autocast():
+            if reference is None:
+                with adapters_disabled(model):
+                    ref_pred = predict(tr.x_t, tr.timestep)
+            else:
+                ref_pred = make_predict(adapter, reference, chunk["cond"], chunk["uncond"],
+                                        sample.guidance_scale)(tr.x_t, tr.timestep)
+        ref_mean = sampler.step(tr.step_index, ref_pred, tr.x_t, prev_sample=tr.prev_sample).mean
+        var = out.std.reshape(-1) ** 2
+        if tcfg.kl_form == "flow_grpo":
+            var = var / step_dt(sampler, tr.step_index)
+        kl = gaussian_mean_kl(out.mean, ref_mean, var)
+        loss = loss + tcfg.beta * (kl * w).sum() / n_terms
+        m["kl"] = (kl.detach() * w).sum() / w.sum().clamp(min=1)
+    live = keep.bool()
+    ratio = sur.ratio.detach()
+    m.update({
+        "loss": loss.detach() * n_terms / w.sum().clamp(min=1),
+        "ratio_mean": ratio[live].mean() if live.any() else torch.tensor(1.0),
+        "clip_frac": sur.clipped[live].float().mean() if live.any() else torch.tensor(0.0),
+        "approx_kl": sur.approx_kl[live].mean() if live.any() else torch.tensor(0.0),
+        "_ratio_dev": (ratio[live] - 1).abs().max() if live.any() else torch.tensor(0.0),
+    })
+    return loss, m

@@ -1,0 +1,242 @@
+"""Benchmarks of the pref-grpo recipe: rollout cost, and toy evidence that Pref-GRPO resists reward hacking.
+
+    # (1) cost: a rollout that records log-probabilities vs a plain pipeline call at the same steps (goal <= 1.05x)
+    python scripts/bench_pref_grpo.py cost --family sd15 --steps 10 --batch 4
+    python scripts/bench_pref_grpo.py cost --model assets/toy/sd3 --drop-t5 --resolution 32
+
+    # (2) toy evidence: Pref-GRPO (toy evaluator as the pairwise judge, win rates) vs pointwise GRPO on a hackable
+    #     reward (toy score + a bonus for saturated colour); both judged by the held-out toy score on test prompts
+    python scripts/bench_pref_grpo.py toy --model assets/toy/sd3 --iterations 30 --eval-prompts 100
+
+Numbers are printed with 95 % confidence intervals (paired over test prompts, same seeds for every model).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# ------------------------------------------------------------------------------------------------
+# (1) cost
+# ------------------------------------------------------------------------------------------------
+def bench_cost(args) -> dict:
+    from imgalign.models.adapters import load_adapter
+    from imgalign.recipes.pref_grpo import SampleConfig, make_sampler, rollout
+
+    model = args.model
+    if model is None:
+        from imgalign.models.tiny import save_tiny_pipeline
+
+        model = str(save_tiny_pipeline(args.family, Path(tempfile.mkdtemp()) / args.family))
+    adapter = load_adapter(model, drop_t5=args.drop_t5)
+    adapter.denoiser.eval()
+    sample = SampleConfig(num_steps=args.steps, guidance_scale=args.guidance, resolution=args.resolution,
+                          batch_size=args.batch)
+    sampler = make_sampler(adapter, sample)
+    prompts = ["a red circle above a blue square on a white background"] * args.batch
+
+    def plain():
+        gen = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            adapter.pipe(prompt=prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
+                         height=args.resolution, width=args.resolution, generator=gen, output_type="pt")
+
+    def with_logprobs():
+        rollout(adapter, adapter.denoiser, sampler, prompts, list(range(args.batch)), sample, torch.float32)
+
+    for fn in (plain, with_logprobs):  # warm-up
+        fn()
+    times = {"plain": [], "rollout": []}
+    for _ in range(args.repeats):  # interleaved, so background load hits both alike
+        for name, fn in (("plain", plain), ("rollout", with_logprobs)):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    ratios = sorted(r / p for r, p in zip(times["rollout"], times["plain"]))
+    out = {"model": model, "family": adapter.family, "steps": args.steps, "batch": args.batch,
+           "resolution": args.resolution, "cfg": args.guidance, "threads": torch.get_num_threads(),
+           "plain_s": med["plain"], "rollout_s": med["rollout"], "ratio_of_medians": med["rollout"] / med["plain"],
+           "ratio_min": ratios[0], "ratio_max": ratios[-1]}
+    print(f"[cost] {adapter.family} ({model}), {args.steps} steps, batch {args.batch}, {args.resolution}px, "
+          f"CFG {args.guidance:g}: pipeline {med['plain'] * 1e3:.1f} ms, rollout+log-probs {med['rollout'] * 1e3:.1f} ms"
+          f" -> ratio {out['ratio_of_medians']:.3f}x (per-repeat range {ratios[0]:.3f}-{ratios[-1]:.3f}, "
+          f"{args.repeats} repeats)")
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# (2) toy evidence
+# ------------------------------------------------------------------------------------------------
+def saturation(images: torch.Tensor) -> torch.Tensor:
+    """Mean HSV saturation (max - min) / max over pixels of [0, 1] images [B, 3, H, W] -> [B]."""
+    hi, lo = images.max(dim=1).values, images.min(dim=1).values
+    return ((hi - lo) / hi.clamp(min=1e-3)).mean(dim=(1, 2))
+
+
+def register_saturation_reward() -> None:
+    from imgalign.rewards import Reward, register_reward
+
+    class SaturationBonus(Reward):
+        """A hackable bonus: the mean colour saturation (the toy backgrounds are white, black or gray)."""
+
+        name = "saturation"
+        needs_prompts = False
+
+        def _score(self, images, prompts, **kwargs):
+            if isinstance(images, (list, tuple)):
+                images = torch.stack(list(images))
+            return saturation(images.float())
+
+    try:
+        register_reward("saturation", SaturationBonus)
+    except (ValueError, KeyError):
+        pass  # already registered
+
+
+@torch.no_grad()
+def evaluate(model_dir: str, lora_dir: str | None, prompts: list[str], args) -> dict:
+    """Toy score and saturation of one image per prompt (seed = prompt index), pipeline sampling as users do."""
+    from imgalign.models.adapters import load_adapter
+    from imgalign.rewards import build_reward
+
+    adapter = load_adapter(model_dir, drop_t5=args.drop_t5)
+    if lora_dir:
+        adapter.pipe.load_lora_weights(lora_dir)
+    toy = build_reward("toy")
+    scores, sats = [], []
+    for start in range(0, len(prompts), 25):
+        chunk = prompts[start:start + 25]
+        gens = [torch.Generator().manual_seed(10_000 + start + i) for i in range(len(chunk))]
+        images = adapter.pipe(prompt=chunk, num_inference_steps=args.eval_steps, guidance_scale=args.eval_cfg,
+                              height=args.resolution, width=args.resolution, generator=gens,
+                              output_type="pt").images.float()
+        scores.append(toy.score(images, chunk))
+        sats.append(saturation(images))
+    return {"toy": torch.cat(scores), "saturation": torch.cat(sats)}
+
+
+def mean_ci(x: torch.Tensor) -> tuple[float, float]:
+    x = x.double()
+    return float(x.mean()), float(1.96 * x.std(unbiased=True) / math.sqrt(len(x)))
+
+
+def train_run(name: str, args, overrides: list[str]) -> tuple[str, list[dict], float]:
+    from imgalign.config import load_config
+    from imgalign.recipes import pref_grpo
+
+    out = Path(args.out) / name
+    cfg = load_config(pref_grpo.Config, ROOT / "configs/pref_grpo/toy.yaml", [
+        f"model.pretrained={args.model}", f"model.drop_t5={str(args.drop_t5).lower()}", f"run.output_dir={out}",
+        f"run.max_steps={args.iterations}", "run.checkpoint_every=0", "run.log_with=none", "run.progress=false",
+        f"run.seed={args.seed}", "validation.prompts_file=null", "validation.num_inference_steps=1",
+        f"sample.resolution={args.resolution}", f"optim.lr={args.lr}",
+        f"sample.groups_per_iteration={args.groups}", f"sample.group_size={args.group_size}",
+        f"sample.batch_size={args.group_size}", *overrides,
+    ])
+    t0 = time.time()
+    result = pref_grpo.train(cfg)
+    return str(out), result["history"], time.time() - t0
+
+
+def bench_toy(args) -> dict:
+    from imgalign.data import load_prompt_file
+
+    register_saturation_reward()
+    prompts = load_prompt_file(ROOT / "assets/toy/prompts/test.txt")[: args.eval_prompts]
+    runs = {
+        # Pref-GRPO: the toy evaluator judges every pair of a group; its win rate is the reward
+        "pref_grpo_toy_judge": ["reward.mode=pairwise", "reward.rewards=[toy]", "advantage.std=group"],
+        # Flow-GRPO-style pointwise GRPO on a hackable reward: toy score + bonus for saturated colour
+        "pointwise_toy+saturation": ["reward.mode=pointwise", f"reward.rewards=[toy:1.0,saturation:{args.bonus}]",
+                                     "reward.combine=weight_then_normalize", "advantage.std=global"],
+    }
+    t0 = time.time()
+    base = evaluate(args.model, None, prompts, args)
+    results = {"base": {"eval": base, "seconds": time.time() - t0}}
+    for name, overrides in runs.items():
+        lora, history, seconds = train_run(name, args, overrides)
+        results[name] = {"eval": evaluate(args.model, lora, prompts, args), "history": history, "seconds": seconds}
+
+    n = len(prompts)
+    print(f"\n[toy] {args.model}: {args.iterations} iterations x {args.groups} prompts x {args.group_size} images, "
+          f"lr {args.lr:g}; held-out: {n} test prompts, 1 image each, {args.eval_steps} steps, CFG {args.eval_cfg:g}")
+    print(f"{'model':<28}{'toy score (95% CI)':>24}{'vs base (paired)':>24}{'saturation':>20}{'train s':>9}")
+    summary = {}
+    for name, r in results.items():
+        ev = r["eval"]
+        m, ci = mean_ci(ev["toy"])
+        d, dci = mean_ci(ev["toy"] - base["toy"])
+        s, sci = mean_ci(ev["saturation"])
+        summary[name] = {"toy": m, "toy_ci95": ci, "delta_vs_base": d, "delta_ci95": dci, "saturation": s,
+                         "saturation_ci95": sci, "train_seconds": r.get("seconds")}
+        if "history" in r:
+            summary[name]["train_reward_first_last"] = [r["history"][0]["train/reward_mean"],
+                                                       r["history"][-1]["train/reward_mean"]]
+            # mean training-rollout toy score over the first and last quarter of the iterations
+            curve = [h.get("train/score/toy", math.nan) for h in r["history"]]
+            q = max(1, len(curve) // 4)
+            summary[name]["train_toy_first_last_quarter"] = [statistics.fmean(curve[:q]), statistics.fmean(curve[-q:])]
+            summary[name]["train_toy_curve"] = curve
+        print(f"{name:<28}{m:>14.3f} +- {ci:.3f}{d:>+15.3f} +- {dci:.3f}{s:>12.3f} +- {sci:.3f}"
+              f"{(r.get('seconds') or 0):>9.0f}")
+    a, b = results["pref_grpo_toy_judge"]["eval"]["toy"], results["pointwise_toy+saturation"]["eval"]["toy"]
+    d, dci = mean_ci(a - b)
+    summary["pref_minus_pointwise"] = {"delta": d, "ci95": dci}
+    print(f"Pref-GRPO - pointwise(hackable), paired: {d:+.3f} +- {dci:.3f}")
+    return summary
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["cost", "toy", "all"])
+    p.add_argument("--model", default=None, help="pipeline folder (default: a tiny --family pipeline for cost, "
+                   "assets/toy/sd3 for toy)")
+    p.add_argument("--family", default="sd15", help="tiny pipeline family for the cost benchmark without --model")
+    p.add_argument("--drop-t5", action="store_true", help="SD3 checkpoints without T5 (the toy SD3 model)")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--batch", type=int, default=4)
+    p.add_argument("--guidance", type=float, default=4.5)
+    p.add_argument("--resolution", type=int, default=32)
+    p.add_argument("--repeats", type=int, default=7)
+    p.add_argument("--iterations", type=int, default=30)
+    p.add_argument("--groups", type=int, default=4)
+    p.add_argument("--group-size", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--bonus", type=float, default=1.0, help="weight of the saturation bonus of the hackable reward")
+    p.add_argument("--eval-prompts", type=int, default=100)
+    p.add_argument("--eval-steps", type=int, default=25)
+    p.add_argument("--eval-cfg", type=float, default=5.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for tiny models on a busy CPU)")
+    p.add_argument("--out", default=None, help="output folder of the toy runs (default: a temporary folder)")
+    p.add_argument("--json", default=None, help="write the numbers to this JSON file")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    results = {}
+    if args.what in ("cost", "all"):
+        results["cost"] = bench_cost(args)
+    if args.what in ("toy", "all"):
+        args.model = args.model if args.what == "toy" and args.model else str(ROOT / "assets/toy/sd3")
+        if not (Path(args.model) / "model_index.json").is_file():
+            print(f"[toy] no toy model at {args.model}: build it with scripts/build_toy_assets.py; skipping")
+        else:
+            args.out = args.out or tempfile.mkdtemp(prefix="bench_pref_grpo_")
+            results["toy"] = bench_toy(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
