@@ -29,6 +29,7 @@ def _generate(args) -> int:
     import torch
 
     from imgalign.data.prompts import load_prompt_file
+    from imgalign.guidance.cli import prepare_guidance
     from imgalign.models.adapters import load_adapter
 
     prompts = list(args.prompt or []) + (load_prompt_file(args.prompts) if args.prompts else [])
@@ -38,6 +39,7 @@ def _generate(args) -> int:
     adapter = load_adapter(args.model, device=args.device)
     if args.lora:
         adapter.pipe.load_lora_weights(args.lora)
+    sample = prepare_guidance(args, adapter)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     from tqdm.auto import tqdm
@@ -46,8 +48,8 @@ def _generate(args) -> int:
     for i, prompt in enumerate(tqdm(prompts, desc="generate")):
         gen = torch.Generator("cpu").manual_seed(args.seed + i)
         kw = {"height": args.size, "width": args.size} if args.size else {}
-        images = adapter.pipe(prompt=prompt, num_images_per_prompt=args.num_images, num_inference_steps=args.steps,
-                              guidance_scale=args.guidance_scale, generator=gen, **kw).images
+        images = sample(prompt=prompt, num_images_per_prompt=args.num_images, num_inference_steps=args.steps,
+                        guidance_scale=args.guidance_scale, generator=gen, **kw).images
         for j, img in enumerate(images):
             img.save(out / f"{i:05d}_{j:02d}.png")
             n += 1
@@ -87,7 +89,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5 run.max_steps=100")
     t.set_defaults(func=_train)
 
-    g = sub.add_parser("generate", help="generate images with a pipeline (+ optional LoRA)")
+    from imgalign.guidance.cli import add_guidance_arguments
+
+    g = sub.add_parser("generate", help="generate images with a pipeline (+ LoRA, RLG or NPO guidance)")
     g.add_argument("--model", required=True, help="hub id or local pipeline folder")
     g.add_argument("--lora", help="folder with pytorch_lora_weights.safetensors")
     g.add_argument("--prompt", action="append", help="a prompt (repeatable)")
@@ -99,6 +103,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--size", type=int, default=None)
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--device", default="cpu")
+    add_guidance_arguments(g)
     g.set_defaults(func=_generate)
 
     try:

@@ -5,6 +5,7 @@ import importlib
 RECIPES = {
     "diffusion-dpo": "imgalign.recipes.diffusion_dpo",
     "llm-dpo": "imgalign.recipes.llm_dpo",
+    "self-npo": "imgalign.recipes.self_npo",
     "pref-grpo": "imgalign.recipes.pref_grpo",
 }
 

@@ -1,0 +1,478 @@
+"""Self-NPO (Wang et al. 2025, arXiv 2505.11777): a negative-preference model learned from the model itself.
+
+Data-free truncated diffusion fine-tuning. The result is a deliberately *weakened* copy of the model that
+is plugged into the unconditional branch of CFG at sampling time (NPO guidance, `imgalign.guidance`):
+    pred = pred_neg(x, empty) + s * (pred_pos(x, prompt) - pred_neg(x, empty)).
+
+One training step, per sample (all noise levels are indices k in 0..T-1 of the family's discrete schedule,
+with x_k = alpha_k x0 + sigma_k eps; SD-type: alpha = sqrt(alphabar_k), sigma = sqrt(1 - alphabar_k);
+flow families: sigma_k = shift((k+1)/T), alpha = 1 - sigma):
+  1. a starting state x0: the model's own samples (generated once, before training) or given images
+  2. a point of a K-step DDIM grid (K = 25, tau_i = (i+1) T/K - 1), i ~ U{0..K-1}; x = alpha x0 + sigma eps
+  3. truncated rollout of the EMA teacher, no grad: up to n = 5 deterministic DDIM steps of size T/K under
+     weak/negative guidance  pred = pred_c + w (pred_c - pred_u)  (w = -1: unconditional only; w = -5:
+     anti-prompt); the teacher's guided clean estimate x0_hat at the end point k_end = max(k_s - n T/K, 0)
+  4. re-noise to a higher level s ~ U{k_end+1..T-1} with the exact forward jump
+        x_s = (alpha_s / alpha_t) x_t + sqrt(sigma_s^2 - (alpha_s sigma_t / alpha_t)^2) z
+     (= alpha_s (x_t / alpha_t + sqrt(nsr_s^2 - nsr_t^2) z) with nsr = sigma / alpha, the reference's form;
+     this one stays finite at alpha_s = 0)
+  5. the student, with the real prompt, predicts x0_phi from x_s; loss = pseudo-Huber
+        mean( sqrt((x0_phi - x0_hat)^2 + c^2) - c ),  c = 0.001
+  6. after each optimizer step the teacher follows: teacher <- d teacher + (1 - d) student, d = 0.999.
+
+A DDIM step with eta = 0 is x' = alpha' x0_hat + sigma' eps_hat, which for flow models is exactly the Euler
+step x' = x + (sigma' - sigma) v, so one rollout rule serves every family (epsilon, v, flow velocity).
+The teacher is the student's network with the EMA weights swapped in (no second network in memory).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+from imgalign.config import cfg_field, save_run_info
+from imgalign.recipes.common import (
+    LoraConfig,
+    ModelConfig,
+    ValidationConfig,
+    load_model,
+    load_weights,
+    run_validation,
+    save_weights,
+)
+from imgalign.train.checkpoint import load_checkpoint, register_weight_hooks, resolve_resume, save_checkpoint
+from imgalign.train.setup import (
+    MeanMetrics,
+    OptimConfig,
+    RunConfig,
+    banner,
+    count_params,
+    make_accelerator,
+    make_optimizer,
+    progress_bar,
+    weight_dtype,
+)
+
+
+@dataclass
+class DataConfig:
+    prompts: list[str] = cfg_field([], "prompts of the self-generated starting states (and the student's prompts)")
+    prompts_file: str | None = cfg_field(None, "or read the prompts from this file (.txt, .jsonl, .csv)")
+    image_dir: str | None = cfg_field(None, "optional real starting states: a folder of x.png/x.jpg with x.txt "
+                                      "captions (the reference's layout); null = the model's own samples")
+    num_samples: int = cfg_field(64, "self-generated starting states (cycled over the prompts)")
+    sample_steps: int = cfg_field(20, "sampler steps for the self-generated starting states")
+    sample_guidance: float = cfg_field(5.0, "CFG scale for the self-generated starting states")
+    resolution: int = cfg_field(512, "image size of starting states")
+
+
+@dataclass
+class NPOConfig:
+    teacher_guidance: float = cfg_field(-1.0, "w in pred_c + w (pred_c - pred_u) for the teacher rollout: -1 = "
+                                        "unconditional (SD1.5 reference), -5 = negative guidance (SDXL reference)")
+    ddim_grid: int = cfg_field(25, "K: points of the DDIM grid the rollout walks on")
+    rollout_steps: int = cfg_field(5, "n: DDIM steps of the truncated teacher rollout")
+    ema_decay: float = cfg_field(0.999, "teacher <- d teacher + (1 - d) student after every optimizer step")
+    loss: str = cfg_field("huber", "huber (pseudo-Huber) | l2, on the clean estimate x0")
+    huber_c: float = cfg_field(0.001, "pseudo-Huber constant c")
+    num_levels: int = cfg_field(1000, "T: discrete noise levels (SD-type: the scheduler's train timesteps)")
+
+
+@dataclass
+class SelfNPOLoraConfig(LoraConfig):
+    enabled: bool = cfg_field(False, "train a LoRA adapter (teacher = EMA of the LoRA weights); false = full "
+                              "fine-tuning of the denoiser, as in the reference")
+
+
+@dataclass
+class SelfNPOOptimConfig(OptimConfig):
+    lr: float = cfg_field(1e-6, "peak learning rate (reference: 1e-6 SD1.5, 1e-7 SDXL, full fine-tuning)")
+    weight_decay: float = cfg_field(1e-3, "AdamW weight decay (reference: 1e-3 SD1.5, 0 SDXL)")
+
+
+@dataclass
+class SelfNPOConfig:
+    model: ModelConfig = cfg_field(ModelConfig, "the pipeline to derive a negative model from")
+    lora: SelfNPOLoraConfig = cfg_field(SelfNPOLoraConfig, "LoRA (true) or full fine-tuning (false, the reference)")
+    data: DataConfig = cfg_field(DataConfig, "starting states")
+    npo: NPOConfig = cfg_field(NPOConfig, "truncated diffusion fine-tuning")
+    optim: SelfNPOOptimConfig = cfg_field(SelfNPOOptimConfig, "optimizer and learning-rate schedule")
+    run: RunConfig = cfg_field(RunConfig, "steps, batch, precision, checkpoints, logging")
+    validation: ValidationConfig = cfg_field(ValidationConfig, "validation image grids (the student with plain CFG)")
+
+
+Config = SelfNPOConfig
+
+
+# ------------------------------------------------------------------------------------------------
+# noise levels, conversions, the re-noising jump (pure tensor math, unit-tested)
+# ------------------------------------------------------------------------------------------------
+class NoiseLevels:
+    """alpha_k, sigma_k for k = 0..T-1 and the time value the family adapter's `predict` expects."""
+
+    def __init__(self, adapter, num_levels: int = 1000):
+        self.prediction_type = adapter.prediction_type
+        if adapter.is_flow:
+            u = torch.arange(1, num_levels + 1, dtype=torch.float64) / num_levels
+            shift = adapter.shift
+            sigma = shift * u / (1 + (shift - 1) * u)
+            alpha = 1 - sigma
+            self.model_t = sigma.float()  # the adapter takes sigma for flow families
+        else:
+            ac = adapter.noise_scheduler.alphas_cumprod.double()
+            if len(ac) != num_levels:
+                raise ValueError(f"npo.num_levels={num_levels} but the scheduler has {len(ac)} train timesteps")
+            alpha, sigma = ac.sqrt(), (1 - ac).sqrt()
+            self.model_t = torch.arange(num_levels)
+        self.alpha, self.sigma, self.T = alpha.float(), sigma.float(), num_levels
+
+    def coef(self, k: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        shape = (-1,) + (1,) * (like.dim() - 1)
+        return (self.alpha[k.cpu()].view(shape).to(like.device, like.dtype),
+                self.sigma[k.cpu()].view(shape).to(like.device, like.dtype))
+
+    def to_x0_eps(self, pred: Tensor, x: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """The network's prediction at (x, k) -> (clean estimate x0, noise estimate eps)."""
+        a, s = self.coef(k, x)
+        if self.prediction_type == "epsilon":
+            return (x - s * pred) / a, pred
+        if self.prediction_type == "v_prediction":  # v = a eps - s x0
+            return a * x - s * pred, s * x + a * pred
+        if self.prediction_type == "flow":  # v = eps - x0, x = (1 - s) x0 + s eps
+            return x - s * pred, x + (1 - s) * pred
+        raise ValueError(f"unsupported prediction type {self.prediction_type!r}")
+
+
+def renoise(x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor, alpha_s: Tensor, sigma_s: Tensor, z: Tensor) -> Tensor:
+    """Exact forward jump from noise level t to a higher level s: if x_t ~ N(alpha_t x0, sigma_t^2) then
+    x_s ~ N(alpha_s x0, sigma_s^2).  x_s = (alpha_s / alpha_t) x_t + sqrt(sigma_s^2 - (alpha_s sigma_t / alpha_t)^2) z."""
+    ratio = alpha_s / alpha_t
+    return ratio * x_t + (sigma_s**2 - (ratio * sigma_t) ** 2).clamp_min(0).sqrt() * z
+
+
+def pseudo_huber(pred: Tensor, target: Tensor, c: float) -> Tensor:
+    """Per-sample mean of sqrt((pred - target)^2 + c^2) - c  -> [B]."""
+    return ((pred.float() - target.float()) ** 2 + c * c).sqrt().sub(c).flatten(1).mean(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# EMA teacher: shadow weights swapped into the student's network for teacher forwards
+# ------------------------------------------------------------------------------------------------
+class EMATeacher:
+    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]]):
+        self.params = named_params
+        self.shadow = {n: p.detach().clone().float() for n, p in named_params}
+
+    @torch.no_grad()
+    def update(self, decay: float) -> None:
+        for n, p in self.params:
+            self.shadow[n].lerp_(p.detach().float(), 1 - decay)
+
+    @contextmanager
+    @torch.no_grad()
+    def swapped_in(self):
+        saved = [p.detach().clone() for _, p in self.params]
+        for n, p in self.params:
+            p.copy_(self.shadow[n])
+        try:
+            yield
+        finally:
+            for (_, p), s in zip(self.params, saved):
+                p.copy_(s)
+
+    def save(self, folder: Path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(folder / "ema_teacher.safetensors"))
+
+    def load(self, folder: Path) -> None:
+        from safetensors.torch import load_file
+
+        state = load_file(str(folder / "ema_teacher.safetensors"))
+        if state.keys() != self.shadow.keys():
+            raise KeyError(f"{folder}/ema_teacher.safetensors does not match the trainable parameters")
+        for k, v in state.items():
+            self.shadow[k].copy_(v)
+
+
+# ------------------------------------------------------------------------------------------------
+# starting states
+# ------------------------------------------------------------------------------------------------
+def _prompts(cfg: DataConfig) -> list[str]:
+    prompts = list(cfg.prompts)
+    if cfg.prompts_file:
+        from imgalign.data import load_prompt_file
+
+        prompts += load_prompt_file(cfg.prompts_file)
+    return prompts
+
+
+@torch.no_grad()
+def self_samples(adapter, cfg: DataConfig, seed: int, batch: int = 8) -> tuple[Tensor, list[str]]:
+    """The model's own samples at CFG `sample_guidance` -> VAE latents [N, C, h, w] and their prompts."""
+    prompts = _prompts(cfg)
+    if not prompts:
+        raise ValueError("Self-NPO needs prompts: set data.prompts or data.prompts_file (or data.image_dir)")
+    prompts = [prompts[i % len(prompts)] for i in range(cfg.num_samples)]
+    gen = torch.Generator("cpu").manual_seed(seed)
+    latents = []
+    kw = {"guidance_scale": cfg.sample_guidance}
+    for i in range(0, len(prompts), batch):
+        images = adapter.pipe(prompt=prompts[i:i + batch], height=cfg.resolution, width=cfg.resolution,
+                              num_inference_steps=cfg.sample_steps, generator=gen, output_type="pt", **kw).images
+        latents.append(adapter.encode_images(images.float() * 2 - 1, generator=gen).cpu())
+    return torch.cat(latents), prompts
+
+
+@torch.no_grad()
+def folder_samples(adapter, cfg: DataConfig, seed: int) -> tuple[Tensor, list[str]]:
+    """Images x.png/x.jpg with captions x.txt -> latents (shorter side resized, centre crop)."""
+    import numpy as np
+    from PIL import Image
+
+    root = Path(cfg.image_dir)
+    files = sorted(p for p in root.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
+    if not files:
+        raise FileNotFoundError(f"data.image_dir={root} has no .png/.jpg/.webp images")
+    gen = torch.Generator("cpu").manual_seed(seed)
+    latents, prompts = [], []
+    r = cfg.resolution
+    for f in files:
+        cap = f.with_suffix(".txt")
+        if not cap.is_file():
+            raise FileNotFoundError(f"{f}: no caption file {cap.name} next to it")
+        img = Image.open(f).convert("RGB")
+        scale = r / min(img.size)
+        img = img.resize((max(r, round(img.width * scale)), max(r, round(img.height * scale))), Image.LANCZOS)
+        left, top = (img.width - r) // 2, (img.height - r) // 2
+        arr = np.asarray(img.crop((left, top, left + r, top + r)), dtype=np.float32) / 127.5 - 1
+        pixels = torch.from_numpy(arr).permute(2, 0, 1)[None]
+        latents.append(adapter.encode_images(pixels, generator=gen).cpu())
+        prompts.append(cap.read_text().strip())
+    return torch.cat(latents), prompts
+
+
+def starting_states(adapter, cfg: SelfNPOConfig, out_dir: Path, is_main: bool, accelerator) -> tuple[Tensor, list[str]]:
+    """Computed once per run and stored in the output folder, so a resumed run trains on the same states."""
+    from safetensors.torch import load_file, save_file
+
+    path = out_dir / "starting_states.safetensors"
+    if not path.is_file():
+        if is_main:
+            fn = folder_samples if cfg.data.image_dir else self_samples
+            latents, prompts = fn(adapter, cfg.data, cfg.run.seed)
+            save_file({"latents": latents.contiguous()}, str(path.with_suffix(".tmp")),
+                      metadata={"prompts": "\n".join(p.replace("\n", " ") for p in prompts)})
+            path.with_suffix(".tmp").rename(path)
+        accelerator.wait_for_everyone()
+    from safetensors import safe_open
+
+    with safe_open(str(path), "pt") as fh:
+        prompts = fh.metadata()["prompts"].split("\n")
+    return load_file(str(path))["latents"], prompts
+
+
+# ------------------------------------------------------------------------------------------------
+# training
+# ------------------------------------------------------------------------------------------------
+def _uncond(adapter, cond: dict[str, Tensor], n: int) -> dict[str, Tensor]:
+    """The unconditional branch as the pipeline builds it: zeros where the pipeline forces zeros (SDXL)."""
+    if adapter.pipe.config.get("force_zeros_for_empty_prompt", False):
+        out = {k: torch.zeros_like(v) for k, v in cond.items()}
+        if "time_ids" in cond:
+            out["time_ids"] = cond["time_ids"]
+        return out
+    return adapter.encode_prompts([""] * n)
+
+
+def train(cfg: SelfNPOConfig) -> dict:
+    run = cfg.run
+    out_dir = Path(run.output_dir)
+    accelerator = make_accelerator(run, project="self_npo")
+    dtype = weight_dtype(accelerator)
+    if accelerator.is_main_process:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        save_run_info(cfg, out_dir)
+
+    adapter = load_model(cfg.model, accelerator.device, dtype)
+    latents, prompts = starting_states(adapter, cfg, out_dir, accelerator.is_main_process, accelerator)
+
+    net, use_lora = adapter.denoiser, cfg.lora.enabled
+    if run.gradient_checkpointing:
+        net.enable_gradient_checkpointing()
+    if use_lora:
+        adapter.add_lora(rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
+                         init=cfg.lora.init)
+    else:
+        net.to(torch.float32).requires_grad_(True)  # trainable master weights in fp32
+    teacher = EMATeacher([(n, p) for n, p in net.named_parameters() if p.requires_grad])
+    levels = NoiseLevels(adapter, cfg.npo.num_levels)
+
+    def save_all(model, folder):
+        save_weights(adapter, model, folder, use_lora)
+        teacher.save(folder)
+
+    def load_all(model, folder):
+        load_weights(adapter, model, folder, use_lora)
+        teacher.load(folder)
+
+    register_weight_hooks(accelerator, save_all, load_all)
+    optimizer, scheduler = make_optimizer(net.parameters(), cfg.optim, run.max_steps, accelerator.num_processes)
+    model, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
+    start_step = 0
+    resume = resolve_resume(out_dir, run.resume_from)
+    if resume is not None:
+        start_step = load_checkpoint(accelerator, resume)["step"]
+
+    trainable, total = count_params(net)
+    n = cfg.npo
+    banner(accelerator, "imgalign self-npo", {
+        "model": f"{cfg.model.pretrained} ({adapter.family}, {adapter.prediction_type})",
+        "trainable": f"{trainable:,} of {total:,} params ({f'LoRA r={cfg.lora.rank}' if use_lora else 'full'})",
+        "teacher": f"EMA of the student (decay {n.ema_decay}), guidance w={n.teacher_guidance:g}",
+        "rollout": f"{n.rollout_steps} DDIM steps on a {n.ddim_grid}-point grid, re-noise to a higher level",
+        "starting states": f"{len(latents)} ({'images from ' + cfg.data.image_dir if cfg.data.image_dir else 'own samples'})",
+        "effective batch": f"{run.batch_size} x {run.grad_accum} accum x {accelerator.num_processes} procs"
+                           f" = {run.batch_size * run.grad_accum * accelerator.num_processes}/step",
+        "steps": f"{start_step} -> {run.max_steps}" + (f" (resumed from {resume})" if resume else ""),
+        "output": str(out_dir),
+    })
+
+    val_reward = None
+    if cfg.validation.reward:
+        from imgalign.rewards import build_reward
+
+        val_reward = build_reward(cfg.validation.reward)
+
+    def validate(step: int) -> dict:
+        if not accelerator.is_main_process:
+            return {}
+        logs = run_validation(adapter, cfg.validation, cfg.data.resolution, out_dir, step, val_reward)
+        if logs:
+            accelerator.log(logs, step=step)
+        return logs
+
+    if start_step == 0:
+        validate(0)
+
+    metrics = MeanMetrics()
+    history: list[dict] = []
+    bar = progress_bar(accelerator, run.max_steps, start_step, run.progress, "self-npo")
+    step, micro = start_step, start_step * run.grad_accum
+    model.train()
+    t0 = time.time()
+    while step < run.max_steps:
+        # everything random depends only on (seed, micro-step, rank): resume reproduces it exactly
+        gen = torch.Generator().manual_seed(run.seed * 1_000_003 + micro * 4099 + accelerator.process_index)
+        idx = torch.randint(0, len(latents), (run.batch_size,), generator=gen)
+        batch = {"latents": latents[idx].to(accelerator.device), "prompts": [prompts[i] for i in idx.tolist()]}
+        with accelerator.accumulate(model):
+            loss, m = _step(adapter, model, teacher, levels, batch, gen, cfg, accelerator)
+            accelerator.backward(loss)
+            if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
+                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+        metrics.add(m)
+        micro += 1
+        if not accelerator.sync_gradients:
+            continue
+        teacher.update(n.ema_decay)
+        step += 1
+        logs = {f"train/{k}": v for k, v in metrics.reduce(accelerator).items()}
+        logs["train/lr"] = scheduler.get_last_lr()[0]
+        history.append({"step": step, **logs})
+        if step % run.log_every == 0:
+            accelerator.log(logs, step=step)
+        bar.update(1)
+        bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}")
+        if run.checkpoint_every and step % run.checkpoint_every == 0 and step < run.max_steps:
+            save_checkpoint(accelerator, out_dir, step, {"micro_step": micro}, run.keep_last)
+        if cfg.validation.every and step % cfg.validation.every == 0 and step < run.max_steps:
+            validate(step)
+    bar.close()
+
+    if step > start_step or not resume:
+        save_checkpoint(accelerator, out_dir, step, {"micro_step": micro}, run.keep_last)
+    accelerator.wait_for_everyone()
+    if accelerator.is_main_process:
+        save_weights(adapter, accelerator.unwrap_model(model), out_dir, use_lora)
+        validate(step)
+    accelerator.end_training()
+    return {"steps": step, "history": history, "seconds": time.time() - t0, "output_dir": str(out_dir)}
+
+
+def _step(adapter, model, teacher: EMATeacher, levels: NoiseLevels, batch, gen, cfg: SelfNPOConfig, accelerator):
+    """One micro-batch -> (mean loss, metrics)."""
+    n = cfg.npo
+    x0 = batch["latents"]  # [B, C, h, w]
+    b = x0.shape[0]
+    dev = x0.device
+    cond = adapter.encode_prompts(batch["prompts"])
+    w = n.teacher_guidance
+    uncond = _uncond(adapter, cond, b) if w != 0 else None
+
+    # 2. a point of the DDIM grid, noised
+    step = levels.T // n.ddim_grid
+    i = torch.randint(0, n.ddim_grid, (b,), generator=gen)
+    k = (i + 1) * step - 1  # [B] start levels
+    eps = torch.randn(x0.shape, generator=gen).to(dev)
+    a, s = levels.coef(k, x0)
+    x = a * x0 + s * eps
+
+    def teacher_pred(x, k):
+        """guided teacher prediction pred_c + w (pred_c - pred_u) at levels k [B]"""
+        t = levels.model_t[k].to(dev)
+        if w == -1:  # pred_c + (-1)(pred_c - pred_u) = pred_u: one forward
+            return adapter.predict(model, x, t, uncond).float()
+        if w == 0:
+            return adapter.predict(model, x, t, cond).float()
+        from imgalign.models.adapters import cat_cond
+
+        pu, pc = adapter.predict(model, torch.cat([x, x]), torch.cat([t, t]), cat_cond(uncond, cond)).float().chunk(2)
+        return pc + w * (pc - pu)
+
+    # 3. truncated teacher rollout (no grad, EMA weights)
+    with torch.no_grad(), teacher.swapped_in(), accelerator.autocast():
+        for _ in range(n.rollout_steps):
+            active = k > 0
+            if not active.any():
+                break
+            k_next = (k - step).clamp_min(0)
+            x0_hat, eps_hat = levels.to_x0_eps(teacher_pred(x, k), x, k)
+            a_n, s_n = levels.coef(k_next, x)
+            x_next = a_n * x0_hat + s_n * eps_hat  # DDIM, eta = 0
+            mask = active.view(-1, *([1] * (x.dim() - 1))).to(dev)
+            x, k = torch.where(mask, x_next.to(x.dtype), x), torch.where(active, k_next, k)
+        x0_hat, _ = levels.to_x0_eps(teacher_pred(x, k), x, k)  # the target: the teacher's clean estimate
+
+    # 4. re-noise to a higher level s ~ U{k+1..T-1}
+    u = torch.rand(b, generator=gen)
+    k_s = (k + 1 + (u * (levels.T - 1 - k)).long()).clamp_max(levels.T - 1)
+    z = torch.randn(x0.shape, generator=gen).to(dev)
+    a_t, s_t = levels.coef(k, x)
+    a_s, s_s = levels.coef(k_s, x)
+    x_s = renoise(x.float(), a_t, s_t, a_s, s_s, z)
+
+    # 5. student with the real prompt -> x0_phi
+    with accelerator.autocast():
+        pred = adapter.predict(model, x_s, levels.model_t[k_s].to(dev), cond)
+    x0_phi, _ = levels.to_x0_eps(pred.float(), x_s, k_s)
+    if n.loss == "huber":
+        losses = pseudo_huber(x0_phi, x0_hat, n.huber_c)
+    elif n.loss == "l2":
+        losses = (x0_phi - x0_hat.float()).pow(2).flatten(1).mean(1)
+    else:
+        raise ValueError(f"npo.loss must be huber or l2, got {n.loss!r}")
+    m = {"loss": losses.mean().detach(), "t_end": k.float().mean(), "t_renoise": k_s.float().mean(),
+         "target_norm": x0_hat.float().pow(2).mean().sqrt()}
+    if not math.isfinite(float(m["loss"])):
+        raise FloatingPointError(f"non-finite Self-NPO loss at levels t_end={k.tolist()} s={k_s.tolist()}")
+    return losses.mean(), m

@@ -1,0 +1,241 @@
+"""Benchmarks of RLG / NPO guidance: speed against plain CFG, and toy-world evidence.
+
+    # speed: seconds per pipeline call, ratio to plain CFG (toy SD model if built, else a tiny SD1.5)
+    .venv/bin/python scripts/bench_guidance.py speed --steps 20 --batch 8 --repeats 5
+
+    # toy evidence: a quick Diffusion-DPO LoRA on evaluator-labelled toy pairs = the aligned model; RLG sweep
+    # over w; then Self-NPO (full fine-tuning) + NPO guidance vs plain CFG. Toy scores with bootstrap 95% CIs
+    # and paired differences on the same prompts and seeds.
+    .venv/bin/python scripts/bench_guidance.py toy --pairs 256 --dpo-steps 40 --prompts 200 --npo-steps 60
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from imgalign.guidance import NPOGuidance, RLGuidance, apply_guidance  # noqa: E402
+from imgalign.models.adapters import load_adapter  # noqa: E402
+
+TOY_SD = ROOT / "assets" / "toy" / "sd"
+
+
+def _model_path(arg: str | None) -> str:
+    if arg:
+        return arg
+    if (TOY_SD / "model_index.json").is_file():
+        return str(TOY_SD)
+    from imgalign.models.tiny import save_tiny_pipeline
+
+    return str(save_tiny_pipeline("sd15", Path(tempfile.mkdtemp()) / "sd15"))
+
+
+# ------------------------------------------------------------------------------------------------
+def speed(args) -> dict:
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    path = _model_path(args.model)
+    adapter = load_adapter(path)
+    pipe, net = adapter.pipe, adapter.denoiser
+    net.requires_grad_(False).eval()
+    adapter.add_lora(rank=args.rank)
+    net.requires_grad_(False)
+    for name, p in net.named_parameters():
+        if "lora_B" in name:
+            p.data.normal_(std=0.05)
+    aligned_net = copy.deepcopy(net)  # the aligned model as a second full network (fused copy)
+    aligned_net.fuse_lora()
+    size = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    prompts = ["a red circle above a blue square"] * args.batch
+    kw = dict(prompt=prompts, num_inference_steps=args.steps, guidance_scale=5.0, height=size, width=size,
+              output_type="latent")
+
+    def run_once(guidance, lora_on: bool, seed: int) -> tuple[float, float]:
+        if not lora_on:
+            net.disable_adapters()
+        w0, c0 = time.perf_counter(), time.process_time()
+        gen = torch.Generator().manual_seed(seed)
+        if guidance is None:
+            pipe(generator=gen, **kw)
+        else:
+            with apply_guidance(pipe, guidance):
+                pipe(generator=gen, **kw)
+        net.enable_adapters()
+        return time.perf_counter() - w0, time.process_time() - c0
+
+    cases = {
+        "plain CFG (base, 2 evals/step)": (None, False),
+        "plain CFG, LoRA on (aligned alone)": (None, True),
+        "RLG w=1.5, LoRA, one mixed-adapter batch": (RLGuidance(weight=1.5, aligned="default", batched=True), True),
+        "RLG w=1.5, LoRA, 2 forwards (reference: 4 evals)": (RLGuidance(weight=1.5, aligned="default"), True),
+        "RLG w=1.5, LoRA, shared uncond (3 evals, approx.)": (RLGuidance(weight=1.5, aligned="default", shared_uncond=True), True),
+        "RLG w=1.5, LoRA, aligned alone first half of steps": (RLGuidance(weight=1.5, aligned="default", zero_init_steps=args.steps // 2), True),
+        "RLG w=1.5, two full networks": (RLGuidance(weight=1.5, aligned=aligned_net), False),
+        "NPO, LoRA negative, one mixed-adapter batch": (NPOGuidance(negative="default", batched=True), True),
+        "NPO, LoRA negative, 2 forwards": (NPOGuidance(negative="default"), True),
+        "NPO, two full networks": (NPOGuidance(negative=aligned_net), False),
+    }
+    # rounds over all cases (interleaved, so load changes on a shared machine hit every case alike);
+    # round 0 warms up; medians of wall time and of this process's CPU time
+    wall: dict[str, list[float]] = {k: [] for k in cases}
+    cpu: dict[str, list[float]] = {k: [] for k in cases}
+    with torch.no_grad():
+        for r in range(args.repeats + 1):
+            for name, (g, lora_on) in cases.items():
+                w, c = run_once(g, lora_on, r)
+                if r:
+                    wall[name].append(w)
+                    cpu[name].append(c)
+    ref = "plain CFG (base, 2 evals/step)"
+    rw, rc = statistics.median(wall[ref]), statistics.median(cpu[ref])
+    print(f"model {path}  batch {args.batch} x {size}px  {args.steps} steps  LoRA r={args.rank}  "
+          f"torch threads {torch.get_num_threads()}  (median of {args.repeats} interleaved rounds)")
+    print(f"  {'case':<52}{'wall s':>8}{'ratio':>7}{'cpu s':>8}{'ratio':>7}")
+    out = {}
+    for name in cases:
+        w, c = statistics.median(wall[name]), statistics.median(cpu[name])
+        print(f"  {name:<52}{w:8.3f}{w / rw:7.2f}{c:8.3f}{c / rc:7.2f}")
+        out[name] = {"wall_s": w, "wall_ratio": w / rw, "cpu_s": c, "cpu_ratio": c / rc}
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+def _score(pipe, prompts, args, guidance=None):
+    from imgalign.eval.toy_bench import generate_and_score
+
+    if guidance is None:
+        return generate_and_score(pipe, prompts, num_inference_steps=args.steps, guidance_scale=args.cfg,
+                                  seed=7, progress=False)
+    with apply_guidance(pipe, guidance):
+        return generate_and_score(pipe, prompts, num_inference_steps=args.steps, guidance_scale=args.cfg,
+                                  seed=7, progress=False)
+
+
+def _fmt(mean_lo_hi) -> str:
+    m, lo, hi = mean_lo_hi[:3]
+    return f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
+
+
+def toy(args) -> dict:
+    from imgalign.config import load_config
+    from imgalign.eval.preference import bootstrap_ci
+    from imgalign.recipes import diffusion_dpo, self_npo
+    from imgalign.toy.pairs import generate_toy_pairs
+    from imgalign.toy.prompts import PROMPT_DIR, load_prompts
+
+    model = _model_path(args.model)
+    if not (Path(model) / "model_index.json").is_file() or "toy" not in model:
+        print("toy benchmark needs the trained toy model (assets/toy/sd); build it first", file=sys.stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    train_prompts = load_prompts(PROMPT_DIR / "train.txt")
+    test_prompts = load_prompts(PROMPT_DIR / "test.txt")[: args.prompts]
+    report: dict = {"model": model, "test_prompts": len(test_prompts), "steps": args.steps, "cfg": args.cfg}
+    t0 = time.time()
+
+    # 1. the aligned model: a quick Diffusion-DPO LoRA on evaluator-labelled self-sampled pairs
+    dpo_dir = out / "dpo"
+    if not (dpo_dir / "pytorch_lora_weights.safetensors").is_file():
+        stats = generate_toy_pairs(model, train_prompts, out / "pairs.parquet", n_pairs=args.pairs, seed=1,
+                                   num_inference_steps=args.steps, guidance_scale=args.cfg)
+        print(f"[toy] {stats['n_pairs']} pairs ({stats['n_ties']} ties) in {stats['seconds']} s", flush=True)
+        cfg = load_config(diffusion_dpo.Config, None, [
+            f"model.pretrained={model}", f"data.source={out / 'pairs.parquet'}", "data.resolution=32",
+            "data.hflip=false", "data.cache_latents=true", f"run.output_dir={dpo_dir}", f"run.max_steps={args.dpo_steps}",
+            "run.batch_size=16", "run.checkpoint_every=0", "run.keep_last=1", "optim.lr=1e-3",
+            "optim.lr_scheduler=constant", "lora.rank=8", "loss.beta=5000", "run.progress=false", "run.log_with=none",
+            "validation.num_inference_steps=2", "validation.images_per_prompt=1",
+        ])
+        diffusion_dpo.train(cfg)
+    print(f"[toy] aligned LoRA ready ({time.time() - t0:.0f} s)", flush=True)
+
+    adapter = load_adapter(model)
+    pipe = adapter.pipe
+    pipe.load_lora_weights(str(dpo_dir), adapter_name="aligned")
+    sweep = {}
+    for w in args.weights:
+        res = _score(pipe, test_prompts, args, RLGuidance(weight=w, aligned="aligned"))
+        sweep[w] = res
+        print(f"[toy] RLG w={w:<4} toy score {_fmt(res.summary['score'])}  overall {_fmt(res.summary['overall'])}"
+              f"  ({time.time() - t0:.0f} s)", flush=True)
+    base_scores = sweep[args.weights[0]].values("score")
+    report["rlg"] = {str(w): {"score": r.summary["score"][:3], "overall": r.summary["overall"][:3],
+                              "paired_diff_vs_first": bootstrap_ci(r.values("score") - base_scores)}
+                     for w, r in sweep.items()}
+
+    # 2. Self-NPO negative model (full fine-tuning from the model's own samples) + NPO guidance vs plain CFG
+    if args.npo_steps > 0:
+        npo_dir = out / "self_npo"
+        if not (npo_dir / "unet").is_dir():
+            cfg = load_config(self_npo.Config, None, [
+                f"model.pretrained={model}", f"data.prompts_file={PROMPT_DIR / 'train.txt'}",
+                f"data.num_samples={args.npo_samples}", f"data.sample_steps={args.steps}", "data.resolution=32",
+                f"data.sample_guidance={args.cfg}", f"run.output_dir={npo_dir}", f"run.max_steps={args.npo_steps}",
+                "run.batch_size=16", "run.checkpoint_every=0", "run.progress=false", "run.log_with=none",
+                f"optim.lr={args.npo_lr}", "optim.lr_scheduler=constant", f"npo.teacher_guidance={args.npo_w}",
+                "validation.num_inference_steps=2", "validation.images_per_prompt=1",
+            ])
+            self_npo.train(cfg)
+        base = load_adapter(model)
+        neg = type(base.denoiser).from_pretrained(str(npo_dir), subfolder="unet").eval()
+        plain = _score(base.pipe, test_prompts, args)
+        guided = _score(base.pipe, test_prompts, args, NPOGuidance(negative=neg))
+        diff = bootstrap_ci(guided.values("score") - plain.values("score"))
+        print(f"[toy] plain CFG {args.cfg}: {_fmt(plain.summary['score'])}   NPO (Self-NPO negative): "
+              f"{_fmt(guided.summary['score'])}   paired diff {diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]", flush=True)
+        report["npo"] = {"plain": plain.summary["score"][:3], "npo": guided.summary["score"][:3], "paired_diff": diff}
+
+    print("\n== RLG sweep (aligned = Diffusion-DPO LoRA), toy score mean [95% CI], paired diff vs w="
+          f"{args.weights[0]} ==")
+    for w, r in report["rlg"].items():
+        d = r["paired_diff_vs_first"]
+        print(f"  w={w:<5} {_fmt(r['score']):<26} overall {_fmt(r['overall']):<26} diff {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]")
+    report["seconds"] = round(time.time() - t0)
+    (out / "report.json").write_text(json.dumps(report, indent=2))
+    return report
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="cmd", required=True)
+    s = sub.add_parser("speed")
+    s.add_argument("--model", default=None)
+    s.add_argument("--steps", type=int, default=20)
+    s.add_argument("--batch", type=int, default=8)
+    s.add_argument("--repeats", type=int, default=5)
+    s.add_argument("--rank", type=int, default=8)
+    s.add_argument("--threads", type=int, default=1, help="torch threads (1: stable CPU-time ratios on a shared box)")
+    s.add_argument("--json", default=None)
+    t = sub.add_parser("toy")
+    t.add_argument("--model", default=None)
+    t.add_argument("--out", default="outputs/bench_guidance")
+    t.add_argument("--pairs", type=int, default=256)
+    t.add_argument("--dpo-steps", type=int, default=40)
+    t.add_argument("--prompts", type=int, default=200)
+    t.add_argument("--steps", type=int, default=20)
+    t.add_argument("--cfg", type=float, default=5.0)
+    t.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0])
+    t.add_argument("--npo-steps", type=int, default=60)
+    t.add_argument("--npo-samples", type=int, default=128)
+    t.add_argument("--npo-lr", type=float, default=1e-5)
+    t.add_argument("--npo-w", type=float, default=-1.0)
+    t.add_argument("--json", default=None)
+    args = p.parse_args(argv)
+    result = speed(args) if args.cmd == "speed" else toy(args)
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2, default=str))
+
+
+if __name__ == "__main__":
+    main()
