@@ -1,0 +1,395 @@
+"""Build the toy world's model assets in ``assets/toy/``, deterministically, on a CPU.
+
+Stages (in order; `--only` runs a subset, later stages load what earlier ones saved):
+
+    clip      tiny CLIPModel trained contrastively on renders of the train prompts -> assets/toy/clip/
+    vae       tiny AutoencoderKL (32 px -> 4x16x16) trained on renders          -> <work-dir>/vae/
+    sd        StableDiffusionPipeline, UNet DDPM-trained through SDAdapter     -> assets/toy/sd/
+    sd3       StableDiffusion3Pipeline, MMDiT flow-trained through SD3Adapter -> assets/toy/sd3/
+    eval      both pipelines on assets/toy/prompts/test.txt with the toy evaluator
+    subjects  DreamBench-layout toy subjects                                   -> assets/toy/subjects/
+
+Usage:
+    nice -n 19 .venv/bin/python scripts/build_toy_assets.py                      # everything
+    nice -n 19 .venv/bin/python scripts/build_toy_assets.py --only sd3,eval --sd3-steps 1500
+
+Everything is seeded (`--seed`); with the same step counts and no `--stage-minutes` cap hit, a rebuild
+gives the same weights on the same machine. `assets/toy/manifest.json` records steps, seeds, losses,
+sizes and the measured scores of every stage run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from imgalign.toy import models as M  # noqa: E402
+
+ASSETS = ROOT / "assets" / "toy"
+STAGES = ("clip", "vae", "sd", "sd3", "eval", "subjects")
+
+
+# ---- helpers -------------------------------------------------------------------------------------------
+
+
+def _manifest_path() -> Path:
+    return ASSETS / "manifest.json"
+
+
+def update_manifest(key: str, value) -> None:
+    path = _manifest_path()
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[key] = value
+    data["total_size_mb"] = round(sum(M.file_size_mb(ASSETS / d) for d in ("clip", "sd", "sd3", "subjects")
+                                      if (ASSETS / d).exists()), 2)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def train_prompts() -> list[str]:
+    from imgalign.toy.prompts import load_prompt_set
+
+    return load_prompt_set("train")
+
+
+def lr_lambda(steps: int, warmup: int):
+    return lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+
+
+def seed_all(seed: int) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+
+
+# ---- stages --------------------------------------------------------------------------------------------
+
+
+def stage_clip(args) -> None:
+    from imgalign.toy.clip import retrieval_accuracy, save_toy_clip, train_clip
+    from imgalign.toy.prompts import load_prompt_set
+
+    seed_all(args.seed)
+    model, info = train_clip(train_prompts(), steps=args.clip_steps, batch_size=args.clip_batch, seed=args.seed,
+                             time_limit_s=_limit(args))
+    held = load_prompt_set("validation")[:100]
+    images, _ = M.render_dataset(held, 1, seed=args.seed + 99)
+    acc = retrieval_accuracy(model, M.tokenizer(), images, held)
+    print(f"clip retrieval on 100 held-out validation pairs: {acc}")
+    save_toy_clip(model, ASSETS / "clip")
+    update_manifest("clip", {**info, "seed": args.seed, "retrieval_100_validation": acc,
+                             "size_mb": round(M.file_size_mb(ASSETS / "clip"), 2)})
+
+
+def stage_vae(args) -> None:
+    from tqdm.auto import tqdm
+
+    seed_all(args.seed + 1)
+    vae = M.build_vae(args.seed + 1).train()
+    images, _ = M.render_dataset(train_prompts(), 4, seed=args.seed + 2)
+    pixels = M.to_pixels(images)
+    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.vae_steps, 20))
+    gen = torch.Generator().manual_seed(args.seed + 3)
+    start, done, rec = time.time(), 0, float("nan")
+    bar = tqdm(range(args.vae_steps), desc="vae")
+    for step in bar:
+        x = pixels[torch.randint(0, len(pixels), (args.vae_batch,), generator=gen)]
+        post = vae.encode(x).latent_dist
+        z = post.mean + post.std * torch.randn(post.mean.shape, generator=gen)
+        out = vae.decode(z).sample
+        rec_loss = (out - x).abs().mean() + (out - x).pow(2).mean()
+        kl = post.kl().mean() / x[0].numel()
+        loss = rec_loss + args.vae_kl * kl
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        rec, done = float(rec_loss), step + 1
+        bar.set_postfix(rec=f"{rec:.4f}", kl=f"{float(kl):.3f}")
+        if _over(start, args):
+            break
+    vae.eval()
+    with torch.no_grad():
+        sample = pixels[:1024]
+        post = vae.encode(sample).latent_dist
+        mean, std = float(post.mean.mean()), float(post.mean.std())
+        recon = vae.decode(post.mean).sample.clamp(-1, 1)
+        # reconstruction fidelity measured with the evaluator itself: renders that still score 1.0
+        from imgalign.toy.evaluator import evaluate
+
+        prompts = train_prompts()
+        idx = np.arange(0, 1024, 8)  # render_dataset is prompt-major: image k shows prompt k // 4
+        recon_u8 = ((recon[idx] + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+        ok = float(np.mean([evaluate(recon_u8[j], prompts[i // 4]).overall for j, i in enumerate(idx)]))
+    vae.register_to_config(scaling_factor=round(1.0 / std, 4), shift_factor=None)
+    out = Path(args.work_dir) / "vae"
+    vae.save_pretrained(str(out), safe_serialization=True)
+    print(f"vae: recon loss {rec:.4f}, latent mean {mean:.3f} std {std:.3f}, evaluator accuracy on recons {ok:.3f}")
+    update_manifest("vae", {"steps": done, "batch_size": args.vae_batch, "seed": args.seed + 1, "final_recon_loss": rec,
+                            "latent_mean": mean, "latent_std": std, "scaling_factor": round(1.0 / std, 4),
+                            "evaluator_overall_on_reconstructions": ok, "seconds": round(time.time() - start, 1)})
+
+
+def _load_clip_and_vae(args):
+    from diffusers import AutoencoderKL
+    from transformers import CLIPModel
+
+    clip = CLIPModel.from_pretrained(str(ASSETS / "clip"), dtype=torch.float32).eval()
+    vae = AutoencoderKL.from_pretrained(str(Path(args.work_dir) / "vae"), torch_dtype=torch.float32).eval()
+    return clip, vae
+
+
+def _limit(args):
+    return args.stage_minutes * 60 if args.stage_minutes else None
+
+
+def _over(start, args) -> bool:
+    return bool(args.stage_minutes) and time.time() - start > args.stage_minutes * 60
+
+
+def _train_denoiser(name: str, pipe, args, steps: int, batch: int, lr: float, seed: int, extra_zero_tokens=None):
+    """Train the pipeline's denoiser through its family adapter; returns the info dict."""
+    from tqdm.auto import tqdm
+
+    from imgalign.models.adapters import load_adapter
+
+    work = Path(args.work_dir) / f"{name}_init"
+    pipe.save_pretrained(str(work), safe_serialization=True)
+    adapter_kw = {"max_sequence_length": 1, "drop_t5": True} if extra_zero_tokens else {}
+    adapter = load_adapter(str(work), **adapter_kw)
+    seed_all(seed)
+    prompts = train_prompts()
+    images, index = M.render_dataset(prompts, args.renders_per_prompt, seed=seed + 1)
+    gen = torch.Generator().manual_seed(seed + 2)
+    with torch.no_grad():
+        latents = torch.cat([adapter.encode_images(M.to_pixels(images[i:i + 256]), generator=gen)
+                             for i in range(0, len(images), 256)])
+        conds = [adapter.encode_prompts(prompts[i:i + 256]) for i in range(0, len(prompts), 256)]
+        cond = {k: torch.cat([c[k] for c in conds]) for k in conds[0]}
+        uncond = adapter.encode_prompts([""])
+    if extra_zero_tokens:  # SD3 without T5: keep the CLIP tokens, the T5 zeros are added per batch below
+        n_clip = M.TEXT_MAX_LENGTH
+        cond["encoder_hidden_states"] = cond["encoder_hidden_states"][:, :n_clip]
+        uncond["encoder_hidden_states"] = uncond["encoder_hidden_states"][:, :n_clip]
+    index = torch.from_numpy(index)
+    model = adapter.denoiser
+    model.train().requires_grad_(True)
+    # The saved weights are an exponential moving average of the trained ones (with a warmup of the decay),
+    # which matters a lot for short training runs.
+    ema = [p.detach().clone() for p in model.parameters()]
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, max(1, steps // 20)))
+    start, done, ema_loss = time.time(), 0, None
+    bar = tqdm(range(steps), desc=name)
+    for step in bar:
+        rows = torch.randint(0, len(latents), (batch,), generator=gen)
+        x0 = latents[rows]
+        drop = torch.rand(batch, generator=gen) < args.prompt_dropout
+        c = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), uncond[k].expand_as(v[index[rows]]), v[index[rows]])
+             for k, v in cond.items()}
+        if extra_zero_tokens:
+            k = extra_zero_tokens[int(torch.randint(0, len(extra_zero_tokens), (1,), generator=gen))]
+            ehs = c["encoder_hidden_states"]
+            c["encoder_hidden_states"] = torch.cat([ehs, ehs.new_zeros(batch, k, ehs.shape[-1])], dim=1)
+        t = adapter.sample_timesteps(batch, generator=gen)
+        noise = torch.randn(x0.shape, generator=gen)
+        noisy, target = adapter.noise_and_target(x0, noise, t)
+        pred = adapter.predict(model, noisy, t, c)
+        loss = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+        if not adapter.is_flow:  # min-SNR-gamma weighting (epsilon target): down-weights the easy low-noise steps
+            alpha_bar = adapter.noise_scheduler.alphas_cumprod[t]
+            snr = alpha_bar / (1 - alpha_bar)
+            loss = loss * snr.clamp(max=args.min_snr_gamma) / snr
+        loss = loss.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        sched.step()
+        with torch.no_grad():
+            torch._foreach_lerp_(ema, list(model.parameters()), 1 - min(args.ema_decay, (1 + step) / (10 + step)))
+        ema_loss = loss.item() if ema_loss is None else 0.98 * ema_loss + 0.02 * loss.item()
+        done = step + 1
+        bar.set_postfix(loss=f"{ema_loss:.4f}")
+        if _over(start, args):
+            print(f"{name}: stage time limit reached after {done} steps")
+            break
+    model.eval().requires_grad_(False)
+    with torch.no_grad():
+        for p, e in zip(model.parameters(), ema):
+            p.copy_(e)
+    out = ASSETS / name
+    M.save_pipeline(adapter.pipe, out)
+    return {"steps": done, "batch_size": batch, "lr": lr, "seed": seed, "prompt_dropout": args.prompt_dropout,
+            "ema_decay": args.ema_decay, **({} if adapter.is_flow else {"min_snr_gamma": args.min_snr_gamma}),
+            "final_loss_ema": ema_loss, "seconds": round(time.time() - start, 1), "storage_dtype": "float16",
+            "train_images": len(latents), "size_mb": round(M.file_size_mb(out), 2)}
+
+
+def _denoiser_stage(name: str, args) -> None:
+    """Phase 1: train from a seeded init; phase 2 (``--<name>-phase2-steps``): continue from the saved
+    fp16 weights at half the learning rate with a fresh warmup + cosine schedule. ``--resume`` runs
+    phase 2 only, starting from the shipped ``assets/toy/<name>``."""
+    from diffusers import SD3Transformer2DModel, UNet2DConditionModel
+
+    steps, batch, lr = (getattr(args, f"{name}_{k}") for k in ("steps", "batch", "lr"))
+    phase2 = getattr(args, f"{name}_phase2_steps")
+    seed = args.seed + (10 if name == "sd" else 20)
+    # SD3 without T5: the pipeline appends `max_sequence_length` zero tokens (adapter default 128, pipeline
+    # default 256); train with varying counts so the model ignores them.
+    extra = {"extra_zero_tokens": (1, 128, 256)} if name == "sd3" else {}
+
+    def build(denoiser=None):
+        clip, vae = _load_clip_and_vae(args)
+        if name == "sd":
+            return M.build_sd_pipeline(clip, vae, unet=denoiser, seed=seed)
+        vae.register_to_config(shift_factor=0.0)  # SD3's decode adds shift_factor; ours is centred
+        return M.build_sd3_pipeline(clip, vae, transformer=denoiser, seed=seed)
+
+    path = _manifest_path()
+    previous = json.loads(path.read_text()).get(name) if path.exists() else None
+    if not args.resume:
+        info = _train_denoiser(name, build(), args, steps, batch, lr, seed, **extra)
+        update_manifest(name, info)
+        previous = info
+    if phase2:
+        cls, sub = (UNet2DConditionModel, "unet") if name == "sd" else (SD3Transformer2DModel, "transformer")
+        denoiser = cls.from_pretrained(str(ASSETS / name), subfolder=sub, torch_dtype=torch.float32)
+        info = _train_denoiser(name, build(denoiser), args, phase2, batch, lr / 2, seed + 100, **extra)
+        info["phase1"] = previous.get("phase1", previous) if previous and "phase1" in previous else previous
+        if previous and "phase1" in previous:  # a resume of a resume: keep the whole history
+            info["earlier_phases"] = previous
+        info["total_steps"] = (previous or {}).get("total_steps", (previous or {}).get("steps", 0)) + info["steps"]
+        update_manifest(name, info)
+
+
+def stage_sd(args) -> None:
+    _denoiser_stage("sd", args)
+
+
+def stage_sd3(args) -> None:
+    _denoiser_stage("sd3", args)
+
+
+def evaluate_pipeline(path: Path, prompts: list[str], steps: int, cfg: float, seed: int, batch: int = 50,
+                      **call_kw) -> dict:
+    from imgalign.models.adapters import load_adapter
+    from imgalign.toy.evaluator import ToyScore, evaluate
+    from imgalign.toy.grammar import parse
+
+    pipe = load_adapter(str(path), drop_t5=True).pipe
+    scores = []
+    for i in range(0, len(prompts), batch):
+        chunk = prompts[i:i + batch]
+        gen = torch.Generator().manual_seed(seed + i)
+        out = pipe(chunk, num_inference_steps=steps, guidance_scale=cfg, generator=gen, output_type="np",
+                   height=M.IMAGE_SIZE, width=M.IMAGE_SIZE, **call_kw).images
+        scores += [evaluate(im, p) for im, p in zip(out, chunk)]
+    summary = {"n": len(prompts), "overall": float(np.mean([s.overall for s in scores])),
+               "score": float(np.mean([s.score for s in scores]))}
+    for name in ToyScore.CRITERIA:
+        vals = [getattr(s, name) for s in scores if getattr(s, name) is not None]
+        summary[name] = float(np.mean(vals)) if vals else None
+    kinds = [parse(p).kind for p in prompts]
+    summary["overall_by_kind"] = {k: float(np.mean([s.overall for s, kk in zip(scores, kinds) if kk == k]))
+                                  for k in sorted(set(kinds))}
+    summary["score_by_kind"] = {k: float(np.mean([s.score for s, kk in zip(scores, kinds) if kk == k]))
+                                for k in sorted(set(kinds))}
+    return summary
+
+
+def stage_eval(args) -> None:
+    from imgalign.toy.prompts import load_prompt_set
+
+    prompts = load_prompt_set("test")
+    results = {"command": "scripts/build_toy_assets.py --only eval", "prompts": "assets/toy/prompts/test.txt",
+               "images_per_prompt": 1, "num_inference_steps": args.eval_steps, "guidance_scale": args.eval_cfg,
+               "seed": args.seed}
+    for name in ("sd", "sd3"):
+        if (ASSETS / name).exists():
+            t0 = time.time()
+            results[name] = evaluate_pipeline(ASSETS / name, prompts, args.eval_steps, args.eval_cfg, args.seed)
+            results[name]["seconds"] = round(time.time() - t0, 1)
+            print(name, json.dumps(results[name], indent=1))
+    update_manifest("eval_test", results)
+
+
+def stage_subjects(args) -> None:
+    from imgalign.toy.subjects import build_subjects
+
+    out = build_subjects(ASSETS / "subjects", seed=args.seed)
+    update_manifest("subjects", {"path": "assets/toy/subjects/dataset", "seed": args.seed,
+                                 "size_mb": round(M.file_size_mb(out), 3)})
+
+
+# ---- main ----------------------------------------------------------------------------------------------
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--only", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--work-dir", default="/tmp/imgalign_toy_build", help="intermediate files (VAE, inits)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--stage-minutes", type=float, default=0.0,
+                   help="wall-time cap per training stage (0 = none; hitting it makes the build time-dependent)")
+    p.add_argument("--clip-steps", type=int, default=1500)
+    p.add_argument("--clip-batch", type=int, default=96)
+    p.add_argument("--vae-steps", type=int, default=1200)
+    p.add_argument("--vae-batch", type=int, default=32)
+    p.add_argument("--vae-lr", type=float, default=1e-3)
+    p.add_argument("--vae-kl", type=float, default=1e-4)
+    p.add_argument("--renders-per-prompt", type=int, default=8)
+    p.add_argument("--prompt-dropout", type=float, default=0.1)
+    p.add_argument("--ema-decay", type=float, default=0.998, help="EMA of the sd/sd3 weights (what is saved)")
+    p.add_argument("--min-snr-gamma", type=float, default=5.0, help="sd loss weight min(SNR, gamma) / SNR")
+    p.add_argument("--sd-steps", type=int, default=900)
+    p.add_argument("--sd-batch", type=int, default=32)
+    p.add_argument("--sd-lr", type=float, default=1e-3)
+    p.add_argument("--sd3-steps", type=int, default=1100)
+    p.add_argument("--sd3-batch", type=int, default=32)
+    p.add_argument("--sd3-lr", type=float, default=1e-3)
+    p.add_argument("--sd-phase2-steps", type=int, default=0)
+    p.add_argument("--sd3-phase2-steps", type=int, default=0)
+    p.add_argument("--resume", action="store_true", help="sd/sd3: run phase 2 only, from assets/toy/<name>")
+    p.add_argument("--eval-steps", type=int, default=25)
+    p.add_argument("--eval-cfg", type=float, default=5.0)
+    args = p.parse_args(argv)
+    stages = [s.strip() for s in args.only.split(",") if s.strip()]
+    unknown = set(stages) - set(STAGES)
+    if unknown:
+        p.error(f"unknown stages {sorted(unknown)}; choose from {','.join(STAGES)}")
+    torch.set_num_threads(args.threads)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    Path(args.work_dir).mkdir(parents=True, exist_ok=True)
+    ASSETS.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    timings = {}
+    for stage in STAGES:
+        if stage in stages:
+            print(f"=== stage {stage}", flush=True)
+            s0 = time.time()
+            globals()[f"stage_{stage}"](args)
+            timings[stage] = round(time.time() - s0, 1)
+    path = _manifest_path()
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data.setdefault("stage_seconds", {}).update(timings)
+    data["torch"] = torch.__version__
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    print(f"done in {time.time() - t0:.0f} s: {timings}")
+
+
+if __name__ == "__main__":
+    main()
