@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
@@ -120,6 +121,29 @@ def validation_images(adapter: ModelAdapter, cfg: ValidationConfig, resolution: 
                               guidance_scale=cfg.guidance_scale, generator=gen, output_type="pt").images.float()
     adapter.denoiser.train(was_training)
     return images, prompts
+
+
+def make_validator(accelerator, adapter: ModelAdapter, cfg: ValidationConfig, resolution: int, out_dir: Path,
+                   weights=None):
+    """-> validate(step): on the main process, write the grid, score it with the validation reward (built once)
+    and log `val/<reward>`; other ranks return {}. `weights` is an optional context-manager factory that swaps
+    in the weights to validate (e.g. an EMA)."""
+    reward = None
+    if cfg.reward:
+        from imgalign.rewards import build_reward
+
+        reward = build_reward(cfg.reward)
+
+    def validate(step: int) -> dict[str, float]:
+        if not accelerator.is_main_process:
+            return {}
+        with weights() if weights is not None else contextlib.nullcontext():
+            logs = run_validation(adapter, cfg, resolution, out_dir, step, reward)
+        if logs:
+            accelerator.log(logs, step=step)
+        return logs
+
+    return validate
 
 
 def run_validation(adapter: ModelAdapter, cfg: ValidationConfig, resolution: int, out_dir: Path, step: int,

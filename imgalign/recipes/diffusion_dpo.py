@@ -38,7 +38,7 @@ from imgalign.recipes.common import (
     load_model,
     load_weights,
     make_trainable,
-    run_validation,
+    make_validator,
     save_weights,
 )
 from imgalign.train.checkpoint import load_checkpoint, register_weight_hooks, resolve_resume, save_checkpoint
@@ -160,19 +160,7 @@ def train(cfg: DiffusionDPOConfig) -> dict:
         "output": str(out_dir),
     })
 
-    val_reward = None
-    if cfg.validation.reward:
-        from imgalign.rewards import build_reward
-
-        val_reward = build_reward(cfg.validation.reward)
-
-    def validate(step: int) -> dict:
-        if not accelerator.is_main_process:
-            return {}
-        logs = run_validation(adapter, cfg.validation, cfg.data.resolution, out_dir, step, val_reward)
-        if logs:
-            accelerator.log(logs, step=step)
-        return logs
+    validate = make_validator(accelerator, adapter, cfg.validation, cfg.data.resolution, out_dir)
 
     val_history = [{"step": 0, **validate(0)}] if start_step == 0 else []
 

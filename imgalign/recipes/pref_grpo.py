@@ -54,10 +54,11 @@ from imgalign.recipes.common import (
     load_model,
     load_weights,
     make_trainable,
-    run_validation,
+    make_validator,
     save_weights,
 )
 from imgalign.train.checkpoint import load_checkpoint, register_weight_hooks, resolve_resume, save_checkpoint
+from imgalign.train.ema import EMA
 from imgalign.train.setup import (
     MeanMetrics,
     OptimConfig,
@@ -330,56 +331,6 @@ def _gather_strings(items: list[str], accelerator) -> list[str]:
 
 
 # ------------------------------------------------------------------------------------------------
-# EMA of the trainable weights
-# ------------------------------------------------------------------------------------------------
-class EMA:
-    """Exponential moving average of the trainable parameters, updated every `every` optimizer steps."""
-
-    def __init__(self, params, decay: float, every: int):
-        self.params = [p for p in params if p.requires_grad]
-        self.decay, self.every, self.num_updates = decay, max(1, every), 0
-        self.shadow = [p.detach().clone().float() for p in self.params]
-
-    @torch.no_grad()
-    def step(self, optimizer_step: int) -> None:
-        if optimizer_step % self.every:
-            return
-        self.num_updates += 1
-        for s, p in zip(self.shadow, self.params):
-            s.lerp_(p.detach().float(), 1.0 - self.decay)
-
-    @contextlib.contextmanager
-    def swapped(self):
-        """Use the EMA weights inside the block (validation, EMA export)."""
-        backup = [p.detach().clone() for p in self.params]
-        with torch.no_grad():
-            for s, p in zip(self.shadow, self.params):
-                p.copy_(s)
-        try:
-            yield
-        finally:
-            with torch.no_grad():
-                for b, p in zip(backup, self.params):
-                    p.copy_(b)
-
-    def save(self, folder: Path) -> None:
-        from safetensors.torch import save_file
-
-        tensors = {f"p{i}": s.contiguous() for i, s in enumerate(self.shadow)}
-        tensors["num_updates"] = torch.tensor([self.num_updates])
-        save_file(tensors, str(folder / "ema.safetensors"))
-
-    def load(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
-        tensors = load_file(str(folder / "ema.safetensors"))
-        with torch.no_grad():
-            for i, s in enumerate(self.shadow):
-                s.copy_(tensors[f"p{i}"])
-        self.num_updates = int(tensors["num_updates"][0])
-
-
-# ------------------------------------------------------------------------------------------------
 # Training
 # ------------------------------------------------------------------------------------------------
 def _prompt_indices(n_prompts: int, iteration: int, count: int, seed: int) -> list[int]:
@@ -437,7 +388,7 @@ def train(cfg: PrefGRPOConfig) -> dict:
     # ---- optimizer, EMA, checkpoint hooks, resume --------------------------------------------------
     opt_steps = run.max_steps * tcfg.num_inner_epochs * tcfg.updates_per_iteration
     optimizer, scheduler = make_optimizer(adapter.denoiser.parameters(), cfg.optim, opt_steps, world)
-    ema = EMA(adapter.denoiser.parameters(), tcfg.ema_decay, tcfg.ema_every) if tcfg.ema_decay > 0 else None
+    ema = EMA(adapter.denoiser, tcfg.ema_decay, tcfg.ema_every) if tcfg.ema_decay > 0 else None
 
     def save_all(m, folder):
         save_weights(adapter, m, folder, use_lora)
@@ -474,20 +425,8 @@ def train(cfg: PrefGRPOConfig) -> dict:
         "output": str(out_dir),
     })
 
-    val_reward = None
-    if cfg.validation.reward:
-        from imgalign.rewards import build_reward
-
-        val_reward = build_reward(cfg.validation.reward)
-
-    def validate(it: int) -> dict:
-        if not accelerator.is_main_process:
-            return {}
-        with ema.swapped() if ema is not None else contextlib.nullcontext():
-            logs = run_validation(adapter, cfg.validation, sample.resolution, out_dir, it, val_reward)
-        if logs:
-            accelerator.log(logs, step=it)
-        return logs
+    validate = make_validator(accelerator, adapter, cfg.validation, sample.resolution, out_dir,
+                              weights=ema.swapped if ema is not None else None)
 
     val_history = [{"step": 0, **validate(0)}] if start == 0 else []
 

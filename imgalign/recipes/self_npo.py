@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import math
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,10 +42,11 @@ from imgalign.recipes.common import (
     ValidationConfig,
     load_model,
     load_weights,
-    run_validation,
+    make_validator,
     save_weights,
 )
 from imgalign.train.checkpoint import load_checkpoint, register_weight_hooks, resolve_resume, save_checkpoint
+from imgalign.train.ema import EMA
 from imgalign.train.setup import (
     MeanMetrics,
     OptimConfig,
@@ -162,46 +162,6 @@ def pseudo_huber(pred: Tensor, target: Tensor, c: float) -> Tensor:
 
 
 # ------------------------------------------------------------------------------------------------
-# EMA teacher: shadow weights swapped into the student's network for teacher forwards
-# ------------------------------------------------------------------------------------------------
-class EMATeacher:
-    def __init__(self, named_params: list[tuple[str, torch.nn.Parameter]]):
-        self.params = named_params
-        self.shadow = {n: p.detach().clone().float() for n, p in named_params}
-
-    @torch.no_grad()
-    def update(self, decay: float) -> None:
-        for n, p in self.params:
-            self.shadow[n].lerp_(p.detach().float(), 1 - decay)
-
-    @contextmanager
-    @torch.no_grad()
-    def swapped_in(self):
-        saved = [p.detach().clone() for _, p in self.params]
-        for n, p in self.params:
-            p.copy_(self.shadow[n])
-        try:
-            yield
-        finally:
-            for (_, p), s in zip(self.params, saved):
-                p.copy_(s)
-
-    def save(self, folder: Path) -> None:
-        from safetensors.torch import save_file
-
-        save_file({k: v.contiguous() for k, v in self.shadow.items()}, str(folder / "ema_teacher.safetensors"))
-
-    def load(self, folder: Path) -> None:
-        from safetensors.torch import load_file
-
-        state = load_file(str(folder / "ema_teacher.safetensors"))
-        if state.keys() != self.shadow.keys():
-            raise KeyError(f"{folder}/ema_teacher.safetensors does not match the trainable parameters")
-        for k, v in state.items():
-            self.shadow[k].copy_(v)
-
-
-# ------------------------------------------------------------------------------------------------
 # starting states
 # ------------------------------------------------------------------------------------------------
 def _prompts(cfg: DataConfig) -> list[str]:
@@ -311,7 +271,7 @@ def train(cfg: SelfNPOConfig) -> dict:
                          init=cfg.lora.init)
     else:
         net.to(torch.float32).requires_grad_(True)  # trainable master weights in fp32
-    teacher = EMATeacher([(n, p) for n, p in net.named_parameters() if p.requires_grad])
+    teacher = EMA(net, cfg.npo.ema_decay, name="ema_teacher")  # swapped into the student for teacher forwards
     levels = NoiseLevels(adapter, cfg.npo.num_levels)
 
     def save_all(model, folder):
@@ -344,19 +304,7 @@ def train(cfg: SelfNPOConfig) -> dict:
         "output": str(out_dir),
     })
 
-    val_reward = None
-    if cfg.validation.reward:
-        from imgalign.rewards import build_reward
-
-        val_reward = build_reward(cfg.validation.reward)
-
-    def validate(step: int) -> dict:
-        if not accelerator.is_main_process:
-            return {}
-        logs = run_validation(adapter, cfg.validation, cfg.data.resolution, out_dir, step, val_reward)
-        if logs:
-            accelerator.log(logs, step=step)
-        return logs
+    validate = make_validator(accelerator, adapter, cfg.validation, cfg.data.resolution, out_dir)
 
     if start_step == 0:
         validate(0)
@@ -384,7 +332,7 @@ def train(cfg: SelfNPOConfig) -> dict:
         micro += 1
         if not accelerator.sync_gradients:
             continue
-        teacher.update(n.ema_decay)
+        teacher.step(step)
         step += 1
         logs = {f"train/{k}": v for k, v in metrics.reduce(accelerator).items()}
         logs["train/lr"] = scheduler.get_last_lr()[0]
@@ -409,7 +357,7 @@ def train(cfg: SelfNPOConfig) -> dict:
     return {"steps": step, "history": history, "seconds": time.time() - t0, "output_dir": str(out_dir)}
 
 
-def _step(adapter, model, teacher: EMATeacher, levels: NoiseLevels, batch, gen, cfg: SelfNPOConfig, accelerator):
+def _step(adapter, model, teacher: EMA, levels: NoiseLevels, batch, gen, cfg: SelfNPOConfig, accelerator):
     """One micro-batch -> (mean loss, metrics)."""
     n = cfg.npo
     x0 = batch["latents"]  # [B, C, h, w]
@@ -440,7 +388,7 @@ def _step(adapter, model, teacher: EMATeacher, levels: NoiseLevels, batch, gen, 
         return pc + w * (pc - pu)
 
     # 3. truncated teacher rollout (no grad, EMA weights)
-    with torch.no_grad(), teacher.swapped_in(), accelerator.autocast():
+    with torch.no_grad(), teacher.swapped(), accelerator.autocast():
         for _ in range(n.rollout_steps):
             active = k > 0
             if not active.any():
