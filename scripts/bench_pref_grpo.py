@@ -2,7 +2,7 @@
 
     # (1) cost: a rollout that records log-probabilities vs a plain pipeline call at the same steps (goal <= 1.05x)
     python scripts/bench_pref_grpo.py cost --family sd15 --steps 10 --batch 4
-    python scripts/bench_pref_grpo.py cost --model assets/toy/sd3 --drop-t5 --resolution 32
+    python scripts/bench_pref_grpo.py cost --model assets/toy/sd3 --resolution 32
 
     # (2) toy evidence: Pref-GRPO (toy evaluator as the pairwise judge, win rates) vs pointwise GRPO on a hackable
     #     reward (toy score + a bonus for saturated colour); both judged by the held-out toy score on test prompts
@@ -38,7 +38,7 @@ def bench_cost(args) -> dict:
         from imgalign.models.tiny import save_tiny_pipeline
 
         model = str(save_tiny_pipeline(args.family, Path(tempfile.mkdtemp()) / args.family))
-    adapter = load_adapter(model, drop_t5=args.drop_t5)
+    adapter = load_adapter(model)
     adapter.denoiser.eval()
     sample = SampleConfig(num_steps=args.steps, guidance_scale=args.guidance, resolution=args.resolution,
                           batch_size=args.batch)
@@ -110,7 +110,7 @@ def evaluate(model_dir: str, lora_dir: str | None, prompts: list[str], args) -> 
     from imgalign.models.adapters import load_adapter
     from imgalign.rewards import build_reward
 
-    adapter = load_adapter(model_dir, drop_t5=args.drop_t5)
+    adapter = load_adapter(model_dir)
     if lora_dir:
         adapter.pipe.load_lora_weights(lora_dir)
     toy = build_reward("toy")
@@ -137,7 +137,7 @@ def train_run(name: str, args, overrides: list[str]) -> tuple[str, list[dict], f
 
     out = Path(args.out) / name
     cfg = load_config(pref_grpo.Config, ROOT / "configs/pref_grpo/toy.yaml", [
-        f"model.pretrained={args.model}", f"model.drop_t5={str(args.drop_t5).lower()}", f"run.output_dir={out}",
+        f"model.pretrained={args.model}", f"run.output_dir={out}",
         f"run.max_steps={args.iterations}", "run.checkpoint_every=0", "run.log_with=none", "run.progress=false",
         f"run.seed={args.seed}", "validation.prompts_file=null", "validation.num_inference_steps=1",
         f"sample.resolution={args.resolution}", f"optim.lr={args.lr}",
@@ -203,7 +203,6 @@ def main(argv=None) -> int:
     p.add_argument("--model", default=None, help="pipeline folder (default: a tiny --family pipeline for cost, "
                    "assets/toy/sd3 for toy)")
     p.add_argument("--family", default="sd15", help="tiny pipeline family for the cost benchmark without --model")
-    p.add_argument("--drop-t5", action="store_true", help="SD3 checkpoints without T5 (the toy SD3 model)")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=4)
     p.add_argument("--guidance", type=float, default=4.5)
