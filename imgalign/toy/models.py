@@ -8,7 +8,8 @@ Every model is a real transformers / diffusers class at toy width, so the toy pi
   width `TEXT_WIDTH`) with the real CLIP tokenizer (vocab 49408, ``model_max_length`` `TEXT_MAX_LENGTH`:
   toy prompts are at most 16 tokens). Its text tower is the text encoder of both pipelines.
 * VAE: `AutoencoderKL`, 32 px -> 4 x 16 x 16 latents (one downsampling), shared by both pipelines.
-* SD: `UNet2DConditionModel` (epsilon prediction, DDPM-trained, DDIM sampling).
+* SD: `UNet2DConditionModel` (cross-attention at both resolutions, v-prediction, DDPM-trained on Stable
+  Diffusion's scaled-linear schedule rescaled to zero terminal SNR, DDIM sampling).
 * SD3: `SD3Transformer2DModel` (rectified flow), both CLIP slots hold the toy text tower, no T5.
 
 The 49408 x `TEXT_WIDTH` token-embedding table dominates the size of every text encoder; keeping the
@@ -171,10 +172,14 @@ def build_sd3_transformer(seed: int = 0):
 def sd_scheduler():
     """DDIM for inference; the adapter derives the DDPM training schedule from the same config.
 
-    Stable Diffusion's own latent schedule (scaled_linear 0.00085 -> 0.012, final alpha_bar 0.0047), not
-    the pixel-space DDPM one (linear 1e-4 -> 0.02, final alpha_bar 4e-5): with the latter a third of all
-    timesteps have SNR < 0.01, where the epsilon target is ~x_t (tiny loss) but the implied x0 is off by
-    eps_error / sqrt(alpha_bar), so DDIM's first steps lay out noise."""
+    Stable Diffusion's latent schedule (scaled_linear 0.00085 -> 0.012) rescaled to zero terminal SNR, with
+    v-prediction (Lin et al. 2024, "Common diffusion noise schedules and sample steps are flawed"). With a
+    non-zero final alpha_bar the last training step still holds sqrt(alpha_bar_T) x0, which for these 16x16
+    latents is as large as the mean of the sampler's pure starting noise: the model reads the background from
+    the noise instead of the prompt. Epsilon prediction is undefined at zero SNR, hence v. (The first toy
+    build used the pixel-space DDPM schedule, linear 1e-4 -> 0.02, with epsilon: a third of its steps have
+    SNR < 0.01, where the epsilon loss is tiny but the implied x0 is off by eps_error / sqrt(alpha_bar), and
+    DDIM sampled noise textures.)"""
     from diffusers import DDIMScheduler
 
     return DDIMScheduler(
@@ -182,11 +187,12 @@ def sd_scheduler():
         beta_start=0.00085,
         beta_end=0.012,
         beta_schedule="scaled_linear",
+        rescale_betas_zero_snr=True,
         clip_sample=False,
         set_alpha_to_one=False,
         steps_offset=1,
         timestep_spacing="trailing",
-        prediction_type="epsilon",
+        prediction_type="v_prediction",
     )
 
 
