@@ -35,7 +35,7 @@ def test_manifest_records_measured_scores():
 def test_pipeline_loads_through_adapter_and_generates(name):
     from imgalign.models.adapters import load_adapter
 
-    adapter = load_adapter(str(ASSETS / name), drop_t5=True)  # the toy SD3 ships without T5
+    adapter = load_adapter(str(ASSETS / name))  # the toy SD3 ships without T5: detected from model_index.json
     assert adapter.family == name
     assert all(p.dtype == torch.float32 for p in adapter.denoiser.parameters())
     image = adapter.pipe("a red circle", num_inference_steps=2, guidance_scale=5.0, output_type="np",
