@@ -41,7 +41,7 @@ def online_rl_prompt_files() -> dict[str, Path]:
 def generate_toy_pairs(pipeline_dir: str | Path, prompts: list[str], out_path: str | Path, n_pairs: int,
                        num_inference_steps: int = 10, guidance_scale: float = 5.0, seed: int = 0,
                        label_noise: float = 0.0, lora: str | Path | None = None, batch_size: int = 32,
-                       device: str = "cpu") -> dict:
+                       device: str = "cpu", images_per_prompt: int = 2) -> dict:
     """Sample ``n_pairs`` preference pairs and write them as Pick-a-Pic parquet to ``out_path``.
 
     Args:
@@ -52,7 +52,10 @@ def generate_toy_pairs(pipeline_dir: str | Path, prompts: list[str], out_path: s
         seed: seeds the sampler noise (per batch) and the label noise; same seed, same file.
         label_noise: probability of flipping a decided label (ties stay ties).
         lora: optional folder with ``pytorch_lora_weights.safetensors`` to sample from a fine-tuned model.
-        batch_size: prompts per pipeline call (each call makes 2 images per prompt).
+        batch_size: prompts per pipeline call.
+        images_per_prompt: k images per prompt; the pair is the best and the worst of them by toy score (kept
+            in sampling order, so either may come first; a tie when all k score the same). k = 2 is a random pair;
+            larger k gives fewer ties and wider margins at k/2 times the sampling cost.
 
     Returns:
         stats: n_pairs, n_ties, n_flipped, mean score of jpg_0 / jpg_1, mean |score difference|, seconds.
@@ -63,6 +66,8 @@ def generate_toy_pairs(pipeline_dir: str | Path, prompts: list[str], out_path: s
 
     if not prompts:
         raise ValueError("generate_toy_pairs needs at least one prompt")
+    if images_per_prompt < 2:
+        raise ValueError(f"images_per_prompt must be at least 2 (a pair), got {images_per_prompt}")
     if not 0.0 <= label_noise <= 1.0:
         raise ValueError(f"label_noise must be a probability in [0, 1], got {label_noise}")
     start = time.time()
@@ -75,11 +80,15 @@ def generate_toy_pairs(pipeline_dir: str | Path, prompts: list[str], out_path: s
     for begin in range(0, n_pairs, batch_size):
         batch = [prompts[i % len(prompts)] for i in range(begin, min(begin + batch_size, n_pairs))]
         generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + begin)
-        images = pipe(batch, num_images_per_prompt=2, num_inference_steps=num_inference_steps,
+        k = images_per_prompt
+        images = pipe(batch, num_images_per_prompt=k, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, generator=generator, output_type="pil").images
-        for j, prompt in enumerate(batch):  # diffusers orders images prompt-major: p0 x2, p1 x2, ...
-            im_0, im_1 = images[2 * j], images[2 * j + 1]
-            s_0, s_1 = evaluate(im_0, prompt).score, evaluate(im_1, prompt).score
+        for j, prompt in enumerate(batch):  # diffusers orders images prompt-major: p0 x k, p1 x k, ...
+            group = images[k * j:k * (j + 1)]
+            group_scores = [evaluate(im, prompt).score for im in group]
+            best, worst = int(np.argmax(group_scores)), int(np.argmin(group_scores))
+            a, b = sorted((best, worst)) if best != worst else (0, 1)
+            im_0, im_1, s_0, s_1 = group[a], group[b], group_scores[a], group_scores[b]
             label = label_from_scores(s_0, s_1)
             if label == 0.5:
                 n_ties += 1
@@ -93,7 +102,8 @@ def generate_toy_pairs(pipeline_dir: str | Path, prompts: list[str], out_path: s
             "mean_score_0": float(s[:, 0].mean()), "mean_score_1": float(s[:, 1].mean()),
             "mean_abs_score_diff": float(np.abs(s[:, 0] - s[:, 1]).mean()),
             "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed,
-            "label_noise": label_noise, "seconds": round(time.time() - start, 1)}
+            "label_noise": label_noise, "images_per_prompt": images_per_prompt,
+            "seconds": round(time.time() - start, 1)}
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -110,9 +120,10 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--label-noise", type=float, default=0.0)
     p.add_argument("--lora", default=None)
     p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--images-per-prompt", type=int, default=2, help="pair the best and worst of k samples")
     a = p.parse_args(argv)
     stats = generate_toy_pairs(a.pipeline, load_prompts(a.prompts), a.out, a.n_pairs, a.steps, a.cfg, a.seed,
-                               a.label_noise, a.lora, a.batch_size)
+                               a.label_noise, a.lora, a.batch_size, images_per_prompt=a.images_per_prompt)
     print(json.dumps(stats, indent=2))
 
 

@@ -56,3 +56,23 @@ def test_online_rl_prompt_files_exist():
     files = online_rl_prompt_files()
     assert set(files) == {"train", "validation", "test"}
     assert all(path.exists() for path in files.values())
+
+
+def test_best_and_worst_of_k_images(tiny_pipelines, tmp_path, monkeypatch):
+    """k = 4 with scores 0.1, 0.9, 0.5, 0.3 per prompt: best is image 1, worst image 0, kept in sampling order
+    -> jpg_0 scores 0.1, jpg_1 0.9, label_0 = 0."""
+    from types import SimpleNamespace
+
+    import pyarrow.parquet as pq
+
+    from imgalign.toy import evaluator
+
+    cycle = iter([0.1, 0.9, 0.5, 0.3] * 3)
+    monkeypatch.setattr(evaluator, "evaluate", lambda image, prompt: SimpleNamespace(score=next(cycle)))
+    stats = generate_toy_pairs(tiny_pipelines("sd15"), PROMPTS, tmp_path / "k4.parquet", n_pairs=3,
+                               num_inference_steps=1, guidance_scale=1.0, images_per_prompt=4)
+    assert stats["n_ties"] == 0 and stats["mean_score_0"] == pytest.approx(0.1)
+    assert stats["mean_abs_score_diff"] == pytest.approx(0.8)
+    assert pq.read_table(tmp_path / "k4.parquet").column("label_0").to_pylist() == [0.0] * 3
+    with pytest.raises(ValueError, match="images_per_prompt must be at least 2"):
+        generate_toy_pairs(tiny_pipelines("sd15"), PROMPTS, tmp_path / "x.parquet", n_pairs=1, images_per_prompt=1)
