@@ -58,10 +58,12 @@ def load_model(cfg: ModelConfig, device, dtype: torch.dtype) -> ModelAdapter:
     return adapter
 
 
-def make_trainable(adapter: ModelAdapter, lora: LoraConfig, gradient_checkpointing: bool, weight_dtype: torch.dtype):
+def make_trainable(adapter: ModelAdapter, lora: LoraConfig, gradient_checkpointing: bool, weight_dtype: torch.dtype,
+                   reference: bool = True):
     """LoRA (reference = adapter disabled, no second copy) or full fine-tuning (reference = frozen copy).
 
-    Returns the reference network for full fine-tuning, or None for LoRA.
+    Returns the reference network for full fine-tuning, or None for LoRA or when `reference=False` (a recipe
+    that never evaluates the reference need not hold a second copy).
     """
     net = adapter.denoiser
     if gradient_checkpointing:
@@ -69,13 +71,13 @@ def make_trainable(adapter: ModelAdapter, lora: LoraConfig, gradient_checkpointi
     if lora.enabled:
         adapter.add_lora(rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules, init=lora.init)
         return None
-    reference = copy.deepcopy(net).to(weight_dtype).requires_grad_(False).eval()
+    frozen = copy.deepcopy(net).to(weight_dtype).requires_grad_(False).eval() if reference else None
     net.to(torch.float32).requires_grad_(True)  # trainable master weights in fp32
-    if lora.ref_cpu_offload and net.device.type != "cpu":
+    if frozen is not None and lora.ref_cpu_offload and net.device.type != "cpu":
         from accelerate import cpu_offload
 
-        reference = cpu_offload(reference.to("cpu"), execution_device=net.device)
-    return reference
+        frozen = cpu_offload(frozen.to("cpu"), execution_device=net.device)
+    return frozen
 
 
 def save_weights(adapter: ModelAdapter, model, folder: Path, lora: bool) -> None:

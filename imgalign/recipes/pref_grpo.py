@@ -372,7 +372,7 @@ def train(cfg: PrefGRPOConfig) -> dict:
 
     # ---- model, trainable part, reference, sampler, rewards --------------------------------------
     adapter = load_model(cfg.model, accelerator.device, dtype)
-    reference = make_trainable(adapter, cfg.lora, run.gradient_checkpointing, dtype)
+    reference = make_trainable(adapter, cfg.lora, run.gradient_checkpointing, dtype, reference=tcfg.beta > 0)
     use_lora = cfg.lora.enabled
     sampler = make_sampler(adapter, sample)
     specs, rewards = build_reward_list(cfg.reward, accelerator.device)
@@ -412,7 +412,8 @@ def train(cfg: PrefGRPOConfig) -> dict:
     banner(accelerator, "imgalign pref-grpo", {
         "model": f"{cfg.model.pretrained} ({adapter.family}, {adapter.prediction_type})",
         "trainable": f"{trainable:,} of {total:,} params ({f'LoRA r={cfg.lora.rank}' if use_lora else 'full'})",
-        "reference": "same network, adapter disabled" if use_lora else "frozen copy",
+        "reference": "none (train.beta = 0)" if tcfg.beta == 0 else
+                     "same network, adapter disabled" if use_lora else "frozen copy",
         "sampler": f"{type(sampler).__name__}({getattr(sampler, 'method', 'ddim')}), {sampler.num_steps} steps, "
                    f"CFG {sample.guidance_scale:g}" + (f", SDE window {sample.sde_window_size}" if sample.sde_window_size else ""),
         "reward": f"{cfg.reward.mode}: {', '.join(map(str, specs))} ({cfg.reward.combine})",

@@ -42,6 +42,7 @@ from imgalign.recipes.common import (
     ValidationConfig,
     load_model,
     load_weights,
+    make_trainable,
     make_validator,
     save_weights,
 )
@@ -263,14 +264,8 @@ def train(cfg: SelfNPOConfig) -> dict:
     adapter = load_model(cfg.model, accelerator.device, dtype)
     latents, prompts = starting_states(adapter, cfg, out_dir, accelerator.is_main_process, accelerator)
 
+    make_trainable(adapter, cfg.lora, run.gradient_checkpointing, dtype, reference=False)  # the teacher is an EMA
     net, use_lora = adapter.denoiser, cfg.lora.enabled
-    if run.gradient_checkpointing:
-        net.enable_gradient_checkpointing()
-    if use_lora:
-        adapter.add_lora(rank=cfg.lora.rank, alpha=cfg.lora.alpha, target_modules=cfg.lora.target_modules,
-                         init=cfg.lora.init)
-    else:
-        net.to(torch.float32).requires_grad_(True)  # trainable master weights in fp32
     teacher = EMA(net, cfg.npo.ema_decay, name="ema_teacher")  # swapped into the student for teacher forwards
     levels = NoiseLevels(adapter, cfg.npo.num_levels)
 

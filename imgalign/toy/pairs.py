@@ -1,7 +1,8 @@
 """Toy preference data: Pick-a-Pic-layout pairs sampled from a base pipeline and labelled by the toy evaluator.
 
-For each prompt we sample two images from the pipeline (same prompt, different noise), score both with the
-toy evaluator's dense criterion fraction (`ToyScore.score`) and label the pair like Pick-a-Pic:
+For each prompt we sample two images (or k, keeping the best and the worst) from the pipeline (same prompt,
+different noise), score them with the toy evaluator's dense criterion fraction (`ToyScore.score`) and label
+the pair like Pick-a-Pic:
 ``label_0 = 1`` if jpg_0 scores higher, ``0`` if jpg_1 does, ``0.5`` on a tie. An optional label-noise
 probability flips decided labels, to simulate noisy human raters. The result is a parquet file that
 `imgalign.data.load_preference_pairs` reads (ties are dropped there unless ``keep_ties=True``).
