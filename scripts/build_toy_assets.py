@@ -69,6 +69,25 @@ def lr_lambda(steps: int, warmup: int):
     return lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
 
 
+def kind_row_weights(prompts: list[str], index: np.ndarray, spec: str) -> torch.Tensor:
+    """Per-image sampling weights so that each prompt kind gets the batch share given by ``spec``
+    ("single=0.3,count=0.25,pair=0.25,relation=0.2"; kinds left out get 0). The prompt sets hold few
+    single-object prompts (144 exist), so uniform sampling would show the model almost no single objects."""
+    from imgalign.toy.grammar import parse
+
+    shares = {k.strip(): float(v) for k, v in (item.split("=") for item in spec.split(",") if item.strip())}
+    kinds = np.array([parse(p).kind for p in prompts])[index]
+    unknown = set(shares) - set(kinds)
+    if unknown:
+        raise ValueError(f"--kind-weights names kinds {sorted(unknown)} that the train prompts do not have; "
+                         f"kinds are {sorted(set(kinds))}")
+    weights = np.zeros(len(index))
+    for kind, share in shares.items():
+        mask = kinds == kind
+        weights[mask] = share / mask.sum()
+    return torch.from_numpy(weights)
+
+
 def seed_all(seed: int) -> None:
     torch.manual_seed(seed)
     np.random.seed(seed)
@@ -185,6 +204,7 @@ def _train_denoiser(name: str, pipe, args, steps: int, batch: int, lr: float, se
         n_clip = M.TEXT_MAX_LENGTH
         cond["encoder_hidden_states"] = cond["encoder_hidden_states"][:, :n_clip]
         uncond["encoder_hidden_states"] = uncond["encoder_hidden_states"][:, :n_clip]
+    row_weights = kind_row_weights(prompts, index, args.kind_weights)
     index = torch.from_numpy(index)
     model = adapter.denoiser
     model.train().requires_grad_(True)
@@ -196,7 +216,7 @@ def _train_denoiser(name: str, pipe, args, steps: int, batch: int, lr: float, se
     start, done, ema_loss = time.time(), 0, None
     bar = tqdm(range(steps), desc=name)
     for step in bar:
-        rows = torch.randint(0, len(latents), (batch,), generator=gen)
+        rows = torch.multinomial(row_weights, batch, replacement=True, generator=gen)
         x0 = latents[rows]
         drop = torch.rand(batch, generator=gen) < args.prompt_dropout
         c = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), uncond[k].expand_as(v[index[rows]]), v[index[rows]])
@@ -230,6 +250,7 @@ def _train_denoiser(name: str, pipe, args, steps: int, batch: int, lr: float, se
     out = ASSETS / name
     M.save_pipeline(adapter.pipe, out)
     return {"steps": done, "batch_size": batch, "lr": lr, "seed": seed, "prompt_dropout": args.prompt_dropout,
+            "kind_weights": args.kind_weights,
             "ema_decay": args.ema_decay, "prediction_type": adapter.prediction_type,
             "final_loss_ema": ema_loss, "seconds": round(time.time() - start, 1), "storage_dtype": "float16",
             "train_images": len(latents), "size_mb": round(M.file_size_mb(out), 2)}
@@ -335,6 +356,7 @@ def stage_subjects(args) -> None:
 
 
 def main(argv=None) -> None:
+    global ASSETS
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--only", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}")
     p.add_argument("--seed", type=int, default=0)
@@ -350,6 +372,9 @@ def main(argv=None) -> None:
     p.add_argument("--vae-kl", type=float, default=1e-4)
     p.add_argument("--renders-per-prompt", type=int, default=8)
     p.add_argument("--prompt-dropout", type=float, default=0.1)
+    p.add_argument("--kind-weights", default="single=0.3,count=0.25,pair=0.25,relation=0.2",
+                   help="sd/sd3: share of each prompt kind in a training batch")
+    p.add_argument("--assets", default=str(ASSETS), help="where the assets are read and written")
     p.add_argument("--ema-decay", type=float, default=0.998, help="EMA of the sd/sd3 weights (what is saved)")
     p.add_argument("--sd-steps", type=int, default=2000)
     p.add_argument("--sd-batch", type=int, default=32)
@@ -363,6 +388,7 @@ def main(argv=None) -> None:
     p.add_argument("--eval-steps", type=int, default=25)
     p.add_argument("--eval-cfg", type=float, default=5.0)
     args = p.parse_args(argv)
+    ASSETS = Path(args.assets)
     stages = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(stages) - set(STAGES)
     if unknown:

@@ -31,6 +31,10 @@ KL to the reference (closed form between two Gaussians of equal variance var):
     "gaussian" form: var = the step's variance std^2 (the true KL of the transition)
     "flow_grpo" form: var = std^2 / dt (Flow-GRPO drops dt from the denominator: KL_true * dt; issue #22)
 
+Per-prompt reward history (DDPO's stat tracker): each prompt string keeps its last `buffer_size` rewards across
+iterations; a prompt with fewer than `min_count` stored rewards is normalised with the current batch's mean/std,
+otherwise with its history's:  A_i = (r_i - mean_hist(prompt_i)) / (std_hist(prompt_i) + eps).
+
 RatioNorm (GRPO-Guard, arXiv 2510.22319; as in Pref-GRPO's `--rationorm`): with s the step std,
 
     log rho_norm = (log pi_theta - log pi_old + mean_elements (mu_theta - mu_old)^2 / (2 s^2)) * s
@@ -51,6 +55,7 @@ StdMode = Literal["group", "global"]
 CombineOrder = Literal["normalize_then_weight", "weight_then_normalize"]
 
 __all__ = [
+    "PromptStatTracker",
     "SurrogateOutput",
     "clipped_surrogate",
     "combine_advantages",
@@ -95,8 +100,7 @@ def group_advantages(
     if std == "group":
         scale = group_std
     elif std == "global":
-        r = rewards.double()
-        scale = r.std(unbiased=unbiased) if r.numel() > 1 else torch.zeros((), dtype=r.dtype)
+        scale = _std(rewards.double(), unbiased)
     else:
         raise ValueError(f"std must be 'group' or 'global', got {std!r}")
     return ((rewards.double() - mean) / (scale + eps)).float()
@@ -130,6 +134,49 @@ def combine_advantages(
     if order == "weight_then_normalize":
         return group_advantages((w[:, None] * rewards.double()).sum(0).float(), groups, **kw)
     raise ValueError(f"order must be 'normalize_then_weight' or 'weight_then_normalize', got {order!r}")
+
+
+class PromptStatTracker:
+    """DDPO's per-prompt reward history (ddpo_pytorch/stat_tracking.py; defaults 16/16, aesthetic 32/16).
+
+    The only stateful piece here: it holds plain Python lists, so `state_dict()` is JSON-serialisable and a
+    resumed run continues with the same history.
+    """
+
+    def __init__(self, buffer_size: int, min_count: int, *, eps: float = 1e-6, unbiased: bool = False):
+        if buffer_size < 1 or min_count < 1:
+            raise ValueError(f"buffer_size and min_count must be >= 1, got {buffer_size} and {min_count}")
+        self.buffer_size, self.min_count, self.eps, self.unbiased = buffer_size, min_count, eps, unbiased
+        self.history: dict[str, list[float]] = {}
+
+    def update(self, prompts: list[str], rewards: Tensor) -> Tensor:
+        """Add this iteration's rewards [N] (prompt i's reward is rewards[i]) and return the advantages [N] fp32."""
+        rewards = torch.as_tensor(rewards, dtype=torch.float64).reshape(-1)
+        if len(prompts) != rewards.numel():
+            raise ValueError(f"got {len(prompts)} prompts for {rewards.numel()} rewards")
+        batch_mean, batch_std = rewards.mean(), _std(rewards, self.unbiased)
+        adv = torch.empty_like(rewards)
+        for prompt in dict.fromkeys(prompts):
+            rows = torch.tensor([p == prompt for p in prompts])
+            hist = (self.history.get(prompt, []) + rewards[rows].tolist())[-self.buffer_size:]
+            self.history[prompt] = hist
+            if len(hist) < self.min_count:
+                mean, std = batch_mean, batch_std
+            else:
+                h = torch.tensor(hist, dtype=torch.float64)
+                mean, std = h.mean(), _std(h, self.unbiased)
+            adv[rows] = (rewards[rows] - mean) / (std + self.eps)
+        return adv.float()
+
+    def state_dict(self) -> dict:
+        return {"buffer_size": self.buffer_size, "min_count": self.min_count, "history": self.history}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.history = {k: list(map(float, v)) for k, v in state["history"].items()}
+
+
+def _std(values: Tensor, unbiased: bool) -> Tensor:
+    return values.std(unbiased=unbiased) if values.numel() > 1 else torch.zeros((), dtype=values.dtype)
 
 
 def zero_std_groups(rewards: Tensor, groups: Tensor) -> Tensor:

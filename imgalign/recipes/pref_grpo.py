@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +39,7 @@ import torch
 
 from imgalign.config import cfg_field, save_run_info
 from imgalign.losses.policy import (
+    PromptStatTracker,
     clipped_surrogate,
     combine_advantages,
     gaussian_mean_kl,
@@ -119,7 +121,12 @@ class AdvantageConfig:
     eps: float = cfg_field(1e-4, "added to the std")
     unbiased: bool = cfg_field(False, "std with n - 1 (torch, Pref-GRPO) instead of n (numpy, Flow-GRPO)")
     clip_max: float = cfg_field(5.0, "advantages clamped to [-clip_max, clip_max]")
-    filter_zero_std: bool = cfg_field(True, "drop the samples of groups whose rewards are all equal")
+    filter_zero_std: bool = cfg_field(True, "drop the samples of groups whose rewards are all equal (not with "
+                                      "buffer_size: a constant group can still differ from its prompt's history)")
+    buffer_size: int = cfg_field(0, "DDPO per-prompt stat tracking: keep each prompt's last N rewards across "
+                                 "iterations and normalise with their mean/std (DDPO 16 or 32; several rewards are weighted, then "
+                                 "normalised); 0: current groups only")
+    min_count: int = cfg_field(16, "with buffer_size: fewer stored rewards than this -> the batch's mean/std")
 
 
 @dataclass
@@ -389,16 +396,23 @@ def train(cfg: PrefGRPOConfig) -> dict:
     opt_steps = run.max_steps * tcfg.num_inner_epochs * tcfg.updates_per_iteration
     optimizer, scheduler = make_optimizer(adapter.denoiser.parameters(), cfg.optim, opt_steps, world)
     ema = EMA(adapter.denoiser, tcfg.ema_decay, tcfg.ema_every) if tcfg.ema_decay > 0 else None
+    acfg = cfg.advantage
+    tracker = PromptStatTracker(acfg.buffer_size, acfg.min_count, eps=acfg.eps, unbiased=acfg.unbiased) \
+        if acfg.buffer_size > 0 else None
 
     def save_all(m, folder):
         save_weights(adapter, m, folder, use_lora)
         if ema is not None:
             ema.save(folder)
+        if tracker is not None:
+            (Path(folder) / "prompt_stats.json").write_text(json.dumps(tracker.state_dict()))
 
     def load_all(m, folder):
         load_weights(adapter, m, folder, use_lora)
         if ema is not None:
             ema.load(folder)
+        if tracker is not None:
+            tracker.load_state_dict(json.loads((Path(folder) / "prompt_stats.json").read_text()))
 
     register_weight_hooks(accelerator, save_all, load_all)
     model, optimizer, scheduler = accelerator.prepare(adapter.denoiser, optimizer, scheduler)
@@ -439,7 +453,7 @@ def train(cfg: PrefGRPOConfig) -> dict:
     it = start
     while it < run.max_steps:
         logs, opt_step = _iteration(it, opt_step, cfg, adapter, model, reference, sampler, specs, rewards, weights,
-                                    all_prompts, optimizer, scheduler, ema, accelerator, out_dir)
+                                    all_prompts, optimizer, scheduler, ema, accelerator, out_dir, tracker)
         it += 1
         history.append({"step": it, **logs})
         if it % run.log_every == 0:
@@ -477,7 +491,7 @@ def _candidate_steps(num_steps: int, window, tcfg: TrainConfig) -> list[int]:
 
 
 def _iteration(it, opt_step, cfg, adapter, model, reference, sampler, specs, rewards, weights, all_prompts,
-               optimizer, scheduler, ema, accelerator, out_dir):
+               optimizer, scheduler, ema, accelerator, out_dir, tracker=None):
     """Rollout, rewards, advantages and the policy update of one iteration -> (logs, optimizer step)."""
     sample, tcfg, acfg = cfg.sample, cfg.train, cfg.advantage
     world, rank = accelerator.num_processes, accelerator.process_index
@@ -517,11 +531,16 @@ def _iteration(it, opt_step, cfg, adapter, model, reference, sampler, specs, rew
     all_groups = accelerator.gather(groups.to(accelerator.device)).cpu()
 
     # ---- 4. advantages ---------------------------------------------------------------------------------
-    adv = combine_advantages(values, weights, all_groups, order=cfg.reward.combine, std=acfg.std, eps=acfg.eps,
-                             unbiased=acfg.unbiased)
+    if tracker is not None:  # DDPO: normalise with each prompt's reward history
+        combined = (torch.as_tensor(weights, dtype=torch.float64)[:, None] * values.double()).sum(0)
+        adv = tracker.update([all_prompts[chosen[g]] for g, _ in flat], combined)
+    else:
+        adv = combine_advantages(values, weights, all_groups, order=cfg.reward.combine, std=acfg.std,
+                                 eps=acfg.eps, unbiased=acfg.unbiased)
     zero = zero_std_groups(values, all_groups)
-    adv = torch.where(zero, torch.zeros_like(adv), adv)
-    keep = ~zero if acfg.filter_zero_std else torch.ones_like(zero)
+    if tracker is None:  # with a reward history, a constant group still differs from its prompt's past
+        adv = torch.where(zero, torch.zeros_like(adv), adv)
+    keep = ~zero if acfg.filter_zero_std and tracker is None else torch.ones_like(zero)
     adv_local = adv[rank * n_local:(rank + 1) * n_local].to(accelerator.device)
     keep_local = keep[rank * n_local:(rank + 1) * n_local].to(accelerator.device)
 

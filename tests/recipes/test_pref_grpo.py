@@ -6,6 +6,7 @@ as a pairwise reward through its win rates. The toy evaluator scores 0 on every 
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -43,8 +44,9 @@ def lora_weights(folder: Path) -> dict[str, torch.Tensor]:
 FAMILY_OPTIONS = {
     # Pref-GRPO win rates with DDIM (eta 1); random per-sample steps (DDPO / Pref-GRPO style)
     "sd15": ("train.timestep_order=random", "train.beta=0.04"),
-    # DDPO: pointwise reward, DDIM, two optimizer steps per iteration
-    "sdxl": ("reward.mode=pointwise", "train.updates_per_iteration=2", "sample.batch_size=1"),
+    # DDPO: pointwise reward, DDIM, two optimizer steps per iteration, per-prompt reward history
+    "sdxl": ("reward.mode=pointwise", "train.updates_per_iteration=2", "sample.batch_size=1",
+             "advantage.buffer_size=4", "advantage.min_count=2"),
     # Flow-GRPO: pointwise, global std, KL in Flow-GRPO's form, EMA
     "sd3": ("reward.mode=pointwise", "advantage.std=global", "train.beta=0.04", "train.ema_decay=0.9",
             "train.ema_every=1"),
@@ -100,11 +102,14 @@ def test_iterations_train_lora_log_and_checkpoint(family, tiny_pipelines, tmp_pa
 
 
 def test_kill_and_resume_equals_uninterrupted(tiny_pipelines, tmp_path, monkeypatch):
-    """sd3 with EMA, KL and a cosine schedule: killed in iteration 3 after checkpoint-2, resumed from latest."""
+    """sd3 with EMA, KL, a cosine schedule and DDPO's per-prompt reward history over 2 prompts (so the history is
+    used from iteration 2 on and a lost history changes the advantages): killed in iteration 3 after
+    checkpoint-2, resumed from latest."""
     pipe = tiny_pipelines("sd3")
     extra = ("run.max_steps=4", "run.checkpoint_every=2", "run.keep_last=0", "optim.lr_scheduler=cosine",
              "optim.warmup_steps=1", "train.ema_decay=0.5", "train.ema_every=1", "train.beta=0.01",
-             "train.timestep_order=random", "sample.batch_size=1", "train.updates_per_iteration=2")
+             "train.timestep_order=random", "sample.batch_size=1", "train.updates_per_iteration=2",
+             "reward.mode=pointwise", "data.max_prompts=2", "advantage.buffer_size=8", "advantage.min_count=3")
     full = pref_grpo.train(make_cfg(pipe, tmp_path / "full", *extra))
 
     real, calls = pref_grpo._iteration, {"n": 0}
@@ -120,6 +125,8 @@ def test_kill_and_resume_equals_uninterrupted(tiny_pipelines, tmp_path, monkeypa
         pref_grpo.train(make_cfg(pipe, tmp_path / "killed", *extra))
     monkeypatch.setattr(pref_grpo, "_iteration", real)
     assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == ["checkpoint-2"]
+    stats = json.loads(next((tmp_path / "killed" / "checkpoint-2").rglob("prompt_stats.json")).read_text())
+    assert sorted(map(len, stats["history"].values())) == [4, 4]  # 2 iterations x 2 images of each prompt
 
     resumed = pref_grpo.train(make_cfg(pipe, tmp_path / "killed", *extra, "run.resume_from=latest"))
     assert [h["step"] for h in resumed["history"]] == [3, 4]

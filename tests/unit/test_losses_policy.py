@@ -1,11 +1,13 @@
 """Policy losses of online RL (imgalign.losses.policy), with values computed by hand in each docstring."""
 
+import json
 import math
 
 import pytest
 import torch
 
 from imgalign.losses.policy import (
+    PromptStatTracker,
     clipped_surrogate,
     combine_advantages,
     gaussian_mean_kl,
@@ -144,3 +146,34 @@ def test_gaussian_mean_kl_true_and_flow_grpo_forms():
 
     kl = kl_divergence(Normal(mean, 0.2), Normal(ref, 0.2)).mean()
     assert gaussian_mean_kl(mean, ref, torch.tensor([0.04])).item() == pytest.approx(kl.item())
+
+
+def test_prompt_stat_tracker_batch_stats_until_min_count_then_history():
+    """Hand-computed: buffer 3, min_count 2, biased std, eps 0."""
+    tr = PromptStatTracker(buffer_size=3, min_count=2, eps=0.0)
+    # iteration 1: "a" has one reward (< 2) -> batch stats of [1, 3, 5]: mean 3, std sqrt(8/3)
+    # "b" has two rewards [3, 5] -> its own history: mean 4, std 1
+    adv = tr.update(["a", "b", "b"], torch.tensor([1.0, 3.0, 5.0]))
+    s = math.sqrt(8 / 3)
+    torch.testing.assert_close(adv, torch.tensor([(1 - 3) / s, -1.0, 1.0]))
+    # iteration 2: "a" history [1, 7] -> mean 4, std 3; "b" history keeps the last 3: [3, 5, 2] -> mean 10/3
+    adv = tr.update(["a", "b"], torch.tensor([7.0, 2.0]))
+    std_b = math.sqrt(((3 - 10 / 3) ** 2 + (5 - 10 / 3) ** 2 + (2 - 10 / 3) ** 2) / 3)
+    torch.testing.assert_close(adv, torch.tensor([1.0, (2 - 10 / 3) / std_b]))
+    assert tr.history == {"a": [1.0, 7.0], "b": [3.0, 5.0, 2.0]}
+    # a constant current group still gets a signed advantage from its history (group advantages give 0)
+    adv = tr.update(["b", "b"], torch.tensor([9.0, 9.0]))
+    assert (adv > 0).all()
+    assert group_advantages(torch.tensor([9.0, 9.0]), torch.tensor([0, 0])).abs().max() == 0
+
+
+def test_prompt_stat_tracker_state_round_trip_and_errors():
+    tr = PromptStatTracker(4, 1)
+    tr.update(["x", "y"], torch.tensor([0.5, 1.0]))
+    other = PromptStatTracker(4, 1)
+    other.load_state_dict(json.loads(json.dumps(tr.state_dict())))
+    torch.testing.assert_close(other.update(["x"], torch.tensor([2.0])), tr.update(["x"], torch.tensor([2.0])))
+    with pytest.raises(ValueError, match="2 prompts for 3 rewards"):
+        tr.update(["x", "y"], torch.zeros(3))
+    with pytest.raises(ValueError, match="buffer_size"):
+        PromptStatTracker(0, 1)
