@@ -21,6 +21,7 @@ Without the shipped toy model (a checkout that has not built it), the fallback:
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -89,7 +90,24 @@ def _plot_toy(history: list[dict], validation: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def run_toy_demo(out: Path, steps: int) -> int:
+@dataclass
+class ToyDemoSettings:
+    """What `imgalign demo` runs on the shipped toy model (measured: see README)."""
+
+    pairs: int = 512  # preference pairs sampled from the base model (one per training prompt, in file order)
+    images_per_pair: int = 2  # k samples per prompt, the pair is the best and the worst (k = 2: a random pair)
+    sampler_steps: int = 20  # DDIM steps for pairs, validation and the before/after benchmark
+    cfg: float = 5.0
+    dpo_steps: int = 200
+    batch_size: int = 16
+    lr: float = 1e-3
+    beta: float = 5000.0
+    rank: int = 8
+    eval_images_per_prompt: int = 1  # images per held-out test prompt in the before/after benchmark
+    pipeline: str = str(TOY_PIPELINE)
+
+
+def run_toy_demo(out: Path, settings: ToyDemoSettings | None = None) -> int:
     from imgalign.config import load_config
     from imgalign.eval.toy_bench import generate_and_score, load_pipeline
     from imgalign.recipes import diffusion_dpo
@@ -97,35 +115,39 @@ def run_toy_demo(out: Path, steps: int) -> int:
     from imgalign.toy.prompts import PROMPT_DIR, load_prompts
     from imgalign.train.setup import image_grid
 
+    st = settings or ToyDemoSettings()
     train_prompts = load_prompts(PROMPT_DIR / "train.txt")
     test_prompts = load_prompts(PROMPT_DIR / "test.txt")
-    sampling = dict(num_inference_steps=DEMO_STEPS, guidance_scale=DEMO_CFG)
-    print(f"[demo] sampling toy preference pairs from {TOY_PIPELINE}", flush=True)
-    stats = generate_toy_pairs(TOY_PIPELINE, train_prompts, out / "pairs_train.parquet", n_pairs=DEMO_PAIRS, seed=1,
-                               **sampling)
+    sampling = dict(num_inference_steps=st.sampler_steps, guidance_scale=st.cfg)
+    print(f"[demo] sampling toy preference pairs from {st.pipeline}", flush=True)
+    stats = generate_toy_pairs(st.pipeline, train_prompts, out / "pairs_train.parquet", n_pairs=st.pairs, seed=1,
+                               images_per_prompt=st.images_per_pair, **sampling)
     print(f"[demo] {stats['n_pairs']} pairs, {stats['n_ties']} ties (dropped), {stats['seconds']:.0f} s", flush=True)
 
     def bench(lora=None):
-        return generate_and_score(load_pipeline(str(TOY_PIPELINE), lora), test_prompts, seed=7, **sampling)
+        return generate_and_score(load_pipeline(st.pipeline, lora), test_prompts, st.eval_images_per_prompt,
+                                  seed=7, **sampling)
 
     before = bench()
     (out / "val_prompts.txt").write_text("\n".join(load_prompts(PROMPT_DIR / "validation.txt")[:48]) + "\n")
     cfg = load_config(diffusion_dpo.Config, None, [
-        f"model.pretrained={TOY_PIPELINE}", f"data.source={out / 'pairs_train.parquet'}", "data.resolution=32",
-        "data.hflip=false", "data.cache_latents=true", f"run.output_dir={out / 'dpo'}", f"run.max_steps={steps}",
-        "run.batch_size=16", "run.checkpoint_every=0", "run.keep_last=1", f"optim.lr={DEMO_LR}",
-        "optim.lr_scheduler=constant", "lora.rank=8", f"loss.beta={DEMO_BETA}", f"validation.every={max(steps // 4, 1)}",
-        f"validation.prompts_file={out / 'val_prompts.txt'}", "validation.images_per_prompt=1", "validation.reward=toy",
-        f"validation.num_inference_steps={DEMO_STEPS}", f"validation.guidance_scale={DEMO_CFG}",
+        f"model.pretrained={st.pipeline}", f"data.source={out / 'pairs_train.parquet'}", "data.resolution=32",
+        "data.hflip=false", "data.cache_latents=true", f"run.output_dir={out / 'dpo'}", f"run.max_steps={st.dpo_steps}",
+        f"run.batch_size={st.batch_size}", "run.checkpoint_every=0", "run.keep_last=1", f"optim.lr={st.lr}",
+        "optim.lr_scheduler=constant", f"lora.rank={st.rank}", f"loss.beta={st.beta}",
+        f"validation.every={max(st.dpo_steps // 4, 1)}", f"validation.prompts_file={out / 'val_prompts.txt'}",
+        "validation.images_per_prompt=1", "validation.reward=toy", f"validation.num_inference_steps={st.sampler_steps}",
+        f"validation.guidance_scale={st.cfg}",
     ])
     result = diffusion_dpo.train(cfg)
     after = bench(out / "dpo")
 
     diff = bootstrap_ci(after.values("score") - before.values("score"))
     lines = ["", "== imgalign demo: Diffusion-DPO on the toy world ==",
-             f"base model {TOY_PIPELINE}; {stats['n_pairs'] - stats['n_ties']} evaluator-labelled pairs; "
-             f"{result['steps']} DPO steps in {result['seconds']:.0f} s",
-             f"held-out test prompts: {len(test_prompts)}, same seeds before and after, {DEMO_STEPS} steps, CFG {DEMO_CFG}",
+             f"base model {st.pipeline}; {stats['n_pairs'] - stats['n_ties']} evaluator-labelled pairs "
+             f"(best vs worst of {st.images_per_pair}); {result['steps']} DPO steps in {result['seconds']:.0f} s",
+             f"held-out test prompts: {len(test_prompts)} x {st.eval_images_per_prompt} images, same seeds before and "
+             f"after, {st.sampler_steps} steps, CFG {st.cfg}",
              f"{'criterion':<12}{'before':>24}{'after':>24}"]
     for name, (m, lo, hi, _) in before.summary.items():
         m2, lo2, hi2, _ = after.summary[name]
@@ -141,10 +163,6 @@ def run_toy_demo(out: Path, steps: int) -> int:
     return 0
 
 
-# demo settings for the shipped toy model (measured: see README)
-DEMO_PAIRS, DEMO_STEPS, DEMO_CFG, DEMO_LR, DEMO_BETA = 512, 20, 5.0, 1e-3, 5000.0
-
-
 def run_demo(args) -> int:
     from imgalign.config import load_config
     from imgalign.data import PairTransform, collate_pairs, load_preference_pairs, write_preference_parquet
@@ -155,7 +173,7 @@ def run_demo(args) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if (TOY_PIPELINE / "model_index.json").is_file() and not args.tiny:
-        return run_toy_demo(out, args.steps or 200)
+        return run_toy_demo(out, ToyDemoSettings(**({"dpo_steps": args.steps} if args.steps else {})))
     steps = args.steps or 150
     print(f"[demo] building a tiny SD pipeline and toy preference pairs in {out}", flush=True)
     base = save_tiny_pipeline("sd15", out / "base_pipeline", seed=0)

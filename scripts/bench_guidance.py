@@ -115,11 +115,11 @@ def _score(pipe, prompts, args, guidance=None):
     from imgalign.eval.toy_bench import generate_and_score
 
     if guidance is None:
-        return generate_and_score(pipe, prompts, num_inference_steps=args.steps, guidance_scale=args.cfg,
-                                  seed=7, progress=False)
+        return generate_and_score(pipe, prompts, args.images_per_prompt, num_inference_steps=args.steps,
+                                  guidance_scale=args.cfg, seed=7, progress=False)
     with apply_guidance(pipe, guidance):
-        return generate_and_score(pipe, prompts, num_inference_steps=args.steps, guidance_scale=args.cfg,
-                                  seed=7, progress=False)
+        return generate_and_score(pipe, prompts, args.images_per_prompt, num_inference_steps=args.steps,
+                                  guidance_scale=args.cfg, seed=7, progress=False)
 
 
 def _fmt(mean_lo_hi) -> str:
@@ -145,7 +145,7 @@ def toy(args) -> dict:
     t0 = time.time()
 
     # 1. the aligned model: a quick Diffusion-DPO LoRA on evaluator-labelled self-sampled pairs
-    dpo_dir = out / "dpo"
+    dpo_dir = Path(args.aligned) if args.aligned else out / "dpo"
     if not (dpo_dir / "pytorch_lora_weights.safetensors").is_file():
         stats = generate_toy_pairs(model, train_prompts, out / "pairs.parquet", n_pairs=args.pairs, seed=1,
                                    num_inference_steps=args.steps, guidance_scale=args.cfg)
@@ -220,9 +220,12 @@ def main(argv=None):
     t = sub.add_parser("toy")
     t.add_argument("--model", default=None)
     t.add_argument("--out", default="outputs/bench_guidance")
+    t.add_argument("--aligned", default=None, help="an aligned LoRA folder (e.g. the demo's outputs/demo/dpo); "
+                   "default: train a quick Diffusion-DPO LoRA")
     t.add_argument("--pairs", type=int, default=256)
     t.add_argument("--dpo-steps", type=int, default=40)
     t.add_argument("--prompts", type=int, default=200)
+    t.add_argument("--images-per-prompt", type=int, default=1)
     t.add_argument("--steps", type=int, default=20)
     t.add_argument("--cfg", type=float, default=5.0)
     t.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0])

@@ -142,7 +142,7 @@ def train_run(name: str, args, overrides: list[str]) -> tuple[str, list[dict], f
         f"run.seed={args.seed}", "validation.prompts_file=null", "validation.num_inference_steps=1",
         f"sample.resolution={args.resolution}", f"optim.lr={args.lr}",
         f"sample.groups_per_iteration={args.groups}", f"sample.group_size={args.group_size}",
-        f"sample.batch_size={args.group_size}", *overrides,
+        f"sample.batch_size={args.group_size}", *overrides, *args.set,
     ])
     t0 = time.time()
     result = pref_grpo.train(cfg)
@@ -217,6 +217,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-steps", type=int, default=25)
     p.add_argument("--eval-cfg", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="extra recipe overrides for both toy runs, e.g. sample.sampler=ddim sample.eta=1.0")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for tiny models on a busy CPU)")
     p.add_argument("--out", default=None, help="output folder of the toy runs (default: a temporary folder)")
     p.add_argument("--json", default=None, help="write the numbers to this JSON file")

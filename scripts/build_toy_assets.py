@@ -13,7 +13,9 @@ Usage:
     nice -n 19 .venv/bin/python scripts/build_toy_assets.py                      # everything
     nice -n 19 .venv/bin/python scripts/build_toy_assets.py --only sd3,eval --sd3-steps 1500
 
-Everything is seeded (`--seed`); with the same step counts, thread count and no `--stage-minutes` cap
+The shipped sd / sd3 came from a phase chain (a first phase, then `--resume --<name>-phase2-steps 3000`
+continuations); assets/toy/README.md lists the exact commands. Batches are weighted by prompt kind
+(`--kind-weights`). Everything is seeded (`--seed`); with the same step counts, thread count and no `--stage-minutes` cap
 hit, a rebuild gives the same weights on the same machine. One thread by default: on a shared 2-core
 machine two OpenMP threads stall whenever another process takes a core (steps measured 10-20x slower).
 sd / sd3 save an EMA of the trained weights. `assets/toy/manifest.json` records steps, seeds, losses,
@@ -69,12 +71,15 @@ def lr_lambda(steps: int, warmup: int):
     return lambda s: min(1.0, (s + 1) / warmup) * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
 
 
-def kind_row_weights(prompts: list[str], index: np.ndarray, spec: str) -> torch.Tensor:
+def kind_row_weights(prompts: list[str], index: np.ndarray, spec: str) -> torch.Tensor | None:
     """Per-image sampling weights so that each prompt kind gets the batch share given by ``spec``
-    ("single=0.3,count=0.25,pair=0.25,relation=0.2"; kinds left out get 0). The prompt sets hold few
-    single-object prompts (144 exist), so uniform sampling would show the model almost no single objects."""
+    ("single=0.3,count=0.25,pair=0.25,relation=0.2"; kinds left out get 0), or None for "uniform" (every
+    image equally likely). The prompt sets hold few single-object prompts (144 exist), so uniform sampling
+    shows the model almost no single objects."""
     from imgalign.toy.grammar import parse
 
+    if spec.strip() == "uniform":
+        return None
     shares = {k.strip(): float(v) for k, v in (item.split("=") for item in spec.split(",") if item.strip())}
     kinds = np.array([parse(p).kind for p in prompts])[index]
     unknown = set(shares) - set(kinds)
@@ -216,7 +221,8 @@ def _train_denoiser(name: str, pipe, args, steps: int, batch: int, lr: float, se
     start, done, ema_loss = time.time(), 0, None
     bar = tqdm(range(steps), desc=name)
     for step in bar:
-        rows = torch.multinomial(row_weights, batch, replacement=True, generator=gen)
+        rows = (torch.randint(0, len(latents), (batch,), generator=gen) if row_weights is None
+                else torch.multinomial(row_weights, batch, replacement=True, generator=gen))
         x0 = latents[rows]
         drop = torch.rand(batch, generator=gen) < args.prompt_dropout
         c = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), uncond[k].expand_as(v[index[rows]]), v[index[rows]])
@@ -373,7 +379,7 @@ def main(argv=None) -> None:
     p.add_argument("--renders-per-prompt", type=int, default=8)
     p.add_argument("--prompt-dropout", type=float, default=0.1)
     p.add_argument("--kind-weights", default="single=0.3,count=0.25,pair=0.25,relation=0.2",
-                   help="sd/sd3: share of each prompt kind in a training batch")
+                   help="sd/sd3: share of each prompt kind in a training batch, or 'uniform'")
     p.add_argument("--assets", default=str(ASSETS), help="where the assets are read and written")
     p.add_argument("--ema-decay", type=float, default=0.998, help="EMA of the sd/sd3 weights (what is saved)")
     p.add_argument("--sd-steps", type=int, default=2000)
