@@ -128,6 +128,8 @@ def _fmt(mean_lo_hi) -> str:
 
 
 def toy(args) -> dict:
+    from bench_pref_grpo import saturation  # the hackable bonus of the Pref-GRPO toy benchmark (same folder)
+
     from imgalign.config import load_config
     from imgalign.eval.preference import bootstrap_ci
     from imgalign.recipes import diffusion_dpo, self_npo
@@ -144,35 +146,37 @@ def toy(args) -> dict:
     report: dict = {"model": model, "test_prompts": len(test_prompts), "steps": args.steps, "cfg": args.cfg}
     t0 = time.time()
 
-    # 1. the aligned model: a quick Diffusion-DPO LoRA on evaluator-labelled self-sampled pairs
-    dpo_dir = Path(args.aligned) if args.aligned else out / "dpo"
-    if not (dpo_dir / "pytorch_lora_weights.safetensors").is_file():
-        stats = generate_toy_pairs(model, train_prompts, out / "pairs.parquet", n_pairs=args.pairs, seed=1,
-                                   num_inference_steps=args.steps, guidance_scale=args.cfg)
-        print(f"[toy] {stats['n_pairs']} pairs ({stats['n_ties']} ties) in {stats['seconds']} s", flush=True)
-        cfg = load_config(diffusion_dpo.Config, None, [
-            f"model.pretrained={model}", f"data.source={out / 'pairs.parquet'}", "data.resolution=32",
-            "data.hflip=false", "data.cache_latents=true", f"run.output_dir={dpo_dir}", f"run.max_steps={args.dpo_steps}",
-            "run.batch_size=16", "run.checkpoint_every=0", "run.keep_last=1", "optim.lr=1e-3",
-            "optim.lr_scheduler=constant", "lora.rank=8", "loss.beta=5000", "run.progress=false", "run.log_with=none",
-            "validation.num_inference_steps=2", "validation.images_per_prompt=1",
-        ])
-        diffusion_dpo.train(cfg)
-    print(f"[toy] aligned LoRA ready ({time.time() - t0:.0f} s)", flush=True)
+    if args.weights:  # an empty --weights skips the RLG sweep
+        # 1. the aligned model: a quick Diffusion-DPO LoRA on evaluator-labelled self-sampled pairs
+        dpo_dir = Path(args.aligned) if args.aligned else out / "dpo"
+        if not (dpo_dir / "pytorch_lora_weights.safetensors").is_file():
+            stats = generate_toy_pairs(model, train_prompts, out / "pairs.parquet", n_pairs=args.pairs, seed=1,
+                                       num_inference_steps=args.steps, guidance_scale=args.cfg)
+            print(f"[toy] {stats['n_pairs']} pairs ({stats['n_ties']} ties) in {stats['seconds']} s", flush=True)
+            cfg = load_config(diffusion_dpo.Config, None, [
+                f"model.pretrained={model}", f"data.source={out / 'pairs.parquet'}", "data.resolution=32",
+                "data.hflip=false", "data.cache_latents=true", f"run.output_dir={dpo_dir}", f"run.max_steps={args.dpo_steps}",
+                "run.batch_size=16", "run.checkpoint_every=0", "run.keep_last=1", "optim.lr=1e-3",
+                "optim.lr_scheduler=constant", "lora.rank=8", "loss.beta=5000", "run.progress=false", "run.log_with=none",
+                "validation.num_inference_steps=2", "validation.images_per_prompt=1",
+            ])
+            diffusion_dpo.train(cfg)
+        print(f"[toy] aligned LoRA ready ({time.time() - t0:.0f} s)", flush=True)
 
-    adapter = load_adapter(model)
-    pipe = adapter.pipe
-    pipe.load_lora_weights(str(dpo_dir), adapter_name="aligned")
-    sweep = {}
-    for w in args.weights:
-        res = _score(pipe, test_prompts, args, RLGuidance(weight=w, aligned="aligned"))
-        sweep[w] = res
-        print(f"[toy] RLG w={w:<4} toy score {_fmt(res.summary['score'])}  overall {_fmt(res.summary['overall'])}"
-              f"  ({time.time() - t0:.0f} s)", flush=True)
-    base_scores = sweep[args.weights[0]].values("score")
-    report["rlg"] = {str(w): {"score": r.summary["score"][:3], "overall": r.summary["overall"][:3],
-                              "paired_diff_vs_first": bootstrap_ci(r.values("score") - base_scores)}
-                     for w, r in sweep.items()}
+        adapter = load_adapter(model)
+        pipe = adapter.pipe
+        pipe.load_lora_weights(str(dpo_dir), adapter_name="aligned")
+        sweep = {}
+        for w in args.weights:
+            res = _score(pipe, test_prompts, args, RLGuidance(weight=w, aligned="aligned"))
+            sweep[w] = res
+            print(f"[toy] RLG w={w:<4} toy score {_fmt(res.summary['score'])}  overall {_fmt(res.summary['overall'])}"
+                  f"  saturation {float(saturation(res.images).mean()):.3f}  ({time.time() - t0:.0f} s)", flush=True)
+        base_scores = sweep[args.weights[0]].values("score")
+        report["rlg"] = {str(w): {"score": r.summary["score"][:3], "overall": r.summary["overall"][:3],
+                                  "saturation": float(saturation(r.images).mean()),
+                                  "paired_diff_vs_first": bootstrap_ci(r.values("score") - base_scores)}
+                         for w, r in sweep.items()}
 
     # 2. Self-NPO negative model (full fine-tuning from the model's own samples) + NPO guidance vs plain CFG
     if args.npo_steps > 0:
@@ -196,11 +200,12 @@ def toy(args) -> dict:
               f"{_fmt(guided.summary['score'])}   paired diff {diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]", flush=True)
         report["npo"] = {"plain": plain.summary["score"][:3], "npo": guided.summary["score"][:3], "paired_diff": diff}
 
-    print("\n== RLG sweep (aligned = Diffusion-DPO LoRA), toy score mean [95% CI], paired diff vs w="
-          f"{args.weights[0]} ==")
-    for w, r in report["rlg"].items():
+    for w, r in report.get("rlg", {}).items():
+        if w == str(args.weights[0]):
+            print(f"\n== RLG sweep (aligned = {dpo_dir}), toy score mean [95% CI], paired diff vs w={w} ==")
         d = r["paired_diff_vs_first"]
-        print(f"  w={w:<5} {_fmt(r['score']):<26} overall {_fmt(r['overall']):<26} diff {d[0]:+.3f} [{d[1]:+.3f}, {d[2]:+.3f}]")
+        print(f"  w={w:<5} {_fmt(r['score']):<26} overall {_fmt(r['overall']):<26} diff {d[0]:+.3f} [{d[1]:+.3f}, "
+              f"{d[2]:+.3f}]  saturation {r['saturation']:.3f}")
     report["seconds"] = round(time.time() - t0)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
@@ -228,7 +233,8 @@ def main(argv=None):
     t.add_argument("--images-per-prompt", type=int, default=1)
     t.add_argument("--steps", type=int, default=20)
     t.add_argument("--cfg", type=float, default=5.0)
-    t.add_argument("--weights", type=float, nargs="+", default=[0.0, 0.5, 1.0, 1.5, 2.0])
+    t.add_argument("--weights", type=float, nargs="*", default=[0.0, 0.5, 1.0, 1.5, 2.0],
+                   help="RLG weights to sweep (none: skip the sweep)")
     t.add_argument("--npo-steps", type=int, default=60)
     t.add_argument("--npo-samples", type=int, default=128)
     t.add_argument("--npo-lr", type=float, default=1e-5)
