@@ -165,6 +165,8 @@ def bench_toy(args) -> dict:
     base = evaluate(args.model, None, prompts, args)
     results = {"base": {"eval": base, "seconds": time.time() - t0}}
     for name, overrides in runs.items():
+        if args.runs and name not in args.runs:
+            continue
         lora, history, seconds = train_run(name, args, overrides)
         results[name] = {"eval": evaluate(args.model, lora, prompts, args), "history": history, "seconds": seconds}
 
@@ -190,10 +192,11 @@ def bench_toy(args) -> dict:
             summary[name]["train_toy_curve"] = curve
         print(f"{name:<28}{m:>14.3f} +- {ci:.3f}{d:>+15.3f} +- {dci:.3f}{s:>12.3f} +- {sci:.3f}"
               f"{(r.get('seconds') or 0):>9.0f}")
-    a, b = results["pref_grpo_toy_judge"]["eval"]["toy"], results["pointwise_toy+saturation"]["eval"]["toy"]
-    d, dci = mean_ci(a - b)
-    summary["pref_minus_pointwise"] = {"delta": d, "ci95": dci}
-    print(f"Pref-GRPO - pointwise(hackable), paired: {d:+.3f} +- {dci:.3f}")
+    if {"pref_grpo_toy_judge", "pointwise_toy+saturation"} <= set(results):
+        a, b = results["pref_grpo_toy_judge"]["eval"]["toy"], results["pointwise_toy+saturation"]["eval"]["toy"]
+        d, dci = mean_ci(a - b)
+        summary["pref_minus_pointwise"] = {"delta": d, "ci95": dci}
+        print(f"Pref-GRPO - pointwise(hackable), paired: {d:+.3f} +- {dci:.3f}")
     return summary
 
 
@@ -217,6 +220,8 @@ def main(argv=None) -> int:
     p.add_argument("--eval-steps", type=int, default=25)
     p.add_argument("--eval-cfg", type=float, default=5.0)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--runs", nargs="*", default=None, choices=["pref_grpo_toy_judge", "pointwise_toy+saturation"],
+                   help="toy: run only these (default: both)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",
                    help="extra recipe overrides for both toy runs, e.g. sample.sampler=ddim sample.eta=1.0")
     p.add_argument("--threads", type=int, default=1, help="torch threads (1 is fastest for tiny models on a busy CPU)")
