@@ -116,10 +116,10 @@ def _score(pipe, prompts, args, guidance=None):
 
     if guidance is None:
         return generate_and_score(pipe, prompts, args.images_per_prompt, num_inference_steps=args.steps,
-                                  guidance_scale=args.cfg, seed=7, progress=False)
+                                  guidance_scale=args.cfg, seed=args.seed, progress=False)
     with apply_guidance(pipe, guidance):
         return generate_and_score(pipe, prompts, args.images_per_prompt, num_inference_steps=args.steps,
-                                  guidance_scale=args.cfg, seed=7, progress=False)
+                                  guidance_scale=args.cfg, seed=args.seed, progress=False)
 
 
 def _fmt(mean_lo_hi) -> str:
@@ -231,6 +231,7 @@ def main(argv=None):
     t.add_argument("--dpo-steps", type=int, default=40)
     t.add_argument("--prompts", type=int, default=200)
     t.add_argument("--images-per-prompt", type=int, default=1)
+    t.add_argument("--seed", type=int, default=7, help="sampling seed of every evaluation (same for all w)")
     t.add_argument("--steps", type=int, default=20)
     t.add_argument("--cfg", type=float, default=5.0)
     t.add_argument("--weights", type=float, nargs="*", default=[0.0, 0.5, 1.0, 1.5, 2.0],
