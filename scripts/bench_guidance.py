@@ -7,11 +7,15 @@
     # over w; then Self-NPO (full fine-tuning) + NPO guidance vs plain CFG. Toy scores with bootstrap 95% CIs
     # and paired differences on the same prompts and seeds.
     .venv/bin/python scripts/bench_guidance.py toy --pairs 256 --dpo-steps 40 --prompts 200 --npo-steps 60
+    # an existing aligned LoRA, fresh seeds, 3 images per prompt, no NPO part (README numbers)
+    .venv/bin/python scripts/bench_guidance.py toy --model assets/toy/sd --aligned outputs/demo/dpo --weights 0 1 2 \
+        --images-per-prompt 3 --seed 11 --npo-steps 0
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import copy
 import json
 import statistics
@@ -114,10 +118,7 @@ def speed(args) -> dict:
 def _score(pipe, prompts, args, guidance=None):
     from imgalign.eval.toy_bench import generate_and_score
 
-    if guidance is None:
-        return generate_and_score(pipe, prompts, args.images_per_prompt, num_inference_steps=args.steps,
-                                  guidance_scale=args.cfg, seed=args.seed, progress=False)
-    with apply_guidance(pipe, guidance):
+    with apply_guidance(pipe, guidance) if guidance is not None else contextlib.nullcontext():
         return generate_and_score(pipe, prompts, args.images_per_prompt, num_inference_steps=args.steps,
                                   guidance_scale=args.cfg, seed=args.seed, progress=False)
 
@@ -149,6 +150,9 @@ def toy(args) -> dict:
     if args.weights:  # an empty --weights skips the RLG sweep
         # 1. the aligned model: a quick Diffusion-DPO LoRA on evaluator-labelled self-sampled pairs
         dpo_dir = Path(args.aligned) if args.aligned else out / "dpo"
+        if args.aligned and not (dpo_dir / "pytorch_lora_weights.safetensors").is_file():
+            sys.exit(f"--aligned {dpo_dir}: no pytorch_lora_weights.safetensors there; pass a LoRA output folder "
+                     "(e.g. outputs/demo/dpo) or leave --aligned out to train a quick Diffusion-DPO LoRA")
         if not (dpo_dir / "pytorch_lora_weights.safetensors").is_file():
             stats = generate_toy_pairs(model, train_prompts, out / "pairs.parquet", n_pairs=args.pairs, seed=1,
                                        num_inference_steps=args.steps, guidance_scale=args.cfg)

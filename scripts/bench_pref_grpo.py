@@ -6,7 +6,8 @@
 
     # (2) toy evidence: Pref-GRPO (toy evaluator as the pairwise judge, win rates) vs pointwise GRPO on a hackable
     #     reward (toy score + a bonus for saturated colour); both judged by the held-out toy score on test prompts
-    python scripts/bench_pref_grpo.py toy --model assets/toy/sd3 --iterations 30 --eval-prompts 100
+    python scripts/bench_pref_grpo.py toy --model assets/toy/sd --iterations 80 --groups 8 --group-size 4 --lr 1e-3 \
+        --eval-prompts 200 --out outputs/pg --set sample.sampler=ddim sample.eta=1.0     # README numbers
 
 Numbers are printed with 95 % confidence intervals (paired over test prompts, same seeds for every model).
 """

@@ -15,8 +15,8 @@ Usage:
 
 The shipped sd / sd3 came from a phase chain (a first phase, then `--resume --<name>-phase2-steps 3000`
 continuations); assets/toy/README.md lists the exact commands. Batches are weighted by prompt kind
-(`--kind-weights`). Everything is seeded (`--seed`); with the same step counts, thread count and no `--stage-minutes` cap
-hit, a rebuild gives the same weights on the same machine. One thread by default: on a shared 2-core
+(`--kind-weights`). Everything is seeded (`--seed`); with the same step counts, thread count and no
+`--stage-minutes` cap hit, a rebuild gives the same weights on the same machine. One thread by default: on a shared 2-core
 machine two OpenMP threads stall whenever another process takes a core (steps measured 10-20x slower).
 sd / sd3 save an EMA of the trained weights. `assets/toy/manifest.json` records steps, seeds, losses,
 sizes and the measured scores of every stage run.

@@ -531,16 +531,8 @@ def _iteration(it, opt_step, cfg, adapter, model, reference, sampler, specs, rew
     all_groups = accelerator.gather(groups.to(accelerator.device)).cpu()
 
     # ---- 4. advantages ---------------------------------------------------------------------------------
-    if tracker is not None:  # DDPO: normalise with each prompt's reward history
-        combined = (torch.as_tensor(weights, dtype=torch.float64)[:, None] * values.double()).sum(0)
-        adv = tracker.update([all_prompts[chosen[g]] for g, _ in flat], combined)
-    else:
-        adv = combine_advantages(values, weights, all_groups, order=cfg.reward.combine, std=acfg.std,
-                                 eps=acfg.eps, unbiased=acfg.unbiased)
-    zero = zero_std_groups(values, all_groups)
-    if tracker is None:  # with a reward history, a constant group still differs from its prompt's past
-        adv = torch.where(zero, torch.zeros_like(adv), adv)
-    keep = ~zero if acfg.filter_zero_std and tracker is None else torch.ones_like(zero)
+    adv, zero, keep = advantages(values, weights, all_groups, [all_prompts[chosen[g]] for g, _ in flat], acfg,
+                                 cfg.reward.combine, tracker)
     adv_local = adv[rank * n_local:(rank + 1) * n_local].to(accelerator.device)
     keep_local = keep[rank * n_local:(rank + 1) * n_local].to(accelerator.device)
 
@@ -593,6 +585,24 @@ def _iteration(it, opt_step, cfg, adapter, model, reference, sampler, specs, rew
     logs["train/ratio_dev_before_update"] = float(accelerator.reduce(ratio_dev, reduction="sum"))
     logs["train/lr"] = scheduler.get_last_lr()[0]
     return logs, opt_step
+
+
+def advantages(values: torch.Tensor, weights: list[float], groups: torch.Tensor, prompts: list[str],
+               acfg: AdvantageConfig, combine: str, tracker: PromptStatTracker | None = None):
+    """Rewards [K, N] of all N samples -> (advantages [N], zero-std group mask [N], samples to train on [N]).
+
+    Group advantages (zeroed in constant groups, which are dropped with filter_zero_std), or, with DDPO's
+    tracker, the weighted reward normalised by each prompt's history: a constant group then still differs
+    from its prompt's past, so nothing is zeroed or dropped.
+    """
+    zero = zero_std_groups(values, groups)
+    if tracker is not None:
+        combined = (torch.as_tensor(weights, dtype=torch.float64)[:, None] * values.double()).sum(0)
+        return tracker.update(prompts, combined), zero, torch.ones_like(zero)
+    adv = combine_advantages(values, weights, groups, order=combine, std=acfg.std, eps=acfg.eps,
+                             unbiased=acfg.unbiased)
+    adv = torch.where(zero, torch.zeros_like(adv), adv)
+    return adv, zero, ~zero if acfg.filter_zero_std else torch.ones_like(zero)
 
 
 def _reward_logs(specs, values, extra, groups, zero, adv, keep, mode) -> dict:

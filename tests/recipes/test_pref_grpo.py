@@ -190,3 +190,22 @@ def test_shipped_configs_parse():
     for path in paths:
         cfg = load_config(pref_grpo.Config, path)
         assert cfg.model.pretrained and cfg.train.clip_range <= 1e-3 and cfg.sample.group_size >= 2
+
+
+def test_advantages_group_mode_zeroes_constant_groups_history_mode_does_not():
+    """Group 0 is constant (rewards 1, 1); group 1 is [0, 1]. Group mode (std n, eps 0): group 0 -> 0 and dropped,
+    group 1 -> -1, +1. History mode, min_count 1 after one earlier reward of 0 for prompt "a": "a"'s history
+    [0, 1, 1] has mean 2/3, std sqrt(2)/3, so both constant samples get +(1/3) / (sqrt(2)/3) = +1/sqrt(2), kept."""
+    values = torch.tensor([[1.0, 1.0, 0.0, 1.0]])
+    groups = torch.tensor([0, 0, 1, 1])
+    acfg = pref_grpo.AdvantageConfig(eps=0.0)
+    adv, zero, keep = pref_grpo.advantages(values, [1.0], groups, ["a", "a", "b", "b"], acfg, "normalize_then_weight")
+    torch.testing.assert_close(adv, torch.tensor([0.0, 0.0, -1.0, 1.0]))
+    assert zero.tolist() == [True, True, False, False] and keep.tolist() == [False, False, True, True]
+
+    tracker = pref_grpo.PromptStatTracker(buffer_size=8, min_count=1, eps=0.0)
+    tracker.update(["a"], torch.tensor([0.0]))
+    adv, zero, keep = pref_grpo.advantages(values, [1.0], groups, ["a", "a", "b", "b"], acfg,
+                                           "normalize_then_weight", tracker)
+    assert adv[:2].tolist() == pytest.approx([2 ** -0.5] * 2)
+    assert zero.tolist() == [True, True, False, False] and keep.all()
