@@ -86,6 +86,8 @@ def speed(args) -> dict:
         "RLG w=1.5, LoRA, shared uncond (3 evals, approx.)": (RLGuidance(weight=1.5, aligned="default", shared_uncond=True), True),
         "RLG w=1.5, LoRA, aligned alone first half of steps": (RLGuidance(weight=1.5, aligned="default", zero_init_steps=args.steps // 2), True),
         "RLG w=1.5, two full networks": (RLGuidance(weight=1.5, aligned=aligned_net), False),
+        "RLG w=1.5, two full networks, shared uncond (approx.)": (RLGuidance(weight=1.5, aligned=aligned_net, shared_uncond=True), False),
+        "RLG w=1.5, two full networks, aligned alone 1st half": (RLGuidance(weight=1.5, aligned=aligned_net, zero_init_steps=args.steps // 2), False),
         "NPO, LoRA negative, one mixed-adapter batch": (NPOGuidance(negative="default", batched=True), True),
         "NPO, LoRA negative, 2 forwards": (NPOGuidance(negative="default"), True),
         "NPO, two full networks": (NPOGuidance(negative=aligned_net), False),
@@ -105,11 +107,11 @@ def speed(args) -> dict:
     rw, rc = statistics.median(wall[ref]), statistics.median(cpu[ref])
     print(f"model {path}  batch {args.batch} x {size}px  {args.steps} steps  LoRA r={args.rank}  "
           f"torch threads {torch.get_num_threads()}  (median of {args.repeats} interleaved rounds)")
-    print(f"  {'case':<52}{'wall s':>8}{'ratio':>7}{'cpu s':>8}{'ratio':>7}")
+    print(f"  {'case':<56}{'wall s':>8}{'ratio':>7}{'cpu s':>8}{'ratio':>7}")
     out = {}
     for name in cases:
         w, c = statistics.median(wall[name]), statistics.median(cpu[name])
-        print(f"  {name:<52}{w:8.3f}{w / rw:7.2f}{c:8.3f}{c / rc:7.2f}")
+        print(f"  {name:<56}{w:8.3f}{w / rw:7.2f}{c:8.3f}{c / rc:7.2f}")
         out[name] = {"wall_s": w, "wall_ratio": w / rw, "cpu_s": c, "cpu_ratio": c / rc}
     return out
 

@@ -35,6 +35,14 @@ def test_cli_rlg_and_npo_with_saved_lora_and_negative_model(tiny_pipelines, tmp_
     aligned = images("--lora", str(tmp_path / "lora"))
     assert torch.equal(images("--guidance", "rlg", "--aligned", str(tmp_path / "lora"), "--rlg-scale", "1"),
                        aligned)
+    # the LoRA fused into a second network: the same aligned model (up to float rounding of the fused weights),
+    # and RLG between the two networks matches RLG between the adapter switched on and off
+    lora = str(tmp_path / "lora")
+    fused = images("--guidance", "rlg", "--aligned", lora, "--rlg-scale", "1", "--rlg-fuse-aligned")
+    torch.testing.assert_close(fused, aligned, atol=1e-4, rtol=0)
+    assert (fused - base).abs().max() > 1e-2  # the LoRA changes the images, so the check above has teeth
+    torch.testing.assert_close(images("--guidance", "rlg", "--aligned", lora, "--rlg-scale", "1.5", "--rlg-fuse-aligned"),
+                               images("--guidance", "rlg", "--aligned", lora, "--rlg-scale", "1.5"), atol=1e-4, rtol=0)
     # NPO with the base model itself as the (full) negative model is plain CFG
     torch.testing.assert_close(images("--guidance", "npo", "--negative", model), base, atol=1e-5, rtol=0)
     # weight-space merge: positive = --lora, negative = base + delta_neg + (1 - beta) delta_pos with beta = 1 and
