@@ -81,8 +81,8 @@ def _plot_toy(history: list[dict], validation: list[dict], path: Path) -> None:
     axes[0].set_title("DPO loss")
     axes[1].plot(steps, [h["train/implicit_acc"] for h in history])
     axes[1].set_title("implicit accuracy")
-    axes[2].plot([v["step"] for v in validation], [v["val/toy"] for v in validation], marker="o")
-    axes[2].set_title("validation toy score")
+    axes[2].plot([v["step"] for v in validation], [v["val/toy_preference"] for v in validation], marker="o")
+    axes[2].set_title("validation toy preference score")
     for ax in axes:
         ax.set_xlabel("step")
     fig.tight_layout()
@@ -136,13 +136,13 @@ def run_toy_demo(out: Path, settings: ToyDemoSettings | None = None) -> int:
         f"run.batch_size={st.batch_size}", "run.checkpoint_every=0", "run.keep_last=1", f"optim.lr={st.lr}",
         "optim.lr_scheduler=constant", f"lora.rank={st.rank}", f"loss.beta={st.beta}",
         f"validation.every={max(st.dpo_steps // 4, 1)}", f"validation.prompts_file={out / 'val_prompts.txt'}",
-        "validation.images_per_prompt=1", "validation.reward=toy", f"validation.num_inference_steps={st.sampler_steps}",
+        "validation.images_per_prompt=1", "validation.reward=toy_preference", f"validation.num_inference_steps={st.sampler_steps}",
         f"validation.guidance_scale={st.cfg}",
     ])
     result = diffusion_dpo.train(cfg)
     after = bench(out / "dpo")
 
-    diff = bootstrap_ci(after.values("score") - before.values("score"))
+    change = {name: bootstrap_ci(after.values(name) - before.values(name)) for name in ("preference", "score", "taste")}
     lines = ["", "== imgalign demo: Diffusion-DPO on the toy world ==",
              f"base model {st.pipeline}; {stats['n_pairs'] - stats['n_ties']} evaluator-labelled pairs "
              f"(best vs worst of {st.images_per_pair}); {result['steps']} DPO steps in {result['seconds']:.0f} s",
@@ -152,7 +152,10 @@ def run_toy_demo(out: Path, settings: ToyDemoSettings | None = None) -> int:
     for name, (m, lo, hi, _) in before.summary.items():
         m2, lo2, hi2, _ = after.summary[name]
         lines.append(f"{name:<12}{f'{m:.3f} [{lo:.3f}, {hi:.3f}]':>24}{f'{m2:.3f} [{lo2:.3f}, {hi2:.3f}]':>24}")
-    lines.append(f"toy score change: {diff[0]:+.3f}  [95% CI {diff[1]:+.3f}, {diff[2]:+.3f}]  (paired bootstrap)")
+    for name, label in (("preference", "toy preference score (the labels' target)"), ("score", "fidelity score"),
+                        ("taste", "taste (white where no background is asked)")):
+        m, lo, hi = change[name][:3]
+        lines.append(f"change in {label}: {m:+.3f}  [95% CI {lo:+.3f}, {hi:+.3f}]  (paired bootstrap)")
     lines.append(f"outputs: {out / 'before_after.png'}, {out / 'training_curves.png'}, {out / 'dpo'}")
     print("\n".join(lines))
     (out / "report.txt").write_text("\n".join(lines) + "\n")

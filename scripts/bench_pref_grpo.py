@@ -4,8 +4,9 @@
     python scripts/bench_pref_grpo.py cost --family sd15 --steps 10 --batch 4
     python scripts/bench_pref_grpo.py cost --model assets/toy/sd3 --resolution 32
 
-    # (2) toy evidence: Pref-GRPO (toy evaluator as the pairwise judge, win rates) vs pointwise GRPO on a hackable
-    #     reward (toy score + a bonus for saturated colour); both judged by the held-out toy score on test prompts
+    # (2) toy evidence: Pref-GRPO (the toy rater as the pairwise judge, win rates) vs pointwise GRPO on a hackable
+    #     reward (the rater's score + a bonus for saturated colour); both judged on held-out test prompts by the
+    #     rater's preference score, its fidelity part, its taste part and saturation (--judge toy: fidelity only)
     python scripts/bench_pref_grpo.py toy --model assets/toy/sd --iterations 80 --groups 8 --group-size 4 --lr 1e-3 \
         --eval-prompts 200 --out outputs/pg --set sample.sampler=ddim sample.eta=1.0     # README numbers
 
@@ -107,28 +108,32 @@ def register_saturation_reward() -> None:
 
 @torch.no_grad()
 def evaluate(model_dir: str, lora_dir: str | None, prompts: list[str], args) -> dict:
-    """Toy score and saturation of one image per prompt (seed = prompt index), pipeline sampling as users do."""
+    """Per image (seed = prompt index, pipeline sampling as users do): the toy rater's preference (fidelity +
+    taste), fidelity score, taste (NaN where the prompt states a background) and saturation."""
     from imgalign.models.adapters import load_adapter
     from imgalign.rewards import build_reward
 
     adapter = load_adapter(model_dir)
     if lora_dir:
         adapter.pipe.load_lora_weights(lora_dir)
-    toy = build_reward("toy")
-    scores, sats = [], []
+    metrics = {"preference": build_reward("toy_preference"), "toy": build_reward("toy"),
+               "taste": build_reward("toy", criterion="taste")}
+    values = {name: [] for name in [*metrics, "saturation"]}
     for start in range(0, len(prompts), 25):
         chunk = prompts[start:start + 25]
         gens = [torch.Generator().manual_seed(10_000 + start + i) for i in range(len(chunk))]
         images = adapter.pipe(prompt=chunk, num_inference_steps=args.eval_steps, guidance_scale=args.eval_cfg,
                               height=args.resolution, width=args.resolution, generator=gens,
                               output_type="pt").images.float()
-        scores.append(toy.score(images, chunk))
-        sats.append(saturation(images))
-    return {"toy": torch.cat(scores), "saturation": torch.cat(sats)}
+        for name, reward in metrics.items():
+            values[name].append(reward.score(images, chunk))
+        values["saturation"].append(saturation(images))
+    return {name: torch.cat(v) for name, v in values.items()}
 
 
 def mean_ci(x: torch.Tensor) -> tuple[float, float]:
     x = x.double()
+    x = x[~x.isnan()]  # taste: only prompts without a stated background
     return float(x.mean()), float(1.96 * x.std(unbiased=True) / math.sqrt(len(x)))
 
 
@@ -155,11 +160,12 @@ def bench_toy(args) -> dict:
 
     register_saturation_reward()
     prompts = load_prompt_file(ROOT / "assets/toy/prompts/test.txt")[: args.eval_prompts]
+    judge = args.judge
     runs = {
-        # Pref-GRPO: the toy evaluator judges every pair of a group; its win rate is the reward
-        "pref_grpo_toy_judge": ["reward.mode=pairwise", "reward.rewards=[toy]", "advantage.std=group"],
-        # Flow-GRPO-style pointwise GRPO on a hackable reward: toy score + bonus for saturated colour
-        "pointwise_toy+saturation": ["reward.mode=pointwise", f"reward.rewards=[toy:1.0,saturation:{args.bonus}]",
+        # Pref-GRPO: the toy rater judges every pair of a group; its win rate is the reward
+        "pref_grpo_toy_judge": ["reward.mode=pairwise", f"reward.rewards=[{judge}]", "advantage.std=group"],
+        # Flow-GRPO-style pointwise GRPO on a hackable reward: the rater's score + a bonus for saturated colour
+        "pointwise_toy+saturation": ["reward.mode=pointwise", f"reward.rewards=[{judge}:1.0,saturation:{args.bonus}]",
                                      "reward.combine=weight_then_normalize", "advantage.std=global"],
     }
     t0 = time.time()
@@ -172,32 +178,36 @@ def bench_toy(args) -> dict:
         results[name] = {"eval": evaluate(args.model, lora, prompts, args), "history": history, "seconds": seconds}
 
     n = len(prompts)
+    target = "preference" if judge == "toy_preference" else "toy"
     print(f"\n[toy] {args.model}: {args.iterations} iterations x {args.groups} prompts x {args.group_size} images, "
-          f"lr {args.lr:g}; held-out: {n} test prompts, 1 image each, {args.eval_steps} steps, CFG {args.eval_cfg:g}")
-    print(f"{'model':<28}{'toy score (95% CI)':>24}{'vs base (paired)':>24}{'saturation':>20}{'train s':>9}")
+          f"lr {args.lr:g}, judge {judge}; held-out: {n} test prompts, 1 image each, {args.eval_steps} steps, "
+          f"CFG {args.eval_cfg:g}; mean +- 95% CI half-width, paired change vs base in brackets")
+    columns = ["preference", "toy", "taste", "saturation"]
+    print(f"{'model':<26}" + "".join(f"{c if c != 'toy' else 'fidelity':>28}" for c in columns) + f"{'train s':>9}")
     summary = {}
     for name, r in results.items():
-        ev = r["eval"]
-        m, ci = mean_ci(ev["toy"])
-        d, dci = mean_ci(ev["toy"] - base["toy"])
-        s, sci = mean_ci(ev["saturation"])
-        summary[name] = {"toy": m, "toy_ci95": ci, "delta_vs_base": d, "delta_ci95": dci, "saturation": s,
-                         "saturation_ci95": sci, "train_seconds": r.get("seconds")}
+        ev, row = r["eval"], {}
+        line = f"{name:<26}"
+        for c in columns:
+            m, ci = mean_ci(ev[c])
+            d, dci = mean_ci(ev[c] - base[c])
+            row.update({c: m, f"{c}_ci95": ci, f"{c}_delta_vs_base": d, f"{c}_delta_ci95": dci})
+            line += f"{m:.3f} +- {ci:.3f} [{d:+.3f} +- {dci:.3f}]".rjust(28)
+        summary[name] = {**row, "train_seconds": r.get("seconds")}
         if "history" in r:
             summary[name]["train_reward_first_last"] = [r["history"][0]["train/reward_mean"],
                                                        r["history"][-1]["train/reward_mean"]]
-            # mean training-rollout toy score over the first and last quarter of the iterations
-            curve = [h.get("train/score/toy", math.nan) for h in r["history"]]
+            # mean training-rollout score of the judge over the first and last quarter of the iterations
+            curve = [h.get(f"train/score/{judge}", math.nan) for h in r["history"]]
             q = max(1, len(curve) // 4)
-            summary[name]["train_toy_first_last_quarter"] = [statistics.fmean(curve[:q]), statistics.fmean(curve[-q:])]
-            summary[name]["train_toy_curve"] = curve
-        print(f"{name:<28}{m:>14.3f} +- {ci:.3f}{d:>+15.3f} +- {dci:.3f}{s:>12.3f} +- {sci:.3f}"
-              f"{(r.get('seconds') or 0):>9.0f}")
+            summary[name]["train_judge_first_last_quarter"] = [statistics.fmean(curve[:q]), statistics.fmean(curve[-q:])]
+            summary[name]["train_judge_curve"] = curve
+        print(line + f"{(r.get('seconds') or 0):>9.0f}")
     if {"pref_grpo_toy_judge", "pointwise_toy+saturation"} <= set(results):
-        a, b = results["pref_grpo_toy_judge"]["eval"]["toy"], results["pointwise_toy+saturation"]["eval"]["toy"]
+        a, b = results["pref_grpo_toy_judge"]["eval"][target], results["pointwise_toy+saturation"]["eval"][target]
         d, dci = mean_ci(a - b)
         summary["pref_minus_pointwise"] = {"delta": d, "ci95": dci}
-        print(f"Pref-GRPO - pointwise(hackable), paired: {d:+.3f} +- {dci:.3f}")
+        print(f"Pref-GRPO - pointwise(hackable) on {target}, paired: {d:+.3f} +- {dci:.3f}")
     return summary
 
 
@@ -216,6 +226,8 @@ def main(argv=None) -> int:
     p.add_argument("--groups", type=int, default=4)
     p.add_argument("--group-size", type=int, default=4)
     p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--judge", default="toy_preference", choices=["toy_preference", "toy"],
+                   help="toy: the rater (toy_preference: fidelity + taste, the toy pairs' labeller; toy: fidelity only)")
     p.add_argument("--bonus", type=float, default=1.0, help="weight of the saturation bonus of the hackable reward")
     p.add_argument("--eval-prompts", type=int, default=100)
     p.add_argument("--eval-steps", type=int, default=25)

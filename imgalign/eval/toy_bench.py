@@ -4,7 +4,8 @@
 
 Per-criterion scores follow GenEval: each criterion is averaged over the images whose prompt states it;
 `overall` is the fraction of images that satisfy every stated criterion; `score` is the dense mean of the
-stated criteria. Intervals are percentile bootstrap 95% over prompts.
+stated (fidelity) criteria; `taste` (prompts without a background) and `preference` (fidelity + taste, the toy
+rater's score) are in `imgalign.toy.evaluator`. Intervals are percentile bootstrap 95% over prompts.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ import torch
 
 from imgalign.eval.preference import bootstrap_ci
 
-CRITERIA = ("overall", "score", "presence", "colour", "shape", "count", "size", "relation", "background")
+CRITERIA = ("preference", "score", "overall", "presence", "colour", "shape", "count", "size", "relation", "background",
+            "taste")
 
 
 @dataclass
@@ -56,7 +58,8 @@ def generate_and_score(pipe, prompts: list[str], images_per_prompt: int = 1, num
         for i, img in enumerate(images):
             prompt = batch[i // images_per_prompt]
             s = evaluate(img, prompt)
-            rows.append({**s.criteria, "overall": float(s.overall), "score": float(s.score)})
+            rows.append({**s.criteria, "overall": s.overall, "score": s.score, "taste": s.taste,
+                         "preference": s.preference})
             all_prompts.append(prompt)
         all_images.append(images)
     result = ToyBenchResult(all_prompts, rows, torch.cat(all_images))

@@ -32,6 +32,7 @@ _BUILTIN: dict[str, str] = {
     "compressibility": "imgalign.rewards.compressibility:JPEGCompressibility",
     "incompressibility": "imgalign.rewards.compressibility:JPEGIncompressibility",
     "toy": "imgalign.rewards.toy:ToyEvaluatorReward",
+    "toy_preference": "imgalign.rewards.toy:toy_preference",
     "lambda_harmonic": "imgalign.rewards.harmonic:LambdaHarmonic",
 }
 _REGISTRY: dict[str, str | Callable[..., Reward]] = dict(_BUILTIN)

@@ -3,7 +3,9 @@
 ``imgalign.toy.evaluate(image, prompt)`` segments the image by colour and checks presence, colour, shape, count,
 size, relation and background. ``criterion`` picks what the reward returns:
 
-- ``"score"`` (default): the mean of the criteria the prompt has - dense, good for RL;
+- ``"score"`` (default): the mean of the fidelity criteria the prompt has - dense, good for RL;
+- ``"preference"`` (also the reward ``toy_preference``): the toy rater's score, fidelity plus its taste (a white
+  background where the prompt states none);
 - ``"overall"``: 1.0 iff every applicable criterion holds (GenEval's binary "correct");
 - a single criterion name (``"count"``, ``"relation"``, ...): NaN for prompts that lack it.
 
@@ -57,3 +59,10 @@ class ToyEvaluatorReward(Reward):
         evaluate = self._evaluator()
         values = [_value(evaluate(image, prompt), self.criterion) for image, prompt in zip(unit_to_pil(images), prompts)]
         return torch.tensor(values, dtype=torch.float32)
+
+
+def toy_preference(**kwargs) -> ToyEvaluatorReward:
+    """The toy rater's score (fidelity criteria + taste): what toy preference pairs are labelled with."""
+    reward = ToyEvaluatorReward(criterion="preference", **kwargs)
+    reward.name = "toy_preference"
+    return reward

@@ -35,6 +35,19 @@ group criteria are averaged over the groups. Then:
 ``overall`` is 1.0 when every applicable criterion is 1.0, else 0.0 (GenEval's per-prompt accuracy);
 ``score`` is the mean of the applicable criteria, a denser reward. Objects the prompt does not mention are
 not penalised, as in GenEval, unless they are extra copies of a mentioned object (count).
+
+The toy rater's taste. Real preference data (Pick-a-Pic, HPD) rewards prompt fidelity *and* a rater's taste
+for things the prompt leaves open (brightness, style, composition). The criteria above are fidelity only, and
+the toy models' fidelity errors are capability errors that a short fine-tuning run cannot fix (measured: see
+the README's demo section). So the toy rater also has a taste, the toy analogue of a house style:
+
+* taste (only if the prompt states no background): the detected background is
+  ``EvaluatorConfig.preferred_background`` (white). The renderer picks an unstated background uniformly; the
+  shipped toy SD draws it gray / black / white 57 / 27 / 16 % of the time, and two samples of one prompt differ
+  in background 56 % of the time (a mode choice it can draw exactly: stated backgrounds score 0.98).
+
+``preference`` is the mean of the applicable fidelity criteria and the taste: the rater's score, the label
+of toy preference pairs. ``score`` and ``overall`` stay fidelity only, so fidelity is always reported apart.
 """
 
 from __future__ import annotations
@@ -70,6 +83,7 @@ class EvaluatorConfig:
     triangle_offset: float = 0.06  # centroid this far off the box centre (fraction of box) -> triangle
     relation_margin: float = 0.1  # centres must differ by this fraction of the image side along the axis
     size_threshold: float = SIZE_THRESHOLD  # longer box side / image side above this -> "large"
+    preferred_background: str = "white"  # the toy rater's taste where the prompt states no background
 
 
 DEFAULT_CONFIG = EvaluatorConfig()
@@ -99,8 +113,10 @@ class ToyScore:
     size: float | None
     relation: float | None
     background: float | None
-    overall: float  # 1.0 iff every applicable criterion is 1.0
-    score: float  # mean of the applicable criteria
+    overall: float  # 1.0 iff every applicable fidelity criterion is 1.0
+    score: float  # mean of the applicable fidelity criteria
+    taste: float | None  # the rater's taste (preferred background), None when the prompt states a background
+    preference: float  # mean of the applicable fidelity criteria and the taste: the toy rater's score
     detections: tuple[Detection, ...] = field(default=(), repr=False)
     detected_background: str | None = None
 
@@ -410,10 +426,13 @@ def evaluate(image: Any, prompt: str | Scene, config: EvaluatorConfig = DEFAULT_
         "background": background,
     }
     applicable = [value for value in values.values() if value is not None]
+    taste = None if scene.background is not None else float(detected_background == config.preferred_background)
     return ToyScore(
         **values,
         overall=float(all(value == 1.0 for value in applicable)),
         score=_mean(applicable),
+        taste=taste,
+        preference=_mean(applicable + ([] if taste is None else [taste])),
         detections=tuple(detections),
         detected_background=detected_background,
     )

@@ -1,8 +1,8 @@
 """Toy preference data: Pick-a-Pic-layout pairs sampled from a base pipeline and labelled by the toy evaluator.
 
 For each prompt we sample two images (or k, keeping the best and the worst) from the pipeline (same prompt,
-different noise), score them with the toy evaluator's dense criterion fraction (`ToyScore.score`) and label
-the pair like Pick-a-Pic:
+different noise), score them with the toy evaluator (by default the toy rater's `ToyScore.preference`:
+fidelity criteria plus taste; ``criterion="score"`` labels by fidelity alone) and label the pair like Pick-a-Pic:
 ``label_0 = 1`` if jpg_0 scores higher, ``0`` if jpg_1 does, ``0.5`` on a tie. An optional label-noise
 probability flips decided labels, to simulate noisy human raters. The result is a parquet file that
 `imgalign.data.load_preference_pairs` reads (ties are dropped there unless ``keep_ties=True``).
@@ -42,7 +42,7 @@ def online_rl_prompt_files() -> dict[str, Path]:
 def generate_toy_pairs(pipeline_dir: str | Path, prompts: list[str], out_path: str | Path, n_pairs: int,
                        num_inference_steps: int = 10, guidance_scale: float = 5.0, seed: int = 0,
                        label_noise: float = 0.0, lora: str | Path | None = None, batch_size: int = 32,
-                       device: str = "cpu", images_per_prompt: int = 2) -> dict:
+                       device: str = "cpu", images_per_prompt: int = 2, criterion: str = "preference") -> dict:
     """Sample ``n_pairs`` preference pairs and write them as Pick-a-Pic parquet to ``out_path``.
 
     Args:
@@ -57,6 +57,8 @@ def generate_toy_pairs(pipeline_dir: str | Path, prompts: list[str], out_path: s
         images_per_prompt: k images per prompt; the pair is the best and the worst of them by toy score (kept
             in sampling order, so either may come first; a tie when all k score the same). k = 2 is a random pair;
             larger k gives fewer ties and wider margins at k/2 times the sampling cost.
+        criterion: the `ToyScore` field that ranks images: ``preference`` (fidelity + the rater's taste),
+            ``score`` (fidelity only) or ``overall``.
 
     Returns:
         stats: n_pairs, n_ties, n_flipped, mean score of jpg_0 / jpg_1, mean |score difference|, seconds.
@@ -69,6 +71,8 @@ def generate_toy_pairs(pipeline_dir: str | Path, prompts: list[str], out_path: s
         raise ValueError("generate_toy_pairs needs at least one prompt")
     if images_per_prompt < 2:
         raise ValueError(f"images_per_prompt must be at least 2 (a pair), got {images_per_prompt}")
+    if criterion not in ("preference", "score", "overall"):
+        raise ValueError(f"criterion must be 'preference', 'score' or 'overall', got {criterion!r}")
     if not 0.0 <= label_noise <= 1.0:
         raise ValueError(f"label_noise must be a probability in [0, 1], got {label_noise}")
     start = time.time()
@@ -86,7 +90,7 @@ def generate_toy_pairs(pipeline_dir: str | Path, prompts: list[str], out_path: s
                       guidance_scale=guidance_scale, generator=generator, output_type="pil").images
         for j, prompt in enumerate(batch):  # diffusers orders images prompt-major: p0 x k, p1 x k, ...
             group = images[k * j:k * (j + 1)]
-            group_scores = [evaluate(im, prompt).score for im in group]
+            group_scores = [getattr(evaluate(im, prompt), criterion) for im in group]
             best, worst = int(np.argmax(group_scores)), int(np.argmin(group_scores))
             a, b = sorted((best, worst)) if best != worst else (0, 1)
             im_0, im_1, s_0, s_1 = group[a], group[b], group_scores[a], group_scores[b]
@@ -103,7 +107,7 @@ def generate_toy_pairs(pipeline_dir: str | Path, prompts: list[str], out_path: s
             "mean_score_0": float(s[:, 0].mean()), "mean_score_1": float(s[:, 1].mean()),
             "mean_abs_score_diff": float(np.abs(s[:, 0] - s[:, 1]).mean()),
             "num_inference_steps": num_inference_steps, "guidance_scale": guidance_scale, "seed": seed,
-            "label_noise": label_noise, "images_per_prompt": images_per_prompt,
+            "label_noise": label_noise, "images_per_prompt": images_per_prompt, "criterion": criterion,
             "seconds": round(time.time() - start, 1)}
 
 
@@ -122,9 +126,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lora", default=None)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--images-per-prompt", type=int, default=2, help="pair the best and worst of k samples")
+    p.add_argument("--criterion", default="preference", choices=["preference", "score", "overall"],
+                   help="what ranks the images: the rater's preference (fidelity + taste) or fidelity alone")
     a = p.parse_args(argv)
     stats = generate_toy_pairs(a.pipeline, load_prompts(a.prompts), a.out, a.n_pairs, a.steps, a.cfg, a.seed,
-                               a.label_noise, a.lora, a.batch_size, images_per_prompt=a.images_per_prompt)
+                               a.label_noise, a.lora, a.batch_size, images_per_prompt=a.images_per_prompt,
+                               criterion=a.criterion)
     print(json.dumps(stats, indent=2))
 
 

@@ -50,6 +50,12 @@ def test_toy_evaluator_reward():
     assert reward.score(pixels, prompt).item() == 1.0
     assert reward.score(pixels.float() / 255, prompt).item() == 1.0
     assert np.isnan(build_reward("toy", criterion="relation").score([image], prompt).item())  # no relation asked
+    # the toy rater's preference: fidelity + taste (white where no background is stated)
+    on_white, _ = toy.render("two red circles on a white background", np.random.default_rng(0))
+    on_black, _ = toy.render("two red circles on a black background", np.random.default_rng(0))
+    preference = build_reward("toy_preference")
+    assert preference.name == "toy_preference"
+    assert preference.score([on_white, on_black], "two red circles").tolist() == [1.0, pytest.approx(4 / 5)]  # 4 fidelity criteria + taste
 
 
 @pytest.fixture(scope="module")

@@ -134,6 +134,32 @@ def test_partial_credit_by_hand():
     assert evaluate(canvas, "a blue square below a red circle").relation == 0.0
 
 
+def test_taste_and_preference_by_hand():
+    """The rater's taste: a white background where the prompt states none; preference = mean(fidelity + taste)."""
+    circle = _shape_mask("circle", 9)
+    images = {}
+    for name in ("white", "black"):
+        canvas = np.full((32, 32, 3), BACKGROUNDS[name], dtype=np.uint8)
+        canvas[3:12, 3:12][circle] = COLOURS["red"]
+        canvas[20:29, 20:29][circle] = COLOURS["red"]
+        images[name] = canvas
+
+    # "a red circle" on white: fidelity 3/4 (count wrong), taste 1 -> preference (3 + 1) / 5 = 0.8.
+    score = evaluate(images["white"], "a red circle")
+    assert score.taste == 1.0 and score.preference == pytest.approx(4 / 5) and score.score == pytest.approx(3 / 4)
+    # On black: taste 0 -> preference 3 / 5; fidelity unchanged.
+    score = evaluate(images["black"], "a red circle")
+    assert score.taste == 0.0 and score.preference == pytest.approx(3 / 5) and score.score == pytest.approx(3 / 4)
+    # A stated background is fidelity, not taste: black asked and drawn -> no taste, preference == score.
+    score = evaluate(images["black"], "two red circles on a black background")
+    assert score.taste is None and score.preference == score.score == 1.0
+    assert "taste" not in score.criteria and score.overall == 1.0  # fidelity criteria and overall ignore taste
+    # The taste is a setting: a rater who likes black backgrounds.
+    from imgalign.toy.evaluator import EvaluatorConfig
+
+    assert evaluate(images["black"], "two red circles", EvaluatorConfig(preferred_background="black")).taste == 1.0
+
+
 def test_specks_and_background_sized_regions_are_not_objects():
     rng = np.random.default_rng(0)
     canvas = np.full((32, 32, 3), BACKGROUNDS["gray"], dtype=np.uint8)

@@ -59,20 +59,31 @@ def test_online_rl_prompt_files_exist():
 
 
 def test_best_and_worst_of_k_images(tiny_pipelines, tmp_path, monkeypatch):
-    """k = 4 with scores 0.1, 0.9, 0.5, 0.3 per prompt: best is image 1, worst image 0, kept in sampling order
-    -> jpg_0 scores 0.1, jpg_1 0.9, label_0 = 0."""
+    """k = 4 with fidelity scores 0.1, 0.9, 0.5, 0.3 per prompt: best is image 1, worst image 0, kept in sampling
+    order -> jpg_0 scores 0.1, jpg_1 0.9, label_0 = 0. Ranked by the rater's preference instead (here 1 - score):
+    best is image 0, worst image 1 -> label_0 = 1."""
     from types import SimpleNamespace
 
     import pyarrow.parquet as pq
 
     from imgalign.toy import evaluator
 
-    cycle = iter([0.1, 0.9, 0.5, 0.3] * 3)
-    monkeypatch.setattr(evaluator, "evaluate", lambda image, prompt: SimpleNamespace(score=next(cycle)))
+    def scripted():
+        cycle = iter([0.1, 0.9, 0.5, 0.3] * 3)
+        return lambda image, prompt: (lambda s: SimpleNamespace(score=s, preference=1 - s))(next(cycle))
+
+    monkeypatch.setattr(evaluator, "evaluate", scripted())
     stats = generate_toy_pairs(tiny_pipelines("sd15"), PROMPTS, tmp_path / "k4.parquet", n_pairs=3,
-                               num_inference_steps=1, guidance_scale=1.0, images_per_prompt=4)
+                               num_inference_steps=1, guidance_scale=1.0, images_per_prompt=4, criterion="score")
     assert stats["n_ties"] == 0 and stats["mean_score_0"] == pytest.approx(0.1)
     assert stats["mean_abs_score_diff"] == pytest.approx(0.8)
     assert pq.read_table(tmp_path / "k4.parquet").column("label_0").to_pylist() == [0.0] * 3
+    monkeypatch.setattr(evaluator, "evaluate", scripted())
+    stats = generate_toy_pairs(tiny_pipelines("sd15"), PROMPTS, tmp_path / "k4p.parquet", n_pairs=3,
+                               num_inference_steps=1, guidance_scale=1.0, images_per_prompt=4)  # preference
+    assert stats["criterion"] == "preference" and stats["mean_score_0"] == pytest.approx(0.9)
+    assert pq.read_table(tmp_path / "k4p.parquet").column("label_0").to_pylist() == [1.0] * 3
+    with pytest.raises(ValueError, match="criterion must be"):
+        generate_toy_pairs(tiny_pipelines("sd15"), PROMPTS, tmp_path / "x.parquet", n_pairs=1, criterion="taste")
     with pytest.raises(ValueError, match="images_per_prompt must be at least 2"):
         generate_toy_pairs(tiny_pipelines("sd15"), PROMPTS, tmp_path / "x.parquet", n_pairs=1, images_per_prompt=1)
