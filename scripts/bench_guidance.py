@@ -157,7 +157,8 @@ def toy(args) -> dict:
                      "(e.g. outputs/demo/dpo) or leave --aligned out to train a quick Diffusion-DPO LoRA")
         if not (dpo_dir / "pytorch_lora_weights.safetensors").is_file():
             stats = generate_toy_pairs(model, train_prompts, out / "pairs.parquet", n_pairs=args.pairs, seed=1,
-                                       num_inference_steps=args.steps, guidance_scale=args.cfg)
+                                       num_inference_steps=args.steps, guidance_scale=args.cfg,
+                                       criterion="score")  # the sweep below reports fidelity
             print(f"[toy] {stats['n_pairs']} pairs ({stats['n_ties']} ties) in {stats['seconds']} s", flush=True)
             cfg = load_config(diffusion_dpo.Config, None, [
                 f"model.pretrained={model}", f"data.source={out / 'pairs.parquet'}", "data.resolution=32",
