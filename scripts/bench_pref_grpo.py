@@ -111,24 +111,26 @@ def evaluate(model_dir: str, lora_dir: str | None, prompts: list[str], args) -> 
     """Per image (seed = prompt index, pipeline sampling as users do): the toy rater's preference (fidelity +
     taste), fidelity score, taste (NaN where the prompt states a background) and saturation."""
     from imgalign.models.adapters import load_adapter
-    from imgalign.rewards import build_reward
+    from imgalign.rewards.images import unit_to_pil
+    from imgalign.toy import evaluate as toy_evaluate
 
     adapter = load_adapter(model_dir)
     if lora_dir:
         adapter.pipe.load_lora_weights(lora_dir)
-    metrics = {"preference": build_reward("toy_preference"), "toy": build_reward("toy"),
-               "taste": build_reward("toy", criterion="taste")}
-    values = {name: [] for name in [*metrics, "saturation"]}
+    values = {name: [] for name in ("preference", "toy", "taste", "saturation")}
     for start in range(0, len(prompts), 25):
         chunk = prompts[start:start + 25]
         gens = [torch.Generator().manual_seed(10_000 + start + i) for i in range(len(chunk))]
         images = adapter.pipe(prompt=chunk, num_inference_steps=args.eval_steps, guidance_scale=args.eval_cfg,
                               height=args.resolution, width=args.resolution, generator=gens,
                               output_type="pt").images.float()
-        for name, reward in metrics.items():
-            values[name].append(reward.score(images, chunk))
-        values["saturation"].append(saturation(images))
-    return {name: torch.cat(v) for name, v in values.items()}
+        # one evaluation per image, on the same uint8 pixels the toy rewards see
+        scores = [toy_evaluate(image, prompt) for image, prompt in zip(unit_to_pil(images), chunk)]
+        values["preference"] += [s.preference for s in scores]
+        values["toy"] += [s.score for s in scores]
+        values["taste"] += [math.nan if s.taste is None else s.taste for s in scores]
+        values["saturation"] += saturation(images).tolist()
+    return {name: torch.tensor(v, dtype=torch.float64) for name, v in values.items()}
 
 
 def mean_ci(x: torch.Tensor) -> tuple[float, float]:
@@ -183,7 +185,7 @@ def bench_toy(args) -> dict:
           f"lr {args.lr:g}, judge {judge}; held-out: {n} test prompts, 1 image each, {args.eval_steps} steps, "
           f"CFG {args.eval_cfg:g}; mean +- 95% CI half-width, paired change vs base in brackets")
     columns = ["preference", "toy", "taste", "saturation"]
-    print(f"{'model':<26}" + "".join(f"{c if c != 'toy' else 'fidelity':>28}" for c in columns) + f"{'train s':>9}")
+    print(f"{'model':<26}" + "".join(f"{c if c != 'toy' else 'fidelity':>30}" for c in columns) + f"{'train s':>9}")
     summary = {}
     for name, r in results.items():
         ev, row = r["eval"], {}
@@ -192,7 +194,7 @@ def bench_toy(args) -> dict:
             m, ci = mean_ci(ev[c])
             d, dci = mean_ci(ev[c] - base[c])
             row.update({c: m, f"{c}_ci95": ci, f"{c}_delta_vs_base": d, f"{c}_delta_ci95": dci})
-            line += f"{m:.3f} +- {ci:.3f} [{d:+.3f} +- {dci:.3f}]".rjust(28)
+            line += f"{m:.3f} +- {ci:.3f} [{d:+.3f} +- {dci:.3f}]".rjust(30)
         summary[name] = {**row, "train_seconds": r.get("seconds")}
         if "history" in r:
             summary[name]["train_reward_first_last"] = [r["history"][0]["train/reward_mean"],

@@ -22,6 +22,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+PAIR_CRITERIA = ("preference", "score", "overall")  # the `ToyScore` fields that can rank a prompt's images
+
 
 def label_from_scores(score_0: float, score_1: float) -> float:
     """Pick-a-Pic label_0 from two evaluator scores: 1.0, 0.0, or 0.5 for a tie."""
@@ -71,8 +73,8 @@ def generate_toy_pairs(pipeline_dir: str | Path, prompts: list[str], out_path: s
         raise ValueError("generate_toy_pairs needs at least one prompt")
     if images_per_prompt < 2:
         raise ValueError(f"images_per_prompt must be at least 2 (a pair), got {images_per_prompt}")
-    if criterion not in ("preference", "score", "overall"):
-        raise ValueError(f"criterion must be 'preference', 'score' or 'overall', got {criterion!r}")
+    if criterion not in PAIR_CRITERIA:
+        raise ValueError(f"criterion must be one of {', '.join(PAIR_CRITERIA)}, got {criterion!r}")
     if not 0.0 <= label_noise <= 1.0:
         raise ValueError(f"label_noise must be a probability in [0, 1], got {label_noise}")
     start = time.time()
@@ -126,7 +128,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--lora", default=None)
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--images-per-prompt", type=int, default=2, help="pair the best and worst of k samples")
-    p.add_argument("--criterion", default="preference", choices=["preference", "score", "overall"],
+    p.add_argument("--criterion", default="preference", choices=PAIR_CRITERIA,
                    help="what ranks the images: the rater's preference (fidelity + taste) or fidelity alone")
     a = p.parse_args(argv)
     stats = generate_toy_pairs(a.pipeline, load_prompts(a.prompts), a.out, a.n_pairs, a.steps, a.cfg, a.seed,
