@@ -104,6 +104,8 @@ class ToyDemoSettings:
     beta: float = 5000.0
     rank: int = 8
     eval_images_per_prompt: int = 1  # images per held-out test prompt in the before/after benchmark
+    eval_prompts: int | None = None  # the first N held-out test prompts (None: all 200)
+    validation_prompts: int = 48  # validation prompts scored during training (the curve in training_curves.png)
     pipeline: str = str(TOY_PIPELINE)
 
 
@@ -117,7 +119,7 @@ def run_toy_demo(out: Path, settings: ToyDemoSettings | None = None) -> int:
 
     st = settings or ToyDemoSettings()
     train_prompts = load_prompts(PROMPT_DIR / "train.txt")
-    test_prompts = load_prompts(PROMPT_DIR / "test.txt")
+    test_prompts = load_prompts(PROMPT_DIR / "test.txt")[:st.eval_prompts]
     sampling = dict(num_inference_steps=st.sampler_steps, guidance_scale=st.cfg)
     print(f"[demo] sampling toy preference pairs from {st.pipeline}", flush=True)
     stats = generate_toy_pairs(st.pipeline, train_prompts, out / "pairs_train.parquet", n_pairs=st.pairs, seed=1,
@@ -129,7 +131,8 @@ def run_toy_demo(out: Path, settings: ToyDemoSettings | None = None) -> int:
                                   seed=7, **sampling)
 
     before = bench()
-    (out / "val_prompts.txt").write_text("\n".join(load_prompts(PROMPT_DIR / "validation.txt")[:48]) + "\n")
+    val_prompts = load_prompts(PROMPT_DIR / "validation.txt")[:st.validation_prompts]
+    (out / "val_prompts.txt").write_text("\n".join(val_prompts) + "\n")
     cfg = load_config(diffusion_dpo.Config, None, [
         f"model.pretrained={st.pipeline}", f"data.source={out / 'pairs_train.parquet'}", "data.resolution=32",
         "data.hflip=false", "data.cache_latents=true", f"run.output_dir={out / 'dpo'}", f"run.max_steps={st.dpo_steps}",
@@ -159,7 +162,7 @@ def run_toy_demo(out: Path, settings: ToyDemoSettings | None = None) -> int:
     lines.append(f"outputs: {out / 'before_after.png'}, {out / 'training_curves.png'}, {out / 'dpo'}")
     print("\n".join(lines))
     (out / "report.txt").write_text("\n".join(lines) + "\n")
-    n = 16
+    n = min(16, len(before.images))
     grid = torch.cat([before.images[:n], after.images[:n]]) * 2 - 1  # row 1: before, row 2: after
     image_grid(grid, nrow=n).save(out / "before_after.png")
     _plot_toy(result["history"], result["validation"], out / "training_curves.png")
