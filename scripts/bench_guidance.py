@@ -130,6 +130,15 @@ def _fmt(mean_lo_hi) -> str:
     return f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
 
 
+def _fmt_diff(mean_lo_hi) -> str:
+    m, lo, hi = mean_lo_hi[:3]
+    return f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+
+
+# what the RLG sweep reports: the toy rater's preference, its fidelity part (the toy score) and its taste
+SWEEP_METRICS = ("preference", "score", "taste")
+
+
 def toy(args) -> dict:
     from bench_pref_grpo import saturation  # the hackable bonus of the Pref-GRPO toy benchmark (same folder)
 
@@ -177,12 +186,13 @@ def toy(args) -> dict:
         for w in args.weights:
             res = _score(pipe, test_prompts, args, RLGuidance(weight=w, aligned="aligned"))
             sweep[w] = res
-            print(f"[toy] RLG w={w:<4} toy score {_fmt(res.summary['score'])}  overall {_fmt(res.summary['overall'])}"
-                  f"  saturation {float(saturation(res.images).mean()):.3f}  ({time.time() - t0:.0f} s)", flush=True)
-        base_scores = sweep[args.weights[0]].values("score")
-        report["rlg"] = {str(w): {"score": r.summary["score"][:3], "overall": r.summary["overall"][:3],
-                                  "saturation": float(saturation(r.images).mean()),
-                                  "paired_diff_vs_first": bootstrap_ci(r.values("score") - base_scores)}
+            print(f"[toy] RLG w={w:<4} " + "  ".join(f"{m} {_fmt(res.summary[m])}" for m in SWEEP_METRICS)
+                  + f"  saturation {float(saturation(res.images).mean()):.3f}  ({time.time() - t0:.0f} s)", flush=True)
+        first = sweep[args.weights[0]]
+        report["rlg"] = {str(w): {**{m: r.summary[m][:3] for m in SWEEP_METRICS},
+                                  **{f"{m}_paired_diff_vs_first": bootstrap_ci(r.values(m) - first.values(m))
+                                     for m in SWEEP_METRICS},
+                                  "saturation": float(saturation(r.images).mean())}
                          for w, r in sweep.items()}
 
     # 2. Self-NPO negative model (full fine-tuning from the model's own samples) + NPO guidance vs plain CFG
@@ -204,15 +214,15 @@ def toy(args) -> dict:
         guided = _score(base.pipe, test_prompts, args, NPOGuidance(negative=neg))
         diff = bootstrap_ci(guided.values("score") - plain.values("score"))
         print(f"[toy] plain CFG {args.cfg}: {_fmt(plain.summary['score'])}   NPO (Self-NPO negative): "
-              f"{_fmt(guided.summary['score'])}   paired diff {diff[0]:+.3f} [{diff[1]:+.3f}, {diff[2]:+.3f}]", flush=True)
+              f"{_fmt(guided.summary['score'])}   paired diff {_fmt_diff(diff)}", flush=True)
         report["npo"] = {"plain": plain.summary["score"][:3], "npo": guided.summary["score"][:3], "paired_diff": diff}
 
-    for w, r in report.get("rlg", {}).items():
-        if w == str(args.weights[0]):
-            print(f"\n== RLG sweep (aligned = {dpo_dir}), toy score mean [95% CI], paired diff vs w={w} ==")
-        d = r["paired_diff_vs_first"]
-        print(f"  w={w:<5} {_fmt(r['score']):<26} overall {_fmt(r['overall']):<26} diff {d[0]:+.3f} [{d[1]:+.3f}, "
-              f"{d[2]:+.3f}]  saturation {r['saturation']:.3f}")
+    if "rlg" in report:
+        print(f"\n== RLG sweep (aligned = {dpo_dir}): mean [95% CI] and paired change vs w={args.weights[0]} ==")
+        print(f"  {'w':<6}" + "".join(f"{m:<48}" for m in SWEEP_METRICS) + "saturation")
+        for w, r in report["rlg"].items():
+            cells = [f"{_fmt(r[m])} {_fmt_diff(r[f'{m}_paired_diff_vs_first'])}" for m in SWEEP_METRICS]
+            print(f"  {w:<6}" + "".join(f"{c:<48}" for c in cells) + f"{r['saturation']:.3f}")
     report["seconds"] = round(time.time() - t0)
     (out / "report.json").write_text(json.dumps(report, indent=2))
     return report
