@@ -21,6 +21,7 @@ Without the shipped toy model (a checkout that has not built it), the fallback:
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -118,6 +119,7 @@ def run_toy_demo(out: Path, settings: ToyDemoSettings | None = None) -> int:
     from imgalign.train.setup import image_grid
 
     st = settings or ToyDemoSettings()
+    start = time.time()
     train_prompts = load_prompts(PROMPT_DIR / "train.txt")
     test_prompts = load_prompts(PROMPT_DIR / "test.txt")[:st.eval_prompts]
     sampling = dict(num_inference_steps=st.sampler_steps, guidance_scale=st.cfg)
@@ -144,11 +146,13 @@ def run_toy_demo(out: Path, settings: ToyDemoSettings | None = None) -> int:
     ])
     result = diffusion_dpo.train(cfg)
     after = bench(out / "dpo")
+    total = time.time() - start
 
     change = {name: bootstrap_ci(after.values(name) - before.values(name)) for name in ("preference", "score", "taste")}
     lines = ["", "== imgalign demo: Diffusion-DPO on the toy world ==",
              f"base model {st.pipeline}; {stats['n_pairs'] - stats['n_ties']} evaluator-labelled pairs "
-             f"(best vs worst of {st.images_per_pair}); {result['steps']} DPO steps in {result['seconds']:.0f} s",
+             f"(best vs worst of {st.images_per_pair}; sampled in {stats['seconds']:.0f} s); {result['steps']} DPO "
+             f"steps in {result['seconds']:.0f} s; whole demo {total / 60:.1f} min",
              f"held-out test prompts: {len(test_prompts)} x {st.eval_images_per_prompt} images, same seeds before and "
              f"after, {st.sampler_steps} steps, CFG {st.cfg}",
              f"{'criterion':<12}{'before':>24}{'after':>24}"]

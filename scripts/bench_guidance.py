@@ -167,7 +167,7 @@ def toy(args) -> dict:
         if not (dpo_dir / "pytorch_lora_weights.safetensors").is_file():
             stats = generate_toy_pairs(model, train_prompts, out / "pairs.parquet", n_pairs=args.pairs, seed=1,
                                        num_inference_steps=args.steps, guidance_scale=args.cfg,
-                                       criterion="score")  # the sweep below reports fidelity
+                                       criterion="score")  # fidelity labels: the toy score is the headline of the sweep
             print(f"[toy] {stats['n_pairs']} pairs ({stats['n_ties']} ties) in {stats['seconds']} s", flush=True)
             cfg = load_config(diffusion_dpo.Config, None, [
                 f"model.pretrained={model}", f"data.source={out / 'pairs.parquet'}", "data.resolution=32",

@@ -5,6 +5,7 @@ The demo's effect itself is toy evidence (README, measured with the full setting
 
 from __future__ import annotations
 
+import numpy as np
 from PIL import Image
 
 from imgalign.demo import ToyDemoSettings, run_toy_demo
@@ -16,10 +17,12 @@ def test_toy_demo_writes_its_report_grid_curves_and_lora(tmp_path):
     assert run_toy_demo(tmp_path, settings) == 0
     report = (tmp_path / "report.txt").read_text()
     assert "held-out test prompts: 6 x 1 images" in report
-    assert "4 DPO steps" in report
+    assert "4 DPO steps" in report and "whole demo" in report
     for name in ("preference", "score", "taste"):  # one before/after row per criterion ...
         assert any(line.startswith(name) for line in report.splitlines()), name
     assert report.count("(paired bootstrap)") == 3  # ... and the three paired changes
     assert (tmp_path / "dpo" / "pytorch_lora_weights.safetensors").is_file()
-    assert Image.open(tmp_path / "before_after.png").size == (6 * 32, 2 * 32)  # row 1 before, row 2 after
+    grid = np.asarray(Image.open(tmp_path / "before_after.png")).astype(int)
+    assert grid.shape == (2 * 32, 6 * 32, 3)  # row 1 before, row 2 after, same seeds
+    assert np.abs(grid[:32] - grid[32:]).max() > 0  # the "after" row was drawn with the trained LoRA
     assert Image.open(tmp_path / "training_curves.png").width > 0
