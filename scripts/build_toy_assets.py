@@ -322,8 +322,9 @@ def evaluate_pipeline(path: Path, prompts: list[str], steps: int, cfg: float, se
                    height=M.IMAGE_SIZE, width=M.IMAGE_SIZE, **call_kw).images
         scores += [evaluate(im, p) for im, p in zip(out, chunk)]
     summary = {"n": len(prompts), "overall": float(np.mean([s.overall for s in scores])),
-               "score": float(np.mean([s.score for s in scores]))}
-    for name in ToyScore.CRITERIA:
+               "score": float(np.mean([s.score for s in scores])),
+               "preference": float(np.mean([s.preference for s in scores]))}  # the toy rater (fidelity + taste)
+    for name in (*ToyScore.CRITERIA, "taste"):
         vals = [getattr(s, name) for s in scores if getattr(s, name) is not None]
         summary[name] = float(np.mean(vals)) if vals else None
     kinds = [parse(p).kind for p in prompts]
