@@ -185,7 +185,7 @@ def bench_toy(args) -> dict:
           f"lr {args.lr:g}, judge {judge}; held-out: {n} test prompts, 1 image each, {args.eval_steps} steps, "
           f"CFG {args.eval_cfg:g}; mean +- 95% CI half-width, paired change vs base in brackets")
     columns = ["preference", "toy", "taste", "saturation"]
-    print(f"{'model':<26}" + "".join(f"{c if c != 'toy' else 'fidelity':>30}" for c in columns) + f"{'train s':>9}")
+    print(f"{'model':<26}" + "".join(f"{c if c != 'toy' else 'fidelity':>34}" for c in columns) + f"{'train s':>9}")
     summary = {}
     for name, r in results.items():
         ev, row = r["eval"], {}
@@ -194,7 +194,7 @@ def bench_toy(args) -> dict:
             m, ci = mean_ci(ev[c])
             d, dci = mean_ci(ev[c] - base[c])
             row.update({c: m, f"{c}_ci95": ci, f"{c}_delta_vs_base": d, f"{c}_delta_ci95": dci})
-            line += f"{m:.3f} +- {ci:.3f} [{d:+.3f} +- {dci:.3f}]".rjust(30)
+            line += f"{m:.3f} +- {ci:.3f} [{d:+.3f} +- {dci:.3f}]".rjust(34)
         summary[name] = {**row, "train_seconds": r.get("seconds")}
         if "history" in r:
             summary[name]["train_reward_first_last"] = [r["history"][0]["train/reward_mean"],
