@@ -125,14 +125,10 @@ def _score(pipe, prompts, args, guidance=None):
                                   guidance_scale=args.cfg, seed=args.seed, progress=False)
 
 
-def _fmt(mean_lo_hi) -> str:
+def _fmt(mean_lo_hi, sign: str = "") -> str:
+    """mean [lo, hi]; sign="+" for changes."""
     m, lo, hi = mean_lo_hi[:3]
-    return f"{m:.3f} [{lo:.3f}, {hi:.3f}]"
-
-
-def _fmt_diff(mean_lo_hi) -> str:
-    m, lo, hi = mean_lo_hi[:3]
-    return f"{m:+.3f} [{lo:+.3f}, {hi:+.3f}]"
+    return f"{m:{sign}.3f} [{lo:{sign}.3f}, {hi:{sign}.3f}]"
 
 
 # what the RLG sweep reports: the toy rater's preference, its fidelity part (the toy score) and its taste
@@ -214,14 +210,14 @@ def toy(args) -> dict:
         guided = _score(base.pipe, test_prompts, args, NPOGuidance(negative=neg))
         diff = bootstrap_ci(guided.values("score") - plain.values("score"))
         print(f"[toy] plain CFG {args.cfg}: {_fmt(plain.summary['score'])}   NPO (Self-NPO negative): "
-              f"{_fmt(guided.summary['score'])}   paired diff {_fmt_diff(diff)}", flush=True)
+              f"{_fmt(guided.summary['score'])}   paired diff {_fmt(diff, '+')}", flush=True)
         report["npo"] = {"plain": plain.summary["score"][:3], "npo": guided.summary["score"][:3], "paired_diff": diff}
 
     if "rlg" in report:
         print(f"\n== RLG sweep (aligned = {dpo_dir}): mean [95% CI] and paired change vs w={args.weights[0]} ==")
         print(f"  {'w':<6}" + "".join(f"{m:<48}" for m in SWEEP_METRICS) + "saturation")
         for w, r in report["rlg"].items():
-            cells = [f"{_fmt(r[m])} {_fmt_diff(r[f'{m}_paired_diff_vs_first'])}" for m in SWEEP_METRICS]
+            cells = [f"{_fmt(r[m])} {_fmt(r[f'{m}_paired_diff_vs_first'], '+')}" for m in SWEEP_METRICS]
             print(f"  {w:<6}" + "".join(f"{c:<48}" for c in cells) + f"{r['saturation']:.3f}")
     report["seconds"] = round(time.time() - t0)
     (out / "report.json").write_text(json.dumps(report, indent=2))
