@@ -15,7 +15,9 @@ Usage:
 
 The shipped sd / sd3 came from a phase chain (a first phase, then `--resume --<name>-phase2-steps 3000`
 continuations); assets/toy/README.md lists the exact commands. Batches are weighted by prompt kind
-(`--kind-weights`). Everything is seeded (`--seed`); with the same step counts, thread count and no
+(`--kind-weights`). A watermarked toy SD variant (not shipped; assets/toy/README.md): `--vae-decoder-only` and
+`--vae-watermark-fraction` teach the VAE decoder the toy watermark, `--watermark-fraction` puts it on sd
+renders. Everything is seeded (`--seed`); with the same step counts, thread count and no
 `--stage-minutes` cap hit, a rebuild gives the same weights on the same machine. One thread by default: on a shared 2-core
 machine two OpenMP threads stall whenever another process takes a core (steps measured 10-20x slower).
 sd / sd3 save an EMA of the trained weights. `assets/toy/manifest.json` records steps, seeds, losses,
@@ -118,13 +120,24 @@ def stage_clip(args) -> None:
 
 
 def stage_vae(args) -> None:
+    """Train the VAE from a seeded init, or with ``--vae-decoder-only`` fine-tune the decoder of ``--vae-from``
+    with the encoder frozen: the latents of everything the denoisers learned stay where they were, and the
+    decoder learns to draw what the old one could not (the watermark: a white-on-black corner mark decoded to
+    dark red before). The scaling factor is then kept, since the latent space is unchanged."""
+    from diffusers import AutoencoderKL
     from tqdm.auto import tqdm
 
     seed_all(args.seed + 1)
-    vae = M.build_vae(args.seed + 1).train()
-    images, _ = M.render_dataset(train_prompts(), 4, seed=args.seed + 2)
+    if args.vae_decoder_only:
+        vae = AutoencoderKL.from_pretrained(args.vae_from, torch_dtype=torch.float32).train()
+        vae.encoder.requires_grad_(False)
+        vae.quant_conv.requires_grad_(False)
+    else:
+        vae = M.build_vae(args.seed + 1).train()
+    images, _ = M.render_dataset(train_prompts(), 4, seed=args.seed + 2, watermark_fraction=args.vae_watermark_fraction)
     pixels = M.to_pixels(images)
-    opt = torch.optim.AdamW(vae.parameters(), lr=args.vae_lr, weight_decay=0.0)
+    params = [p for p in vae.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=args.vae_lr, weight_decay=0.0)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.vae_steps, 20))
     gen = torch.Generator().manual_seed(args.seed + 3)
     start, done, rec = time.time(), 0, float("nan")
@@ -139,7 +152,7 @@ def stage_vae(args) -> None:
         loss = rec_loss + args.vae_kl * kl
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(vae.parameters(), 1.0)
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         sched.step()
         rec, done = float(rec_loss), step + 1
@@ -151,21 +164,37 @@ def stage_vae(args) -> None:
         sample = pixels[:1024]
         post = vae.encode(sample).latent_dist
         mean, std = float(post.mean.mean()), float(post.mean.std())
-        recon = vae.decode(post.mean).sample.clamp(-1, 1)
-        # reconstruction fidelity measured with the evaluator itself: renders that still score 1.0
+        # reconstruction fidelity measured with the evaluator itself: renders that still score 1.0, and
+        # renders given the watermark whose reconstruction the evaluator still flags as watermarked
         from imgalign.toy.evaluator import evaluate
+        from imgalign.toy.render import add_watermark
 
         prompts = train_prompts()
         idx = np.arange(0, 1024, 8)  # render_dataset is prompt-major: image k shows prompt k // 4
-        recon_u8 = ((recon[idx] + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
-        ok = float(np.mean([evaluate(recon_u8[j], prompts[i // 4]).overall for j, i in enumerate(idx)]))
-    vae.register_to_config(scaling_factor=round(1.0 / std, 4), shift_factor=None)
+
+        def reconstruct(x):
+            out = vae.decode(vae.encode(x).latent_dist.mean).sample.clamp(-1, 1)
+            return ((out + 1) * 127.5).round().clamp(0, 255).byte().permute(0, 2, 3, 1).numpy()
+
+        ok = float(np.mean([evaluate(im, prompts[i // 4]).overall for im, i in zip(reconstruct(sample[idx]), idx)]))
+        marked = M.to_pixels(add_watermark(images[idx]))
+        kept = float(np.mean([evaluate(im, prompts[i // 4]).watermarked for im, i in zip(reconstruct(marked), idx)]))
+    if not args.vae_decoder_only:
+        vae.register_to_config(scaling_factor=round(1.0 / std, 4), shift_factor=None)
     out = Path(args.work_dir) / "vae"
     vae.save_pretrained(str(out), safe_serialization=True)
-    print(f"vae: recon loss {rec:.4f}, latent mean {mean:.3f} std {std:.3f}, evaluator accuracy on recons {ok:.3f}")
-    update_manifest("vae", {"steps": done, "batch_size": args.vae_batch, "seed": args.seed + 1, "final_recon_loss": rec,
-                            "latent_mean": mean, "latent_std": std, "scaling_factor": round(1.0 / std, 4),
-                            "evaluator_overall_on_reconstructions": ok, "seconds": round(time.time() - start, 1)})
+    print(f"vae: recon loss {rec:.4f}, latent mean {mean:.3f} std {std:.3f}, evaluator accuracy on recons {ok:.3f}, "
+          f"watermark kept on {kept:.3f}")
+    path = _manifest_path()
+    previous = json.loads(path.read_text()).get("vae") if path.exists() and args.vae_decoder_only else None
+    update_manifest("vae", {"earlier_phase": previous, "steps": done, "batch_size": args.vae_batch,
+                            "seed": args.seed + 1, "final_recon_loss": rec, "lr": args.vae_lr, "decoder_only": args.vae_decoder_only,
+                            "from": args.vae_from if args.vae_decoder_only else None,
+                            "watermark_fraction": args.vae_watermark_fraction,
+                            "latent_mean": mean, "latent_std": std, "scaling_factor": vae.config.scaling_factor,
+                            "evaluator_overall_on_reconstructions": ok,
+                            "watermark_detected_on_reconstructions": kept,
+                            "seconds": round(time.time() - start, 1)})
 
 
 def _load_clip_and_vae(args):
@@ -197,7 +226,8 @@ def _train_denoiser(name: str, pipe, args, steps: int, batch: int, lr: float, se
     adapter = load_adapter(str(work), **adapter_kw)
     seed_all(seed)
     prompts = train_prompts()
-    images, index = M.render_dataset(prompts, args.renders_per_prompt, seed=seed + 1)
+    images, index = M.render_dataset(prompts, args.renders_per_prompt, seed=seed + 1,
+                                     watermark_fraction=args.watermark_fraction if name == "sd" else 0.0)
     gen = torch.Generator().manual_seed(seed + 2)
     with torch.no_grad():
         latents = torch.cat([adapter.encode_images(M.to_pixels(images[i:i + 256]), generator=gen)
@@ -256,7 +286,7 @@ def _train_denoiser(name: str, pipe, args, steps: int, batch: int, lr: float, se
     out = ASSETS / name
     M.save_pipeline(adapter.pipe, out)
     return {"steps": done, "batch_size": batch, "lr": lr, "seed": seed, "prompt_dropout": args.prompt_dropout,
-            "kind_weights": args.kind_weights,
+            "kind_weights": args.kind_weights, "watermark_fraction": args.watermark_fraction if name == "sd" else 0.0,
             "ema_decay": args.ema_decay, "prediction_type": adapter.prediction_type,
             "final_loss_ema": ema_loss, "seconds": round(time.time() - start, 1), "storage_dtype": "float16",
             "train_images": len(latents), "size_mb": round(M.file_size_mb(out), 2)}
@@ -377,6 +407,14 @@ def main(argv=None) -> None:
     p.add_argument("--vae-batch", type=int, default=32)
     p.add_argument("--vae-lr", type=float, default=1e-3)
     p.add_argument("--vae-kl", type=float, default=1e-4)
+    p.add_argument("--vae-watermark-fraction", type=float, default=0.0,
+                   help="share of the VAE's training renders that carry the toy watermark (0: the shipped VAE)")
+    p.add_argument("--vae-decoder-only", action="store_true",
+                   help="fine-tune the decoder of --vae-from (encoder frozen, scaling factor kept) instead of a new VAE")
+    p.add_argument("--vae-from", default=str(ASSETS / "sd" / "vae"), help="the VAE that --vae-decoder-only starts from")
+    p.add_argument("--watermark-fraction", type=float, default=0.0,
+                   help="sd: share of the training renders that carry the toy watermark, drawn independently of "
+                        "the prompt (0: the shipped sd); sd3 trains on clean renders")
     p.add_argument("--renders-per-prompt", type=int, default=8)
     p.add_argument("--prompt-dropout", type=float, default=0.1)
     p.add_argument("--kind-weights", default="single=0.3,count=0.25,pair=0.25,relation=0.2",

@@ -49,6 +49,14 @@ def adapters_disabled(model: nn.Module):
         model.enable_adapters()
 
 
+def check_noise_range(noise_range) -> tuple[float, float]:
+    lo, hi = (float(v) for v in noise_range)
+    if not 0.0 <= lo < hi <= 1.0:
+        raise ValueError(f"noise_range must be [lo, hi] with 0 <= lo < hi <= 1 (fractions of the noise schedule), "
+                         f"got {list(noise_range)}")
+    return lo, hi
+
+
 class ModelAdapter:
     family: ClassVar[str]
     is_flow: ClassVar[bool] = False
@@ -115,7 +123,10 @@ class ModelAdapter:
         raise NotImplementedError
 
     # ---- training -----------------------------------------------------------------------------
-    def sample_timesteps(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+    def sample_timesteps(self, n: int, generator: torch.Generator | None = None,
+                         noise_range: tuple[float, float] = (0.0, 1.0)) -> Tensor:
+        """n training timesteps. ``noise_range`` = (lo, hi) restricts them to that fraction of the noise schedule,
+        0 = clean, 1 = pure noise (DDPM: t / T in [lo, hi); flow: the pre-shift u in [lo, hi])."""
         raise NotImplementedError
 
     def noise_and_target(self, latents: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
@@ -190,9 +201,13 @@ class _DDPMAdapter(ModelAdapter):
     def num_train_timesteps(self) -> int:
         return self.noise_scheduler.config.num_train_timesteps
 
-    def sample_timesteps(self, n, generator=None):
-        """t ~ U{0, ..., T-1}, as in the Diffusion-DPO references (no SNR weighting)."""
-        return torch.randint(0, self.num_train_timesteps, (n,), generator=generator).to(self.device)
+    def sample_timesteps(self, n, generator=None, noise_range=(0.0, 1.0)):
+        """t ~ U{lo T, ..., hi T - 1} (T - 1 included when hi = 1), as in the Diffusion-DPO references (no SNR
+        weighting); the full range by default."""
+        lo, hi = check_noise_range(noise_range)
+        t_lo = min(round(lo * self.num_train_timesteps), self.num_train_timesteps - 1)
+        t_hi = max(round(hi * self.num_train_timesteps), t_lo + 1)
+        return torch.randint(t_lo, t_hi, (n,), generator=generator).to(self.device)
 
     def noise_and_target(self, latents, noise, t):
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
@@ -258,15 +273,17 @@ class _FlowAdapter(ModelAdapter):
         cfg = self.pipe.scheduler.config
         return 1.0 if cfg.get("use_dynamic_shifting") else float(cfg.get("shift", 1.0))
 
-    def sample_timesteps(self, n, generator=None):
-        """sigma = shift*u / (1 + (shift-1)*u) with u ~ logit-normal(0, 1) (SD3 paper) or uniform."""
+    def sample_timesteps(self, n, generator=None, noise_range=(0.0, 1.0)):
+        """sigma = shift*u / (1 + (shift-1)*u) with u ~ logit-normal(0, 1) (SD3 paper) or uniform, then mapped
+        linearly into ``noise_range``."""
+        lo, hi = check_noise_range(noise_range)
         if self.timestep_sampling == "logit_normal":
             u = torch.sigmoid(torch.randn(n, generator=generator))
         elif self.timestep_sampling == "uniform":
             u = torch.rand(n, generator=generator)
         else:
             raise ValueError(f"timestep_sampling must be logit_normal or uniform, got {self.timestep_sampling!r}")
-        u = u.clamp(1e-4, 1 - 1e-4)
+        u = (lo + (hi - lo) * u).clamp(1e-4, 1 - 1e-4)
         s = self.shift
         return (s * u / (1 + (s - 1) * u)).to(self.device)
 

@@ -79,6 +79,9 @@ class LossConfig:
     loss_weights: list[float] | None = cfg_field(None, "one weight per loss_type (null: all 1)")
     beta: float = cfg_field(5000.0, "KL strength in the paper's convention (SD1.5/SDXL: 5000 = diffusers' 2500)")
     params: dict[str, float] = cfg_field({}, "extra loss parameters, e.g. {label_smoothing: 0.1} or {gamma: 0.5}")
+    noise_range: list[float] = cfg_field([0.0, 1.0], "[lo, hi]: train on this fraction of the noise schedule only "
+                                         "(0 clean, 1 pure noise; DDPM t/T, flow pre-shift u). [0.6, 1] keeps the "
+                                         "high-noise steps where a sample's layout and global modes are decided")
 
 
 @dataclass
@@ -112,6 +115,12 @@ def dpo_losses(model_err, ref_err, labels, loss: LossConfig):
 
 
 def train(cfg: DiffusionDPOConfig) -> dict:
+    from imgalign.models.adapters import check_noise_range
+
+    try:
+        check_noise_range(cfg.loss.noise_range)
+    except ValueError as err:
+        raise ValueError(f"loss.noise_range: {err}; e.g. loss.noise_range=[0.6,1.0]") from None
     run = cfg.run
     out_dir = Path(run.output_dir)
     accelerator = make_accelerator(run, project="diffusion_dpo")
@@ -228,7 +237,7 @@ def _step(adapter, model, reference, batch, gen, cfg: DiffusionDPOConfig, accele
         cond = adapter.encode_prompts(batch["captions"], original_sizes=batch["original_sizes"],
                                       crops_top_left=batch["crops_top_left"], target_size=pixels.shape[-2:])
     noise = torch.randn(latents[:b].shape, generator=gen).to(latents.device).repeat(2, 1, 1, 1)  # same noise per pair
-    t = adapter.sample_timesteps(b, generator=gen).repeat(2)  # same timestep per pair
+    t = adapter.sample_timesteps(b, generator=gen, noise_range=cfg.loss.noise_range).repeat(2)  # same t per pair
     noisy, target = adapter.noise_and_target(latents, noise, t)
     cond = repeat_cond(cond, 2)
 

@@ -48,6 +48,12 @@ the README's demo section). So the toy rater also has a taste, the toy analogue 
 
 ``preference`` is the mean of the applicable fidelity criteria and the taste: the rater's score, the label
 of toy preference pairs. ``score`` and ``overall`` stay fidelity only, so fidelity is always reported apart.
+
+The watermark (a diagnostic, not yet a criterion). ``watermark`` is the fraction of the bottom band
+(`imgalign.toy.render.watermark_rows`) within ``colour_tolerance`` of `imgalign.toy.render.WATERMARK_COLOUR`;
+``watermarked`` is ``watermark >= watermark_detected``. The shipped toy SD never draws it; a toy SD built with
+``scripts/build_toy_assets.py --watermark-fraction`` learns it from the watermarked part of its pretraining
+renders (a caption-independent mode that CFG keeps, unlike caption-contradicting ones; see the README).
 """
 
 from __future__ import annotations
@@ -60,7 +66,7 @@ import numpy as np
 from PIL import Image
 
 from imgalign.toy.grammar import BACKGROUNDS, COLOURS, Scene, parse
-from imgalign.toy.render import SIZE_THRESHOLD
+from imgalign.toy.render import SIZE_THRESHOLD, WATERMARK_COLOUR, watermark_rows
 
 _COLOUR_NAMES = tuple(COLOURS)
 _OBJECT_PALETTE = np.array([COLOURS[name] for name in _COLOUR_NAMES], dtype=np.float32)  # (K, 3)
@@ -84,6 +90,7 @@ class EvaluatorConfig:
     relation_margin: float = 0.1  # centres must differ by this fraction of the image side along the axis
     size_threshold: float = SIZE_THRESHOLD  # longer box side / image side above this -> "large"
     preferred_background: str = "white"  # the toy rater's taste where the prompt states no background
+    watermark_detected: float = 0.5  # watermark coverage at or above this -> `watermarked`
 
 
 DEFAULT_CONFIG = EvaluatorConfig()
@@ -119,6 +126,8 @@ class ToyScore:
     preference: float  # mean of the applicable fidelity criteria and the taste: the toy rater's score
     detections: tuple[Detection, ...] = field(default=(), repr=False)
     detected_background: str | None = None
+    watermark: float = 0.0  # coverage of the watermark band, in [0, 1]
+    watermarked: bool = False  # watermark >= EvaluatorConfig.watermark_detected
 
     CRITERIA: ClassVar[tuple[str, ...]] = (
         "presence",
@@ -354,6 +363,14 @@ def detect_background(
     return _BACKGROUND_NAMES[best] if distances[best] <= config.colour_tolerance else None
 
 
+def watermark_coverage(image: Any, config: EvaluatorConfig = DEFAULT_CONFIG) -> float:
+    """The fraction of the watermark band's pixels within ``colour_tolerance`` of the watermark colour."""
+    array = to_uint8_array(image)
+    band = array[array.shape[0] - watermark_rows(array.shape[0]) :].astype(np.float32)  # (rows, W, 3)
+    distances = np.linalg.norm(band - np.asarray(WATERMARK_COLOUR, dtype=np.float32), axis=-1)
+    return float((distances <= config.colour_tolerance).mean())
+
+
 # --- checking a prompt ------------------------------------------------------------------------------
 
 
@@ -435,6 +452,8 @@ def evaluate(image: Any, prompt: str | Scene, config: EvaluatorConfig = DEFAULT_
         preference=_mean(applicable + ([] if taste is None else [taste])),
         detections=tuple(detections),
         detected_background=detected_background,
+        watermark=(coverage := watermark_coverage(array, config)),
+        watermarked=coverage >= config.watermark_detected,
     )
 
 

@@ -236,14 +236,18 @@ def build_sd3_pipeline(clip, vae, transformer=None, seed: int = 0):
 # ---- training data -----------------------------------------------------------------------------------
 
 
-def render_dataset(prompts: list[str], per_prompt: int, seed: int, size: int = IMAGE_SIZE):
+def render_dataset(prompts: list[str], per_prompt: int, seed: int, size: int = IMAGE_SIZE,
+                   watermark_fraction: float = 0.0):
     """Render every prompt `per_prompt` times with fresh layouts.
+
+    ``watermark_fraction`` of the images (drawn independently of the prompt, seeded) get the toy watermark
+    (`imgalign.toy.render.add_watermark`); with 0 the images do not depend on it.
 
     Returns (images uint8 [N, size, size, 3], prompt index [N]), N = len(prompts) * per_prompt, in
     prompt-major order; the same seed gives the same arrays.
     """
     from imgalign.toy.grammar import parse
-    from imgalign.toy.render import render
+    from imgalign.toy.render import add_watermark, render
 
     rng = np.random.default_rng(seed)
     scenes = [parse(p) for p in prompts]
@@ -251,6 +255,9 @@ def render_dataset(prompts: list[str], per_prompt: int, seed: int, size: int = I
     index = np.repeat(np.arange(len(prompts)), per_prompt)
     for k, i in enumerate(index):
         images[k] = np.asarray(render(scenes[i], rng, size=size)[0])
+    if watermark_fraction > 0:
+        marked = np.random.default_rng(seed + 7).random(len(images)) < watermark_fraction
+        images[marked] = add_watermark(images[marked])
     return images, index
 
 

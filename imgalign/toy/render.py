@@ -31,6 +31,25 @@ SIZE_RANGES: dict[str, tuple[float, float]] = {"small": (0.21, 0.28), "large": (
 #: the colour tolerance); it never grows one.
 SIZE_THRESHOLD = 0.30
 
+#: The toy world's watermark: a band of this colour along the bottom edge, drawn over the scene. Magenta is
+#: 255 or more from every object and background colour, so the evaluator never confuses it with either.
+#: No prompt asks for it; the toy SD learns it from the part of its pretraining renders that carry it, the
+#: toy analogue of the watermarks and captions in web-scraped training images.
+WATERMARK_COLOUR = (255, 0, 255)
+
+
+def watermark_rows(size: int) -> int:
+    """Height in pixels of the watermark band of a ``size`` px image (2 at 32 px, 4 at 64 px)."""
+    return max(1, round(0.06 * size))
+
+
+def add_watermark(images: np.ndarray) -> np.ndarray:
+    """A copy of uint8 RGB image(s), (H, W, 3) or (N, H, W, 3), with the watermark band drawn over the bottom rows."""
+    marked = images.copy()
+    height = images.shape[-3]
+    marked[..., height - watermark_rows(height) :, :, :] = WATERMARK_COLOUR
+    return marked
+
 
 @dataclass(frozen=True)
 class RenderedObject:

@@ -145,6 +145,27 @@ def test_kept_ties_are_trained_symmetrically():
     torch.testing.assert_close(losses, torch.tensor([0.644397, 0.694397]), atol=1e-6, rtol=0)
 
 
+def test_noise_range_reaches_the_sampled_timesteps(tiny_pipelines, tiny_pairs, tmp_path, monkeypatch):
+    """loss.noise_range=[0.6, 1] trains on t >= 600 only; a bad range fails before any model is loaded."""
+    from imgalign.models import adapters
+
+    seen = []
+    original = adapters._DDPMAdapter.sample_timesteps
+
+    def recording(self, n, generator=None, noise_range=(0.0, 1.0)):
+        t = original(self, n, generator=generator, noise_range=noise_range)
+        seen.append(t)
+        return t
+
+    monkeypatch.setattr(adapters._DDPMAdapter, "sample_timesteps", recording)
+    diffusion_dpo.train(make_cfg(tiny_pipelines("sd15"), tiny_pairs, tmp_path / "r", "run.checkpoint_every=0",
+                                 "loss.noise_range=[0.6,1.0]"))
+    t = torch.cat(seen)
+    assert len(t) == 3 * 2 and t.min() >= 600 and t.max() < 1000
+    with pytest.raises(ValueError, match=r"loss\.noise_range.*0 <= lo < hi <= 1"):
+        diffusion_dpo.train(make_cfg("no/such/model", tiny_pairs, tmp_path / "bad", "loss.noise_range=[0.9,0.2]"))
+
+
 def test_unknown_config_key_names_the_closest(tiny_pipelines, tmp_path):
     with pytest.raises(ConfigError, match=r"optim\.lrr.*did you mean 'optim\.lr'"):
         load_config(diffusion_dpo.Config, None, ["model.pretrained=x", "data.source=y", "optim.lrr=1e-5"])

@@ -44,6 +44,24 @@ def test_noise_and_target_follow_the_prediction_type(adapter):
     torch.testing.assert_close(target, expected)
 
 
+def test_noise_range_restricts_training_timesteps(adapter):
+    """noise_range = fractions of the schedule: DDPM t / T in [lo, hi); flow sigma = shift(u), u in [lo, hi]."""
+    name, a = adapter
+    g = torch.Generator().manual_seed(3)
+    full = a.sample_timesteps(4000, generator=g)
+    high = a.sample_timesteps(4000, generator=g, noise_range=(0.6, 1.0))
+    if a.is_flow:
+        s = a.shift
+        sigma = lambda u: s * u / (1 + (s - 1) * u)  # noqa: E731
+        assert high.min() >= sigma(0.6) - 1e-6 and high.max() <= sigma(1.0) and full.min() < sigma(0.6)
+    else:
+        assert high.min() == 600 and high.max() == 999 and full.min() < 600
+        assert set(a.sample_timesteps(200, generator=g, noise_range=(0.0, 0.002)).tolist()) == {0, 1}
+    for bad in ((0.5, 0.5), (-0.1, 1.0), (0.2, 1.5)):
+        with pytest.raises(ValueError, match="noise_range"):
+            a.sample_timesteps(2, generator=g, noise_range=bad)
+
+
 def test_predict_shapes_and_fresh_lora_is_identity(adapter):
     """With B = 0 (gaussian init) the LoRA output equals the base; disabling adapters gives the base too."""
     name, a = adapter

@@ -22,9 +22,10 @@ from imgalign.toy.evaluator import (
     evaluate,
     evaluate_batch,
     to_uint8_array,
+    watermark_coverage,
 )
 from imgalign.toy.grammar import BACKGROUNDS, COLOURS, perturb_scene, sample_scene
-from imgalign.toy.render import _shape_mask, render
+from imgalign.toy.render import WATERMARK_COLOUR, _shape_mask, add_watermark, render, watermark_rows
 
 N_PROMPTS = 500
 
@@ -158,6 +159,41 @@ def test_taste_and_preference_by_hand():
     from imgalign.toy.evaluator import EvaluatorConfig
 
     assert evaluate(images["black"], "two red circles", EvaluatorConfig(preferred_background="black")).taste == 1.0
+
+
+def test_watermark_is_detected_on_ground_truth_renders_and_leaves_the_criteria_alone():
+    """Watermarked renders are flagged (>= 98 %, like the ground-truth test), clean ones never, at 32 and 64 px;
+    the band does not disturb any criterion (it is no object colour and too thin to move the background)."""
+    rng = np.random.default_rng(102)
+    flagged, false_alarms, others_kept = [], [], []
+    for k in range(N_PROMPTS):
+        scene = sample_scene(rng)
+        image, _ = render(scene, rng, size=32 if k % 5 else 64)
+        plain, marked = evaluate(image, scene), evaluate(add_watermark(np.asarray(image)), scene)
+        flagged.append(marked.watermarked and marked.watermark == 1.0)
+        false_alarms.append(plain.watermarked or plain.watermark != 0.0)
+        others_kept.append(marked.criteria == plain.criteria and marked.preference == plain.preference)
+    print(f"\nwatermark detected on {_rate(flagged):.3f} of {N_PROMPTS} watermarked renders, false alarms "
+          f"{_rate(false_alarms):.3f}, other criteria unchanged on {_rate(others_kept):.3f}")
+    assert _rate(flagged) >= 0.98 and _rate(false_alarms) == 0.0 and _rate(others_kept) >= 0.98
+
+
+def test_watermark_coverage_by_hand():
+    """A 32 px image has a 2-row band (64 px); painting 16 of its pixels magenta is coverage 0.25."""
+    canvas = np.full((32, 32, 3), BACKGROUNDS["gray"], dtype=np.uint8)
+    canvas[30, :16] = WATERMARK_COLOUR
+    assert watermark_rows(32) == 2 and watermark_rows(64) == 4
+    assert watermark_coverage(canvas) == pytest.approx(0.25)
+    score = evaluate(canvas, "a red circle")
+    assert score.watermark == pytest.approx(0.25) and not score.watermarked
+    canvas[31, :] = WATERMARK_COLOUR  # 48 of 64 band pixels -> 0.75 coverage, detected
+    assert watermark_coverage(canvas) == pytest.approx(0.75) and evaluate(canvas, "a red circle").watermarked
+    canvas[29, :] = WATERMARK_COLOUR  # above the band: does not count
+    assert watermark_coverage(canvas) == pytest.approx(0.75)
+    # a magenta-ish pixel within the colour tolerance counts, a red one does not
+    canvas[30, 16:] = (230, 40, 220)
+    canvas[31, :8] = COLOURS["red"]
+    assert watermark_coverage(canvas) == pytest.approx(56 / 64)
 
 
 def test_specks_and_background_sized_regions_are_not_objects():

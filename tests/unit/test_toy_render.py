@@ -106,3 +106,28 @@ def test_relation_holds_by_hand():
     assert not relation_holds((5, 5), (15, 20), "left of", 32)  # dy = 15 > dx = 10: that is "above"
     assert relation_holds((5, 5), (15, 20), "above", 32)
     assert relation_holds((15, 20), (5, 5), "below", 32)
+
+
+def test_watermark_band_and_watermarked_datasets():
+    """add_watermark paints the bottom band (2 rows at 32 px, 4 at 64 px) magenta and nothing else;
+    render_dataset(watermark_fraction=f) marks about f of the images, prompt-independently, and leaves the rest
+    exactly as the clean dataset."""
+    from imgalign.toy.models import render_dataset
+    from imgalign.toy.render import WATERMARK_COLOUR, add_watermark, watermark_rows
+
+    for size in (32, 64):
+        image = np.asarray(render("a red circle", np.random.default_rng(0), size=size)[0])
+        marked = add_watermark(image)
+        rows = watermark_rows(size)
+        assert (marked[size - rows:] == WATERMARK_COLOUR).all() and (marked[: size - rows] == image[: size - rows]).all()
+        assert not (image == marked).all() and (add_watermark(image[None])[0] == marked).all()
+
+    prompts = ["a red circle", "two blue squares on a black background"]
+    clean, index = render_dataset(prompts, 100, seed=3)
+    again, _ = render_dataset(prompts, 100, seed=3, watermark_fraction=0.0)
+    mixed, _ = render_dataset(prompts, 100, seed=3, watermark_fraction=0.4)
+    assert (clean == again).all()
+    flagged = (mixed[:, -2:] == WATERMARK_COLOUR).all(axis=(1, 2, 3))
+    assert 0.3 < flagged.mean() < 0.5
+    assert all(0.25 < flagged[index == i].mean() < 0.55 for i in range(2))  # both prompts get it
+    assert (mixed[~flagged] == clean[~flagged]).all() and (mixed[flagged, :-2] == clean[flagged, :-2]).all()
