@@ -444,6 +444,7 @@ def evaluate(image: Any, prompt: str | Scene, config: EvaluatorConfig = DEFAULT_
     }
     applicable = [value for value in values.values() if value is not None]
     taste = None if scene.background is not None else float(detected_background == config.preferred_background)
+    coverage = watermark_coverage(array, config)
     return ToyScore(
         **values,
         overall=float(all(value == 1.0 for value in applicable)),
@@ -452,7 +453,7 @@ def evaluate(image: Any, prompt: str | Scene, config: EvaluatorConfig = DEFAULT_
         preference=_mean(applicable + ([] if taste is None else [taste])),
         detections=tuple(detections),
         detected_background=detected_background,
-        watermark=(coverage := watermark_coverage(array, config)),
+        watermark=coverage,
         watermarked=coverage >= config.watermark_detected,
     )
 
