@@ -122,8 +122,8 @@ def stage_clip(args) -> None:
 def stage_vae(args) -> None:
     """Train the VAE from a seeded init, or with ``--vae-decoder-only`` fine-tune the decoder of ``--vae-from``
     with the encoder frozen: the latents of everything the denoisers learned stay where they were, and the
-    decoder learns to draw what the old one could not (the watermark: a white-on-black corner mark decoded to
-    dark red before). The scaling factor is then kept, since the latent space is unchanged."""
+    decoder learns to draw what the old one could not (the toy watermark: the shipped decoder drew none of its
+    band). The scaling factor is then kept, since the latent space is unchanged."""
     from diffusers import AutoencoderKL
     from tqdm.auto import tqdm
 
@@ -226,8 +226,9 @@ def _train_denoiser(name: str, pipe, args, steps: int, batch: int, lr: float, se
     adapter = load_adapter(str(work), **adapter_kw)
     seed_all(seed)
     prompts = train_prompts()
+    watermark_fraction = args.watermark_fraction if name == "sd" else 0.0  # sd3 trains on clean renders
     images, index = M.render_dataset(prompts, args.renders_per_prompt, seed=seed + 1,
-                                     watermark_fraction=args.watermark_fraction if name == "sd" else 0.0)
+                                     watermark_fraction=watermark_fraction)
     gen = torch.Generator().manual_seed(seed + 2)
     with torch.no_grad():
         latents = torch.cat([adapter.encode_images(M.to_pixels(images[i:i + 256]), generator=gen)
@@ -286,7 +287,7 @@ def _train_denoiser(name: str, pipe, args, steps: int, batch: int, lr: float, se
     out = ASSETS / name
     M.save_pipeline(adapter.pipe, out)
     return {"steps": done, "batch_size": batch, "lr": lr, "seed": seed, "prompt_dropout": args.prompt_dropout,
-            "kind_weights": args.kind_weights, "watermark_fraction": args.watermark_fraction if name == "sd" else 0.0,
+            "kind_weights": args.kind_weights, "watermark_fraction": watermark_fraction,
             "ema_decay": args.ema_decay, "prediction_type": adapter.prediction_type,
             "final_loss_ema": ema_loss, "seconds": round(time.time() - start, 1), "storage_dtype": "float16",
             "train_images": len(latents), "size_mb": round(M.file_size_mb(out), 2)}
