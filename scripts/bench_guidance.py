@@ -3,10 +3,10 @@
     # speed: seconds per pipeline call, ratio to plain CFG (toy SD model if built, else a tiny SD1.5)
     .venv/bin/python scripts/bench_guidance.py speed --steps 20 --batch 8 --repeats 5
 
-    # toy evidence: a quick Diffusion-DPO LoRA on evaluator-labelled toy pairs = the aligned model; RLG sweep
-    # over w; then Self-NPO (full fine-tuning) + NPO guidance vs plain CFG. Toy scores with bootstrap 95% CIs
+    # toy evidence: the demo's Diffusion-DPO LoRA (rater-labelled self-sampled pairs) = the aligned model; RLG
+    # sweep over w; then Self-NPO (full fine-tuning) + NPO guidance vs plain CFG. Toy scores with bootstrap 95% CIs
     # and paired differences on the same prompts and seeds.
-    .venv/bin/python scripts/bench_guidance.py toy --pairs 256 --dpo-steps 40 --prompts 200 --npo-steps 60
+    .venv/bin/python scripts/bench_guidance.py toy --prompts 200 --npo-steps 60
     # an existing aligned LoRA, fresh seeds, 3 images per prompt, no NPO part (README numbers)
     .venv/bin/python scripts/bench_guidance.py toy --model assets/toy/sd --aligned outputs/demo/dpo --weights 0 1 2 \
         --images-per-prompt 3 --seed 11 --npo-steps 0
@@ -131,14 +131,16 @@ def _fmt(mean_lo_hi, sign: str = "") -> str:
     return f"{m:{sign}.3f} [{lo:{sign}.3f}, {hi:{sign}.3f}]"
 
 
-# what the RLG sweep reports: the toy rater's preference, its fidelity part (the toy score) and its taste
-SWEEP_METRICS = ("preference", "score", "taste")
+# what the RLG sweep and the NPO comparison report: the toy rater's preference, its fidelity part (the toy score),
+# its taste and the watermark band's coverage (lower is better)
+SWEEP_METRICS = ("preference", "score", "taste", "watermark")
 
 
 def toy(args) -> dict:
     from bench_pref_grpo import saturation  # the hackable bonus of the Pref-GRPO toy benchmark (same folder)
 
     from imgalign.config import load_config
+    from imgalign.demo import ToyDemoSettings
     from imgalign.eval.preference import bootstrap_ci
     from imgalign.recipes import diffusion_dpo, self_npo
     from imgalign.toy.pairs import generate_toy_pairs
@@ -160,17 +162,18 @@ def toy(args) -> dict:
         if args.aligned and not (dpo_dir / "pytorch_lora_weights.safetensors").is_file():
             sys.exit(f"--aligned {dpo_dir}: no pytorch_lora_weights.safetensors there; pass a LoRA output folder "
                      "(e.g. outputs/demo/dpo) or leave --aligned out to train a quick Diffusion-DPO LoRA")
-        if not (dpo_dir / "pytorch_lora_weights.safetensors").is_file():
+        if not (dpo_dir / "pytorch_lora_weights.safetensors").is_file():  # the demo's Diffusion-DPO recipe
+            demo = ToyDemoSettings()
             stats = generate_toy_pairs(model, train_prompts, out / "pairs.parquet", n_pairs=args.pairs, seed=1,
-                                       num_inference_steps=args.steps, guidance_scale=args.cfg,
-                                       criterion="score")  # fidelity labels: the toy score is the headline of the sweep
+                                       num_inference_steps=demo.sampler_steps, guidance_scale=demo.cfg)  # rater labels
             print(f"[toy] {stats['n_pairs']} pairs ({stats['n_ties']} ties) in {stats['seconds']} s", flush=True)
             cfg = load_config(diffusion_dpo.Config, None, [
                 f"model.pretrained={model}", f"data.source={out / 'pairs.parquet'}", "data.resolution=32",
                 "data.hflip=false", "data.cache_latents=true", f"run.output_dir={dpo_dir}", f"run.max_steps={args.dpo_steps}",
-                "run.batch_size=16", "run.checkpoint_every=0", "run.keep_last=1", "optim.lr=1e-3",
-                "optim.lr_scheduler=constant", "lora.rank=8", "loss.beta=5000", "run.progress=false", "run.log_with=none",
-                "validation.num_inference_steps=2", "validation.images_per_prompt=1",
+                f"run.batch_size={demo.batch_size}", "run.checkpoint_every=0", "run.keep_last=1", f"optim.lr={demo.lr}",
+                "optim.lr_scheduler=constant", f"lora.rank={demo.rank}", f"loss.beta={demo.beta}",
+                f"loss.noise_range=[{demo.noise_range[0]},{demo.noise_range[1]}]", "run.progress=false",
+                "run.log_with=none", "validation.num_inference_steps=2", "validation.images_per_prompt=1",
             ])
             diffusion_dpo.train(cfg)
         print(f"[toy] aligned LoRA ready ({time.time() - t0:.0f} s)", flush=True)
@@ -208,10 +211,11 @@ def toy(args) -> dict:
         neg = type(base.denoiser).from_pretrained(str(npo_dir), subfolder="unet").eval()
         plain = _score(base.pipe, test_prompts, args)
         guided = _score(base.pipe, test_prompts, args, NPOGuidance(negative=neg))
-        diff = bootstrap_ci(guided.values("score") - plain.values("score"))
-        print(f"[toy] plain CFG {args.cfg}: {_fmt(plain.summary['score'])}   NPO (Self-NPO negative): "
-              f"{_fmt(guided.summary['score'])}   paired diff {_fmt(diff, '+')}", flush=True)
-        report["npo"] = {"plain": plain.summary["score"][:3], "npo": guided.summary["score"][:3], "paired_diff": diff}
+        report["npo"] = {m: {"plain": plain.summary[m][:3], "npo": guided.summary[m][:3],
+                             "paired_diff": bootstrap_ci(guided.values(m) - plain.values(m))} for m in SWEEP_METRICS}
+        print(f"[toy] plain CFG {args.cfg} vs NPO (Self-NPO negative), paired change:", flush=True)
+        for m, r in report["npo"].items():
+            print(f"  {m:<11} {_fmt(r['plain'])} -> {_fmt(r['npo'])}  {_fmt(r['paired_diff'], '+')}", flush=True)
 
     if "rlg" in report:
         print(f"\n== RLG sweep (aligned = {dpo_dir}): mean [95% CI] and paired change vs w={args.weights[0]} ==")
@@ -239,9 +243,9 @@ def main(argv=None):
     t.add_argument("--model", default=None)
     t.add_argument("--out", default="outputs/bench_guidance")
     t.add_argument("--aligned", default=None, help="an aligned LoRA folder (e.g. the demo's outputs/demo/dpo); "
-                   "default: train a quick Diffusion-DPO LoRA")
-    t.add_argument("--pairs", type=int, default=256)
-    t.add_argument("--dpo-steps", type=int, default=40)
+                   "default: train one with the demo's Diffusion-DPO settings")
+    t.add_argument("--pairs", type=int, default=512)
+    t.add_argument("--dpo-steps", type=int, default=250)
     t.add_argument("--prompts", type=int, default=200)
     t.add_argument("--images-per-prompt", type=int, default=1)
     t.add_argument("--seed", type=int, default=7, help="sampling seed of every evaluation (same for all w)")

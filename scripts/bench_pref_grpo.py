@@ -217,7 +217,7 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("what", choices=["cost", "toy", "all"])
     p.add_argument("--model", default=None, help="pipeline folder (default: a tiny --family pipeline for cost, "
-                   "assets/toy/sd3 for toy)")
+                   "assets/toy/sd for toy)")
     p.add_argument("--family", default="sd15", help="tiny pipeline family for the cost benchmark without --model")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--batch", type=int, default=4)
@@ -248,7 +248,7 @@ def main(argv=None) -> int:
     if args.what in ("cost", "all"):
         results["cost"] = bench_cost(args)
     if args.what in ("toy", "all"):
-        args.model = args.model if args.what == "toy" and args.model else str(ROOT / "assets/toy/sd3")
+        args.model = args.model if args.what == "toy" and args.model else str(ROOT / "assets/toy/sd")
         if not (Path(args.model) / "model_index.json").is_file():
             print(f"[toy] no toy model at {args.model}: build it with scripts/build_toy_assets.py; skipping")
         else:

@@ -15,8 +15,8 @@ Usage:
 
 The shipped sd / sd3 came from a phase chain (a first phase, then `--resume --<name>-phase2-steps 3000`
 continuations); assets/toy/README.md lists the exact commands. Batches are weighted by prompt kind
-(`--kind-weights`). A watermarked toy SD variant (not shipped; assets/toy/README.md): `--vae-decoder-only` and
-`--vae-watermark-fraction` teach the VAE decoder the toy watermark, `--watermark-fraction` puts it on sd
+(`--kind-weights`). The shipped sd's last phase taught it the toy watermark: `--vae-decoder-only` and
+`--vae-watermark-fraction` teach the VAE decoder to draw it, `--watermark-fraction` puts it on part of the sd
 renders. Everything is seeded (`--seed`); with the same step counts, thread count and no
 `--stage-minutes` cap hit, a rebuild gives the same weights on the same machine. One thread by default: on a shared 2-core
 machine two OpenMP threads stall whenever another process takes a core (steps measured 10-20x slower).
@@ -354,7 +354,9 @@ def evaluate_pipeline(path: Path, prompts: list[str], steps: int, cfg: float, se
         scores += [evaluate(im, p) for im, p in zip(out, chunk)]
     summary = {"n": len(prompts), "overall": float(np.mean([s.overall for s in scores])),
                "score": float(np.mean([s.score for s in scores])),
-               "preference": float(np.mean([s.preference for s in scores]))}  # the toy rater (fidelity + taste)
+               "preference": float(np.mean([s.preference for s in scores])),  # the toy rater (see the evaluator)
+               "watermark": float(np.mean([s.watermark for s in scores])),  # mean band coverage
+               "watermarked": float(np.mean([s.watermarked for s in scores]))}
     for name in (*ToyScore.CRITERIA, "taste"):
         vals = [getattr(s, name) for s in scores if getattr(s, name) is not None]
         summary[name] = float(np.mean(vals)) if vals else None

@@ -4,8 +4,9 @@
 
 Per-criterion scores follow GenEval: each criterion is averaged over the images whose prompt states it;
 `overall` is the fraction of images that satisfy every stated criterion; `score` is the dense mean of the
-stated (fidelity) criteria; `taste` (prompts without a background) and `preference` (fidelity + taste, the toy
-rater's score) are in `imgalign.toy.evaluator`. Intervals are percentile bootstrap 95% over prompts.
+stated (fidelity) criteria; `taste` (prompts without a background), `watermark` (band coverage, lower is
+better) and `preference` (fidelity + taste, scaled down by the watermark: the toy rater's score) are in
+`imgalign.toy.evaluator`. Intervals are percentile bootstrap 95% over prompts.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 from imgalign.eval.preference import bootstrap_ci
 
 CRITERIA = ("preference", "score", "overall", "presence", "colour", "shape", "count", "size", "relation", "background",
-            "taste")
+            "taste", "watermark")
 
 
 @dataclass
@@ -59,7 +60,7 @@ def generate_and_score(pipe, prompts: list[str], images_per_prompt: int = 1, num
             prompt = batch[i // images_per_prompt]
             s = evaluate(img, prompt)
             rows.append({**s.criteria, "overall": s.overall, "score": s.score, "taste": s.taste,
-                         "preference": s.preference})
+                         "preference": s.preference, "watermark": s.watermark})
             all_prompts.append(prompt)
         all_images.append(images)
     result = ToyBenchResult(all_prompts, rows, torch.cat(all_images))

@@ -5,7 +5,8 @@ size, relation and background. ``criterion`` picks what the reward returns:
 
 - ``"score"`` (default): the mean of the fidelity criteria the prompt has - dense, good for RL;
 - ``"preference"`` (also the reward ``toy_preference``): the toy rater's score, fidelity plus its taste (a white
-  background where the prompt states none);
+  background where the prompt states none), scaled down by the toy watermark's coverage;
+- ``"watermark"``: the watermark band's coverage (lower is better);
 - ``"overall"``: 1.0 iff every applicable criterion holds (GenEval's binary "correct");
 - a single criterion name (``"count"``, ``"relation"``, ...): NaN for prompts that lack it.
 
@@ -62,7 +63,7 @@ class ToyEvaluatorReward(Reward):
 
 
 def toy_preference(**kwargs) -> ToyEvaluatorReward:
-    """The toy rater's score (fidelity criteria + taste): what toy preference pairs are labelled with."""
+    """The toy rater's score (fidelity criteria + taste, scaled by the watermark): the toy pairs' label."""
     reward = ToyEvaluatorReward(criterion="preference", **kwargs)
     reward.name = "toy_preference"
     return reward

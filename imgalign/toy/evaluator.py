@@ -46,14 +46,18 @@ the README's demo section). So the toy rater also has a taste, the toy analogue 
   shipped toy SD draws it gray / black / white 57 / 27 / 16 % of the time, and two samples of one prompt differ
   in background 56 % of the time (a mode choice it can draw exactly: stated backgrounds score 0.98).
 
-``preference`` is the mean of the applicable fidelity criteria and the taste: the rater's score, the label
-of toy preference pairs. ``score`` and ``overall`` stay fidelity only, so fidelity is always reported apart.
+The watermark. ``watermark`` is the fraction of the bottom band (`imgalign.toy.render.watermark_rows`) within
+``colour_tolerance`` of `imgalign.toy.render.WATERMARK_COLOUR`; ``watermarked`` is
+``watermark >= watermark_detected``. The toy SD learned the band from the watermarked part of its pretraining
+renders (``scripts/build_toy_assets.py --watermark-fraction``; assets/toy/README.md): a prompt-independent mode
+that CFG keeps, unlike caption-contradicting ones, as real models keep the stock-photo watermarks of their data.
 
-The watermark (a diagnostic, not yet a criterion). ``watermark`` is the fraction of the bottom band
-(`imgalign.toy.render.watermark_rows`) within ``colour_tolerance`` of `imgalign.toy.render.WATERMARK_COLOUR`;
-``watermarked`` is ``watermark >= watermark_detected``. The shipped toy SD never draws it; a toy SD built with
-``scripts/build_toy_assets.py --watermark-fraction`` learns it from the watermarked part of its pretraining
-renders (a caption-independent mode that CFG keeps, unlike caption-contradicting ones; see the README).
+``preference`` is the toy rater's score, the label of toy preference pairs:
+``mean(applicable fidelity criteria + taste) * (1 - watermark_penalty * watermark)``. Raters reject a
+watermarked image however well it follows the prompt, so the band scales the score down instead of being one
+criterion among seven (measured: as a mean term it decided too few pairs for DPO to learn it; see the README's
+demo section). ``watermark_penalty=0`` gives the rater of the pre-watermark toy world. ``score`` and ``overall``
+stay fidelity only (the band is never a fidelity criterion), so fidelity is always reported apart.
 """
 
 from __future__ import annotations
@@ -91,6 +95,7 @@ class EvaluatorConfig:
     size_threshold: float = SIZE_THRESHOLD  # longer box side / image side above this -> "large"
     preferred_background: str = "white"  # the toy rater's taste where the prompt states no background
     watermark_detected: float = 0.5  # watermark coverage at or above this -> `watermarked`
+    watermark_penalty: float = 1.0  # preference *= 1 - watermark_penalty * coverage; 0: the band is ignored
 
 
 DEFAULT_CONFIG = EvaluatorConfig()
@@ -123,7 +128,7 @@ class ToyScore:
     overall: float  # 1.0 iff every applicable fidelity criterion is 1.0
     score: float  # mean of the applicable fidelity criteria
     taste: float | None  # the rater's taste (preferred background), None when the prompt states a background
-    preference: float  # mean of the applicable fidelity criteria and the taste: the toy rater's score
+    preference: float  # the toy rater's score: mean(criteria + taste) * (1 - watermark_penalty * watermark)
     detections: tuple[Detection, ...] = field(default=(), repr=False)
     detected_background: str | None = None
     watermark: float = 0.0  # coverage of the watermark band, in [0, 1]
@@ -450,7 +455,7 @@ def evaluate(image: Any, prompt: str | Scene, config: EvaluatorConfig = DEFAULT_
         overall=float(all(value == 1.0 for value in applicable)),
         score=_mean(applicable),
         taste=taste,
-        preference=_mean(applicable + ([] if taste is None else [taste])),
+        preference=_mean(applicable + ([] if taste is None else [taste])) * (1.0 - config.watermark_penalty * coverage),
         detections=tuple(detections),
         detected_background=detected_background,
         watermark=coverage,

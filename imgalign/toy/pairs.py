@@ -2,7 +2,7 @@
 
 For each prompt we sample two images (or k, keeping the best and the worst) from the pipeline (same prompt,
 different noise), score them with the toy evaluator (by default the toy rater's `ToyScore.preference`:
-fidelity criteria plus taste; ``criterion="score"`` labels by fidelity alone) and label the pair like Pick-a-Pic:
+fidelity criteria plus taste, scaled down by the watermark; ``criterion="score"`` labels by fidelity alone) and label the pair like Pick-a-Pic:
 ``label_0 = 1`` if jpg_0 scores higher, ``0`` if jpg_1 does, ``0.5`` on a tie. An optional label-noise
 probability flips decided labels, to simulate noisy human raters. The result is a parquet file that
 `imgalign.data.load_preference_pairs` reads (ties are dropped there unless ``keep_ties=True``).
@@ -59,7 +59,7 @@ def generate_toy_pairs(pipeline_dir: str | Path, prompts: list[str], out_path: s
         images_per_prompt: k images per prompt; the pair is the best and the worst of them by toy score (kept
             in sampling order, so either may come first; a tie when all k score the same). k = 2 is a random pair;
             larger k gives fewer ties and wider margins at k/2 times the sampling cost.
-        criterion: the `ToyScore` field that ranks images: ``preference`` (fidelity + the rater's taste),
+        criterion: the `ToyScore` field that ranks images: ``preference`` (the rater: fidelity, taste, watermark),
             ``score`` (fidelity only) or ``overall``.
 
     Returns:

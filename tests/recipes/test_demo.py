@@ -18,9 +18,9 @@ def test_toy_demo_writes_its_report_grid_curves_and_lora(tmp_path):
     report = (tmp_path / "report.txt").read_text()
     assert "held-out test prompts: 6 x 1 images" in report
     assert "4 DPO steps" in report and "whole demo" in report
-    for name in ("preference", "score", "taste"):  # one before/after row per criterion ...
+    for name in ("preference", "score", "taste", "watermark"):  # one before/after row per criterion ...
         assert any(line.startswith(name) for line in report.splitlines()), name
-    assert report.count("(paired bootstrap)") == 3  # ... and the three paired changes
+    assert report.count("(paired bootstrap)") == 4  # ... and the four paired changes
     assert (tmp_path / "dpo" / "pytorch_lora_weights.safetensors").is_file()
     grid = np.asarray(Image.open(tmp_path / "before_after.png")).astype(int)
     assert grid.shape == (2 * 32, 6 * 32, 3)  # row 1 before, row 2 after, same seeds

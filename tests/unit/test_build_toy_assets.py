@@ -44,3 +44,5 @@ def test_evaluate_pipeline_reports_the_rater_beside_fidelity():
     assert summary["preference"] == pytest.approx(np.mean([s.preference for s in scores]))
     assert summary["taste"] == pytest.approx(np.mean([s.taste for s in scores[:3]]))  # the 4th states a background
     assert summary["score"] == pytest.approx(np.mean([s.score for s in scores]))
+    assert summary["watermark"] == pytest.approx(np.mean([s.watermark for s in scores]))
+    assert summary["watermarked"] == pytest.approx(np.mean([s.watermarked for s in scores]))

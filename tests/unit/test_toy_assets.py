@@ -117,20 +117,25 @@ def test_subjects_follow_dreambench_layout():
         assert all(" sks " in p for p in subject_prompts(subject))
 
 
-def test_shipped_sd_draws_single_objects_and_is_weaker_on_composition():
+def test_shipped_sd_draws_single_objects_is_weaker_on_composition_and_watermarks_some_samples():
     """A quality floor for the shipped toy SD (regression guard; the full table comes from
     `scripts/build_toy_assets.py --only eval`): the first 12 single-object and 12 relation test prompts, one image
-    each at fixed seeds, 20 steps, CFG 5. Measured 0.58 and 0.08 on these; the first build sampled noise (0.0)."""
+    each at fixed seeds, 20 steps, CFG 5. Measured 0.58 and 0.17 on these (0.58 / 0.08 before the watermark
+    phase); the first build sampled noise (0.0).
+    It learned the toy watermark from part of its pretraining renders and draws it on some samples, not all
+    (measured: 6 of these 24; an SD that never learned it draws it on none)."""
     from imgalign.eval.toy_bench import generate_and_score, load_pipeline
     from imgalign.toy.grammar import parse
     from imgalign.toy.prompts import load_prompt_set
 
     test = load_prompt_set("test")
     pipe = load_pipeline(str(ASSETS / "sd"))
-    overall = {}
+    overall, marked = {}, []
     for kind in ("single", "relation"):
         prompts = [p for p in test if parse(p).kind == kind][:12]
         result = generate_and_score(pipe, prompts, num_inference_steps=20, guidance_scale=5.0, seed=0, progress=False)
         overall[kind] = result.values("overall").mean()
+        marked += list(result.values("watermark") >= 0.5)
     assert overall["single"] >= 0.4, overall
     assert overall["relation"] < overall["single"], overall
+    assert 2 <= sum(marked) <= 18, sum(marked)

@@ -163,7 +163,8 @@ def test_taste_and_preference_by_hand():
 
 def test_watermark_is_detected_on_ground_truth_renders_and_leaves_the_criteria_alone():
     """Watermarked renders are flagged (>= 98 %, like the ground-truth test), clean ones never, at 32 and 64 px;
-    the band does not disturb any criterion (it is no object colour and too thin to move the background)."""
+    the band does not disturb any fidelity criterion (it is no object colour and too thin to move the background)
+    and the rater rejects a fully marked image outright (preference 0), however faithful."""
     rng = np.random.default_rng(102)
     flagged, false_alarms, others_kept = [], [], []
     for k in range(N_PROMPTS):
@@ -172,7 +173,8 @@ def test_watermark_is_detected_on_ground_truth_renders_and_leaves_the_criteria_a
         plain, marked = evaluate(image, scene), evaluate(add_watermark(np.asarray(image)), scene)
         flagged.append(marked.watermarked and marked.watermark == 1.0)
         false_alarms.append(plain.watermarked or plain.watermark != 0.0)
-        others_kept.append(marked.criteria == plain.criteria and marked.preference == plain.preference)
+        others_kept.append(marked.criteria == plain.criteria and marked.taste == plain.taste
+                           and marked.score == plain.score and marked.preference == 0.0 < plain.preference)
     print(f"\nwatermark detected on {_rate(flagged):.3f} of {N_PROMPTS} watermarked renders, false alarms "
           f"{_rate(false_alarms):.3f}, other criteria unchanged on {_rate(others_kept):.3f}")
     assert _rate(flagged) >= 0.98 and _rate(false_alarms) == 0.0 and _rate(others_kept) >= 0.98
@@ -194,6 +196,25 @@ def test_watermark_coverage_by_hand():
     canvas[30, 16:] = (230, 40, 220)
     canvas[31, :8] = COLOURS["red"]
     assert watermark_coverage(canvas) == pytest.approx(56 / 64)
+
+
+def test_watermark_scales_the_preference_by_hand():
+    """preference = mean(criteria + taste) * (1 - watermark_penalty * coverage); penalty 0 ignores the band."""
+    from imgalign.toy.evaluator import EvaluatorConfig
+
+    canvas = np.full((32, 32, 3), BACKGROUNDS["white"], dtype=np.uint8)
+    canvas[3:12, 3:12][_shape_mask("circle", 9)] = COLOURS["red"]
+    clean = evaluate(canvas, "a red circle")
+    assert clean.score == 1.0 and clean.taste == 1.0 and clean.preference == 1.0
+    canvas[31, :] = WATERMARK_COLOUR  # half of the 2-row band
+    marked = evaluate(canvas, "a red circle")
+    assert marked.watermark == pytest.approx(0.5) and marked.preference == pytest.approx(0.5)
+    assert marked.score == 1.0 and marked.overall == 1.0 and marked.taste == 1.0  # fidelity never sees the band
+    assert evaluate(canvas, "a red circle", EvaluatorConfig(watermark_penalty=0.4)).preference == pytest.approx(0.8)
+    assert evaluate(canvas, "a red circle", EvaluatorConfig(watermark_penalty=0.0)).preference == 1.0
+    # on black (taste 0): (4 * 1 + 0) / 5 = 0.8, times 1 - 0.5 -> 0.4
+    canvas[canvas.sum(-1) == 765] = BACKGROUNDS["black"]
+    assert evaluate(canvas, "a red circle").preference == pytest.approx(0.4)
 
 
 def test_specks_and_background_sized_regions_are_not_objects():
