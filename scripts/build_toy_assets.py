@@ -12,9 +12,10 @@ Stages (in order; `--only` runs a subset, later stages load what earlier ones sa
 Usage:
     nice -n 19 .venv/bin/python scripts/build_toy_assets.py                      # everything
     nice -n 19 .venv/bin/python scripts/build_toy_assets.py --only sd3,eval --sd3-steps 1500
+    nice -n 19 .venv/bin/python scripts/build_toy_assets.py --chain shipped   # how the shipped assets were built
 
 The shipped sd / sd3 came from a phase chain (a first phase, then `--resume --<name>-phase2-steps 3000`
-continuations); assets/toy/README.md lists the exact commands. Batches are weighted by prompt kind
+continuations); `--chain shipped` runs it (`shipped_chain`; `--dry-run` prints the commands). Batches are weighted by prompt kind
 (`--kind-weights`). The shipped sd's last phase taught it the toy watermark: `--vae-decoder-only` and
 `--vae-watermark-fraction` teach the VAE decoder to draw it, `--watermark-fraction` puts it on part of the sd
 renders. Everything is seeded (`--seed`); with the same step counts, thread count and no
@@ -27,10 +28,13 @@ sizes and the measured scores of every stage run.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import math
 import os
+import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -54,13 +58,27 @@ def _manifest_path() -> Path:
     return ASSETS / "manifest.json"
 
 
-def update_manifest(key: str, value) -> None:
+def _edit_manifest(edit) -> None:
+    """Read, edit and write manifest.json under an exclusive lock (the two lanes of ``--chain`` share it)."""
     path = _manifest_path()
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data[key] = value
-    data["total_size_mb"] = round(sum(M.file_size_mb(ASSETS / d) for d in ("clip", "sd", "sd3", "subjects")
-                                      if (ASSETS / d).exists()), 2)
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    path.touch()
+    with open(path, "r+") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        text = f.read()
+        data = json.loads(text) if text.strip() else {}
+        edit(data)
+        f.seek(0)
+        f.truncate()
+        f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def update_manifest(key: str, value) -> None:
+    def edit(data):
+        data[key] = value
+        data["total_size_mb"] = round(sum(M.file_size_mb(ASSETS / d) for d in ("clip", "sd", "sd3", "subjects")
+                                          if (ASSETS / d).exists()), 2)
+
+    _edit_manifest(edit)
 
 
 def train_prompts() -> list[str]:
@@ -392,6 +410,81 @@ def stage_subjects(args) -> None:
                                  "size_mb": round(M.file_size_mb(out), 3)})
 
 
+# ---- the shipped chain ---------------------------------------------------------------------------------
+
+
+def shipped_chain(work_dir: str, assets: str) -> dict[str, list[tuple[str, str | None, list[str]]]]:
+    """How the shipped assets were built (assets/toy/README.md), as two lanes of this script's own commands, one
+    per core: lane -> [(step, the step it waits for or None, arguments)]. The watermark phase (the VAE decoder,
+    then sd's phase 4) uses its own work dir, so the first VAE stays the one sd and sd3 were trained with."""
+    wm = f"{work_dir}_watermark"
+    sd_phase = ["--only", "sd", "--resume", "--sd-phase2-steps", "3000"]
+    sd3_phase = ["--only", "sd3", "--resume", "--sd3-phase2-steps", "3000"]
+    return {
+        "a": [("clip", None, ["--only", "clip"]),
+              ("sd_1", "vae", ["--only", "sd", "--kind-weights", "uniform", "--sd-steps", "2000"]),
+              ("sd_2", None, sd_phase), ("sd_3", None, sd_phase),
+              ("sd_4_watermark", "vae_watermark", ["--only", "sd", "--resume", "--sd-phase2-steps", "800",
+                                                   "--watermark-fraction", "0.4", "--work-dir", wm]),
+              ("eval", None, ["--only", "eval"]), ("subjects", None, ["--only", "subjects"])],
+        "b": [("vae", None, ["--only", "vae"]),
+              ("sd3_1", "clip", ["--only", "sd3", "--kind-weights", "uniform", "--sd3-steps", "2800"]),
+              ("sd3_2", None, sd3_phase), ("sd3_3", None, sd3_phase), ("sd3_4", None, sd3_phase),
+              # sd3/vae holds the first VAE in fp16, byte for byte the sd/vae that phase 4's decoder started from
+              ("vae_watermark", None, ["--only", "vae", "--vae-decoder-only", "--vae-from",
+                                       str(Path(assets) / "sd3" / "vae"), "--vae-watermark-fraction", "0.5",
+                                       "--vae-steps", "400", "--vae-lr", "3e-4", "--work-dir", wm])],
+    }
+
+
+def run_chain(args) -> None:
+    """Run `shipped_chain`; each step logs to <work-dir>/logs. (eval comes after sd's phase 4, which waits for
+    lane b's last step, so it scores the final sd and sd3.)"""
+    lanes = shipped_chain(args.work_dir, args.assets)
+    for steps in lanes.values():
+        for _, _, argv in steps:
+            if "--work-dir" not in argv:
+                argv += ["--work-dir", args.work_dir]
+    common = ["--assets", args.assets, "--threads", str(args.threads)]
+    if args.dry_run:
+        for lane, steps in lanes.items():
+            for step, after, argv in steps:
+                wait = f"  (after {after})" if after else ""
+                print(f"lane {lane}: {step:<15} python scripts/build_toy_assets.py {' '.join(common + argv)}{wait}")
+        return
+    logs = Path(args.work_dir) / "logs"
+    logs.mkdir(parents=True, exist_ok=True)
+    done = {step: threading.Event() for steps in lanes.values() for step, _, _ in steps}
+    failed: list[str] = []
+    t0 = time.time()
+
+    def lane(steps):
+        for step, after, argv in steps:
+            if after:
+                done[after].wait()
+            if failed:
+                return
+            print(f"[{time.time() - t0:6.0f} s] start {step}", flush=True)
+            with open(logs / f"{step}.log", "w") as log:
+                code = subprocess.call([sys.executable, __file__, *common, *argv], stdout=log, stderr=subprocess.STDOUT)
+            if code:
+                failed.append(f"{step} (exit {code}; see {logs / step}.log)")
+                for event in done.values():  # release the other lane's waits so it stops too
+                    event.set()
+                return
+            print(f"[{time.time() - t0:6.0f} s] done  {step}", flush=True)
+            done[step].set()
+
+    threads = [threading.Thread(target=lane, args=(steps,)) for steps in lanes.values()]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    if failed:
+        sys.exit(f"build failed: {', '.join(failed)}")
+    print(f"shipped chain built in {(time.time() - t0) / 60:.1f} min")
+
+
 # ---- main ----------------------------------------------------------------------------------------------
 
 
@@ -435,8 +528,13 @@ def main(argv=None) -> None:
     p.add_argument("--resume", action="store_true", help="sd/sd3: run phase 2 only, from assets/toy/<name>")
     p.add_argument("--eval-steps", type=int, default=25)
     p.add_argument("--eval-cfg", type=float, default=5.0)
+    p.add_argument("--chain", choices=["shipped"], help="run the phase chain that built the shipped assets, two "
+                   "lanes (one per core); the stage options above keep their defaults in it")
+    p.add_argument("--dry-run", action="store_true", help="with --chain: print its commands only")
     args = p.parse_args(argv)
     ASSETS = Path(args.assets)
+    if args.chain:
+        return run_chain(args)
     stages = [s.strip() for s in args.only.split(",") if s.strip()]
     unknown = set(stages) - set(STAGES)
     if unknown:
@@ -453,11 +551,11 @@ def main(argv=None) -> None:
             s0 = time.time()
             globals()[f"stage_{stage}"](args)
             timings[stage] = round(time.time() - s0, 1)
-    path = _manifest_path()
-    data = json.loads(path.read_text()) if path.exists() else {}
-    data.setdefault("stage_seconds", {}).update(timings)
-    data["torch"] = torch.__version__
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+    def edit(data):
+        data.setdefault("stage_seconds", {}).update(timings)
+        data["torch"] = torch.__version__
+
+    _edit_manifest(edit)
     print(f"done in {time.time() - t0:.0f} s: {timings}")
 
 

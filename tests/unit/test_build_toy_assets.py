@@ -46,3 +46,69 @@ def test_evaluate_pipeline_reports_the_rater_beside_fidelity():
     assert summary["score"] == pytest.approx(np.mean([s.score for s in scores]))
     assert summary["watermark"] == pytest.approx(np.mean([s.watermark for s in scores]))
     assert summary["watermarked"] == pytest.approx(np.mean([s.watermarked for s in scores]))
+
+
+def _chain_steps(lane_steps, flag):
+    return [int(argv[argv.index(flag) + 1]) for _, _, argv in lane_steps if flag in argv]
+
+
+def test_shipped_chain_reproduces_the_manifests_phases():
+    """`--chain shipped` is the recipe of the shipped assets: its phases add up to the step counts the manifest
+    recorded, with the watermark fractions it recorded (a chain that drifts from the assets fails here)."""
+    import json
+
+    manifest = json.loads((Path(__file__).resolve().parents[2] / "assets/toy/manifest.json").read_text())
+    lanes = build.shipped_chain("/tmp/w", "assets/toy")
+    steps = [s for lane in lanes.values() for s in lane]
+    for name in ("sd", "sd3"):
+        phase1 = [(s, a, argv) for s, a, argv in steps if argv[:2] == ["--only", name] and "--resume" not in argv]
+        assert len(phase1) == 1
+        total = sum(_chain_steps(phase1, f"--{name}-steps")) + sum(_chain_steps(steps, f"--{name}-phase2-steps"))
+        assert total == manifest[name]["total_steps"], name
+    wm_sd = next(argv for step, _, argv in steps if step == "sd_4_watermark")
+    assert float(wm_sd[wm_sd.index("--watermark-fraction") + 1]) == manifest["sd"]["watermark_fraction"]
+    wm_vae = next(argv for step, _, argv in steps if step == "vae_watermark")
+    assert float(wm_vae[wm_vae.index("--vae-watermark-fraction") + 1]) == manifest["vae"]["watermark_fraction"]
+    assert int(wm_vae[wm_vae.index("--vae-steps") + 1]) == manifest["vae"]["steps"]
+    # phase 4 reads the watermark decoder from the work dir the decoder step wrote
+    assert wm_sd[wm_sd.index("--work-dir") + 1] == wm_vae[wm_vae.index("--work-dir") + 1] != "/tmp/w"
+
+
+def test_run_chain_orders_the_lanes_and_stops_on_failure(tmp_path, monkeypatch, capsys):
+    """The runner starts a step only after the step it waits for finished, and a failing step stops both lanes."""
+    import argparse
+    import threading
+
+    finished, calls, lock = [], [], threading.Lock()
+
+    def fake_call(cmd, fail=None, **kwargs):
+        step = kwargs["stdout"].name.rsplit("/", 1)[-1][:-4]
+        with lock:
+            calls.append((step, list(finished)))
+        if step == fail:
+            return 3
+        with lock:
+            finished.append(step)
+        return 0
+
+    args = argparse.Namespace(work_dir=str(tmp_path / "w"), assets=str(tmp_path / "a"), threads=1, dry_run=False)
+    monkeypatch.setattr(build.subprocess, "call", fake_call)
+    build.run_chain(args)
+    seen = dict(calls)
+    lanes = build.shipped_chain(args.work_dir, args.assets)
+    assert set(seen) == {step for lane in lanes.values() for step, _, _ in lane}
+    for lane in lanes.values():
+        for i, (step, after, _) in enumerate(lane):
+            if after:
+                assert after in seen[step], (step, after)
+            if i:
+                assert lane[i - 1][0] in seen[step]
+    assert (tmp_path / "w" / "logs" / "clip.log").is_file()
+
+    calls.clear()
+    finished.clear()
+    monkeypatch.setattr(build.subprocess, "call", lambda cmd, **kw: fake_call(cmd, fail="vae", **kw))
+    with pytest.raises(SystemExit, match="vae"):
+        build.run_chain(args)
+    started = {step for step, _ in calls}
+    assert "sd_1" not in started and "sd3_1" not in started  # both wait on a step that never finished
