@@ -257,8 +257,11 @@ def main(argv=None):
     t.add_argument("--npo-samples", type=int, default=128)
     t.add_argument("--npo-lr", type=float, default=1e-5)
     t.add_argument("--npo-w", type=float, default=-1.0)
+    t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     t.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    if args.cmd == "toy" and args.threads:
+        torch.set_num_threads(args.threads)
     result = speed(args) if args.cmd == "speed" else toy(args)
     if args.json:
         Path(args.json).write_text(json.dumps(result, indent=2, default=str))

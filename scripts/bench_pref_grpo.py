@@ -6,9 +6,10 @@
 
     # (2) toy evidence: Pref-GRPO (the toy rater as the pairwise judge, win rates) vs pointwise GRPO on a hackable
     #     reward (the rater's score + a bonus for saturated colour); both judged on held-out test prompts by the
-    #     rater's preference score, its fidelity part, its taste part and saturation (--judge toy: fidelity only)
-    python scripts/bench_pref_grpo.py toy --model assets/toy/sd --iterations 80 --groups 8 --group-size 4 --lr 1e-3 \
-        --eval-prompts 200 --out outputs/pg --set sample.sampler=ddim sample.eta=1.0     # README numbers
+    #     rater's preference score, its fidelity part, its taste part, saturation and the watermark (--judge toy:
+    #     fidelity only). A run whose LoRA is already in --out is evaluated again, not retrained.
+    python scripts/bench_pref_grpo.py toy --iterations 80 --groups 8 --group-size 4 --lr 1e-3 --eval-prompts 200 \
+        --out outputs/pg     # README numbers (the toy SD, configs/pref_grpo/toy.yaml: DDIM eta 1 rollouts)
 
 Numbers are printed with 95 % confidence intervals (paired over test prompts, same seeds for every model).
 """
@@ -109,7 +110,8 @@ def register_saturation_reward() -> None:
 @torch.no_grad()
 def evaluate(model_dir: str, lora_dir: str | None, prompts: list[str], args) -> dict:
     """Per image (seed = prompt index, pipeline sampling as users do): the toy rater's preference (fidelity +
-    taste), fidelity score, taste (NaN where the prompt states a background) and saturation."""
+    taste, scaled by the watermark), fidelity score, taste (NaN where the prompt states a background), saturation
+    and the watermark band's coverage."""
     from imgalign.models.adapters import load_adapter
     from imgalign.rewards.images import unit_to_pil
     from imgalign.toy import evaluate as toy_evaluate
@@ -117,7 +119,7 @@ def evaluate(model_dir: str, lora_dir: str | None, prompts: list[str], args) -> 
     adapter = load_adapter(model_dir)
     if lora_dir:
         adapter.pipe.load_lora_weights(lora_dir)
-    values = {name: [] for name in ("preference", "toy", "taste", "saturation")}
+    values = {name: [] for name in ("preference", "toy", "taste", "saturation", "watermark")}
     for start in range(0, len(prompts), 25):
         chunk = prompts[start:start + 25]
         gens = [torch.Generator().manual_seed(10_000 + start + i) for i in range(len(chunk))]
@@ -130,6 +132,7 @@ def evaluate(model_dir: str, lora_dir: str | None, prompts: list[str], args) -> 
         values["toy"] += [s.score for s in scores]
         values["taste"] += [math.nan if s.taste is None else s.taste for s in scores]
         values["saturation"] += saturation(images).tolist()
+        values["watermark"] += [s.watermark for s in scores]
     return {name: torch.tensor(v, dtype=torch.float64) for name, v in values.items()}
 
 
@@ -144,6 +147,11 @@ def train_run(name: str, args, overrides: list[str]) -> tuple[str, list[dict], f
     from imgalign.recipes import pref_grpo
 
     out = Path(args.out) / name
+    record = out / "bench_history.json"
+    if (out / "pytorch_lora_weights.safetensors").is_file():  # a finished run in --out: evaluate it again
+        print(f"[toy] {name}: reusing the trained LoRA in {out}", flush=True)
+        saved = json.loads(record.read_text()) if record.is_file() else {"history": [], "seconds": None}
+        return str(out), saved["history"], saved["seconds"]
     cfg = load_config(pref_grpo.Config, ROOT / "configs/pref_grpo/toy.yaml", [
         f"model.pretrained={args.model}", f"run.output_dir={out}",
         f"run.max_steps={args.iterations}", "run.checkpoint_every=0", "run.log_with=none", "run.progress=false",
@@ -154,7 +162,9 @@ def train_run(name: str, args, overrides: list[str]) -> tuple[str, list[dict], f
     ])
     t0 = time.time()
     result = pref_grpo.train(cfg)
-    return str(out), result["history"], time.time() - t0
+    seconds = time.time() - t0
+    record.write_text(json.dumps({"history": result["history"], "seconds": seconds}, default=float))
+    return str(out), result["history"], seconds
 
 
 def bench_toy(args) -> dict:
@@ -184,7 +194,7 @@ def bench_toy(args) -> dict:
     print(f"\n[toy] {args.model}: {args.iterations} iterations x {args.groups} prompts x {args.group_size} images, "
           f"lr {args.lr:g}, judge {judge}; held-out: {n} test prompts, 1 image each, {args.eval_steps} steps, "
           f"CFG {args.eval_cfg:g}; mean +- 95% CI half-width, paired change vs base in brackets")
-    columns = ["preference", "toy", "taste", "saturation"]
+    columns = ["preference", "toy", "taste", "saturation", "watermark"]
     print(f"{'model':<26}" + "".join(f"{c if c != 'toy' else 'fidelity':>34}" for c in columns) + f"{'train s':>9}")
     summary = {}
     for name, r in results.items():
@@ -196,7 +206,7 @@ def bench_toy(args) -> dict:
             row.update({c: m, f"{c}_ci95": ci, f"{c}_delta_vs_base": d, f"{c}_delta_ci95": dci})
             line += f"{m:.3f} +- {ci:.3f} [{d:+.3f} +- {dci:.3f}]".rjust(34)
         summary[name] = {**row, "train_seconds": r.get("seconds")}
-        if "history" in r:
+        if r.get("history"):
             summary[name]["train_reward_first_last"] = [r["history"][0]["train/reward_mean"],
                                                        r["history"][-1]["train/reward_mean"]]
             # mean training-rollout score of the judge over the first and last quarter of the iterations
