@@ -7,9 +7,9 @@
     # sweep over w; then Self-NPO (full fine-tuning) + NPO guidance vs plain CFG. Toy scores with bootstrap 95% CIs
     # and paired differences on the same prompts and seeds.
     .venv/bin/python scripts/bench_guidance.py toy --prompts 200 --npo-steps 60
-    # an existing aligned LoRA, fresh seeds, 3 images per prompt, no NPO part (README numbers)
-    .venv/bin/python scripts/bench_guidance.py toy --model assets/toy/sd --aligned outputs/demo/dpo --weights 0 1 2 \
-        --images-per-prompt 3 --seed 11 --npo-steps 0
+    # the demo's LoRA as the aligned model, 2 images per prompt, seed 11 (README numbers)
+    .venv/bin/python scripts/bench_guidance.py toy --aligned outputs/demo/dpo --weights 0 0.5 1 1.5 2 \
+        --images-per-prompt 2 --seed 11 --npo-steps 60 --threads 1
 """
 
 from __future__ import annotations
