@@ -103,7 +103,7 @@ class ToyDemoSettings:
     batch_size: int = 16
     lr: float = 3e-4
     beta: float = 500.0
-    noise_range: tuple[float, float] = (0.6, 1.0)  # DPO on the noisiest 40 % of the schedule (layout and band live there)
+    noise_range: tuple[float, float] = (0.6, 1.0)  # the noisiest 40 % of the schedule (2.4x the band removed; README)
     rank: int = 8
     eval_images_per_prompt: int = 1  # images per held-out test prompt in the before/after benchmark
     eval_prompts: int | None = None  # the first N held-out test prompts (None: all 200)

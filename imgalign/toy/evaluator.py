@@ -55,8 +55,8 @@ that CFG keeps, unlike caption-contradicting ones, as real models keep the stock
 ``preference`` is the toy rater's score, the label of toy preference pairs:
 ``mean(applicable fidelity criteria + taste) * (1 - watermark_penalty * watermark)``. Raters reject a
 watermarked image however well it follows the prompt, so the band scales the score down instead of being one
-criterion among seven (measured: as a mean term it decided too few pairs for DPO to learn it; see the README's
-demo section). ``watermark_penalty=0`` gives the rater of the pre-watermark toy world. ``score`` and ``overall``
+more criterion in the mean (measured: as a mean term it decided too few pairs for DPO to learn it; see the
+README's demo section). ``watermark_penalty=0`` gives the rater of the pre-watermark toy world. ``score`` and ``overall``
 stay fidelity only (the band is never a fidelity criterion), so fidelity is always reported apart.
 """
 
