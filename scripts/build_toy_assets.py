@@ -58,6 +58,17 @@ def _manifest_path() -> Path:
     return ASSETS / "manifest.json"
 
 
+def read_manifest() -> dict:
+    """manifest.json as a dict ({} when missing), read under a shared lock (a lane of ``--chain`` may be writing)."""
+    path = _manifest_path()
+    if not path.exists():
+        return {}
+    with open(path) as f:
+        fcntl.flock(f, fcntl.LOCK_SH)
+        text = f.read()
+    return json.loads(text) if text.strip() else {}
+
+
 def _edit_manifest(edit) -> None:
     """Read, edit and write manifest.json under an exclusive lock (the two lanes of ``--chain`` share it)."""
     path = _manifest_path()
@@ -203,8 +214,7 @@ def stage_vae(args) -> None:
     vae.save_pretrained(str(out), safe_serialization=True)
     print(f"vae: recon loss {rec:.4f}, latent mean {mean:.3f} std {std:.3f}, evaluator accuracy on recons {ok:.3f}, "
           f"watermark kept on {kept:.3f}")
-    path = _manifest_path()
-    previous = json.loads(path.read_text()).get("vae") if path.exists() and args.vae_decoder_only else None
+    previous = read_manifest().get("vae") if args.vae_decoder_only else None
     update_manifest("vae", {"earlier_phase": previous, "steps": done, "batch_size": args.vae_batch,
                             "seed": args.seed + 1, "final_recon_loss": rec, "lr": args.vae_lr, "decoder_only": args.vae_decoder_only,
                             "from": args.vae_from if args.vae_decoder_only else None,
@@ -331,8 +341,7 @@ def _denoiser_stage(name: str, args) -> None:
         vae.register_to_config(shift_factor=0.0)  # SD3's decode adds shift_factor; ours is centred
         return M.build_sd3_pipeline(clip, vae, transformer=denoiser, seed=seed)
 
-    path = _manifest_path()
-    previous = json.loads(path.read_text()).get(name) if path.exists() else None
+    previous = read_manifest().get(name)
     if not args.resume:
         info = _train_denoiser(name, build(), args, steps, batch, lr, seed, **extra)
         update_manifest(name, info)
@@ -418,17 +427,18 @@ def shipped_chain(work_dir: str, assets: str) -> dict[str, list[tuple[str, str |
     per core: lane -> [(step, the step it waits for or None, arguments)]. The watermark phase (the VAE decoder,
     then sd's phase 4) uses its own work dir, so the first VAE stays the one sd and sd3 were trained with."""
     wm = f"{work_dir}_watermark"
-    sd_phase = ["--only", "sd", "--resume", "--sd-phase2-steps", "3000"]
-    sd3_phase = ["--only", "sd3", "--resume", "--sd3-phase2-steps", "3000"]
+    work = ["--work-dir", work_dir]
+    sd_phase = ["--only", "sd", "--resume", "--sd-phase2-steps", "3000", *work]
+    sd3_phase = ["--only", "sd3", "--resume", "--sd3-phase2-steps", "3000", *work]
     return {
-        "a": [("clip", None, ["--only", "clip"]),
-              ("sd_1", "vae", ["--only", "sd", "--kind-weights", "uniform", "--sd-steps", "2000"]),
+        "a": [("clip", None, ["--only", "clip", *work]),
+              ("sd_1", "vae", ["--only", "sd", "--kind-weights", "uniform", "--sd-steps", "2000", *work]),
               ("sd_2", None, sd_phase), ("sd_3", None, sd_phase),
               ("sd_4_watermark", "vae_watermark", ["--only", "sd", "--resume", "--sd-phase2-steps", "800",
                                                    "--watermark-fraction", "0.4", "--work-dir", wm]),
-              ("eval", None, ["--only", "eval"]), ("subjects", None, ["--only", "subjects"])],
-        "b": [("vae", None, ["--only", "vae"]),
-              ("sd3_1", "clip", ["--only", "sd3", "--kind-weights", "uniform", "--sd3-steps", "2800"]),
+              ("eval", None, ["--only", "eval", *work]), ("subjects", None, ["--only", "subjects", *work])],
+        "b": [("vae", None, ["--only", "vae", *work]),
+              ("sd3_1", "clip", ["--only", "sd3", "--kind-weights", "uniform", "--sd3-steps", "2800", *work]),
               ("sd3_2", None, sd3_phase), ("sd3_3", None, sd3_phase), ("sd3_4", None, sd3_phase),
               # sd3/vae holds the first VAE in fp16, byte for byte the sd/vae that phase 4's decoder started from
               ("vae_watermark", None, ["--only", "vae", "--vae-decoder-only", "--vae-from",
@@ -441,10 +451,6 @@ def run_chain(args) -> None:
     """Run `shipped_chain`; each step logs to <work-dir>/logs. (eval comes after sd's phase 4, which waits for
     lane b's last step, so it scores the final sd and sd3.)"""
     lanes = shipped_chain(args.work_dir, args.assets)
-    for steps in lanes.values():
-        for _, _, argv in steps:
-            if "--work-dir" not in argv:
-                argv += ["--work-dir", args.work_dir]
     common = ["--assets", args.assets, "--threads", str(args.threads)]
     if args.dry_run:
         for lane, steps in lanes.items():
