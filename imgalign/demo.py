@@ -110,6 +110,17 @@ class ToyDemoSettings:
     validation_prompts: int = 48  # validation prompts scored during training (the curve in training_curves.png)
     pipeline: str = str(TOY_PIPELINE)
 
+    def dpo_overrides(self, pairs: Path, output_dir: Path) -> list[str]:
+        """The demo's Diffusion-DPO recipe as config overrides (scripts/bench_guidance.py trains its aligned model
+        with it too); validation and logging are left to the caller."""
+        return [
+            f"model.pretrained={self.pipeline}", f"data.source={pairs}", "data.resolution=32", "data.hflip=false",
+            "data.cache_latents=true", f"run.output_dir={output_dir}", f"run.max_steps={self.dpo_steps}",
+            f"run.batch_size={self.batch_size}", "run.checkpoint_every=0", "run.keep_last=1", f"optim.lr={self.lr}",
+            "optim.lr_scheduler=constant", f"lora.rank={self.rank}", f"loss.beta={self.beta}",
+            f"loss.noise_range=[{self.noise_range[0]},{self.noise_range[1]}]",
+        ]
+
 
 def run_toy_demo(out: Path, settings: ToyDemoSettings | None = None) -> int:
     from imgalign.config import load_config
@@ -137,11 +148,7 @@ def run_toy_demo(out: Path, settings: ToyDemoSettings | None = None) -> int:
     val_prompts = load_prompts(PROMPT_DIR / "validation.txt")[:st.validation_prompts]
     (out / "val_prompts.txt").write_text("\n".join(val_prompts) + "\n")
     cfg = load_config(diffusion_dpo.Config, None, [
-        f"model.pretrained={st.pipeline}", f"data.source={out / 'pairs_train.parquet'}", "data.resolution=32",
-        "data.hflip=false", "data.cache_latents=true", f"run.output_dir={out / 'dpo'}", f"run.max_steps={st.dpo_steps}",
-        f"run.batch_size={st.batch_size}", "run.checkpoint_every=0", "run.keep_last=1", f"optim.lr={st.lr}",
-        "optim.lr_scheduler=constant", f"lora.rank={st.rank}", f"loss.beta={st.beta}",
-        f"loss.noise_range=[{st.noise_range[0]},{st.noise_range[1]}]",
+        *st.dpo_overrides(out / "pairs_train.parquet", out / "dpo"),
         f"validation.every={max(st.dpo_steps // 4, 1)}", f"validation.prompts_file={out / 'val_prompts.txt'}",
         "validation.images_per_prompt=1", "validation.reward=toy_preference", f"validation.num_inference_steps={st.sampler_steps}",
         f"validation.guidance_scale={st.cfg}",

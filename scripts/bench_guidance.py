@@ -163,17 +163,13 @@ def toy(args) -> dict:
             sys.exit(f"--aligned {dpo_dir}: no pytorch_lora_weights.safetensors there; pass a LoRA output folder "
                      "(e.g. outputs/demo/dpo) or leave --aligned out to train a quick Diffusion-DPO LoRA")
         if not (dpo_dir / "pytorch_lora_weights.safetensors").is_file():  # the demo's Diffusion-DPO recipe
-            demo = ToyDemoSettings()
+            demo = ToyDemoSettings(pipeline=model, dpo_steps=args.dpo_steps)
             stats = generate_toy_pairs(model, train_prompts, out / "pairs.parquet", n_pairs=args.pairs, seed=1,
                                        num_inference_steps=demo.sampler_steps, guidance_scale=demo.cfg)  # rater labels
             print(f"[toy] {stats['n_pairs']} pairs ({stats['n_ties']} ties) in {stats['seconds']} s", flush=True)
             cfg = load_config(diffusion_dpo.Config, None, [
-                f"model.pretrained={model}", f"data.source={out / 'pairs.parquet'}", "data.resolution=32",
-                "data.hflip=false", "data.cache_latents=true", f"run.output_dir={dpo_dir}", f"run.max_steps={args.dpo_steps}",
-                f"run.batch_size={demo.batch_size}", "run.checkpoint_every=0", "run.keep_last=1", f"optim.lr={demo.lr}",
-                "optim.lr_scheduler=constant", f"lora.rank={demo.rank}", f"loss.beta={demo.beta}",
-                f"loss.noise_range=[{demo.noise_range[0]},{demo.noise_range[1]}]", "run.progress=false",
-                "run.log_with=none", "validation.num_inference_steps=2", "validation.images_per_prompt=1",
+                *demo.dpo_overrides(out / "pairs.parquet", dpo_dir), "run.progress=false", "run.log_with=none",
+                "validation.num_inference_steps=2", "validation.images_per_prompt=1",
             ])
             diffusion_dpo.train(cfg)
         print(f"[toy] aligned LoRA ready ({time.time() - t0:.0f} s)", flush=True)
