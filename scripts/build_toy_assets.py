@@ -396,19 +396,21 @@ def evaluate_pipeline(path: Path, prompts: list[str], steps: int, cfg: float, se
 
 
 def stage_eval(args) -> None:
+    """Score the models of --eval-models into the manifest's eval_test; the other models' entries stay (the chain
+    evaluates sd and sd3 on different lanes)."""
     from imgalign.toy.prompts import load_prompt_set
 
     prompts = load_prompt_set("test")
     results = {"command": "scripts/build_toy_assets.py --only eval", "prompts": "assets/toy/prompts/test.txt",
                "images_per_prompt": 1, "num_inference_steps": args.eval_steps, "guidance_scale": args.eval_cfg,
                "seed": args.seed}
-    for name in ("sd", "sd3"):
+    for name in args.eval_models:
         if (ASSETS / name).exists():
             t0 = time.time()
             results[name] = evaluate_pipeline(ASSETS / name, prompts, args.eval_steps, args.eval_cfg, args.seed)
             results[name]["seconds"] = round(time.time() - t0, 1)
             print(name, json.dumps(results[name], indent=1))
-    update_manifest("eval_test", results)
+    _edit_manifest(lambda data: data.setdefault("eval_test", {}).update(results))
 
 
 def stage_subjects(args) -> None:
@@ -436,20 +438,22 @@ def shipped_chain(work_dir: str, assets: str) -> dict[str, list[tuple[str, str |
               ("sd_2", None, sd_phase), ("sd_3", None, sd_phase),
               ("sd_4_watermark", "vae_watermark", ["--only", "sd", "--resume", "--sd-phase2-steps", "800",
                                                    "--watermark-fraction", "0.4", "--work-dir", wm]),
-              ("eval", None, ["--only", "eval", *work]), ("subjects", None, ["--only", "subjects", *work])],
+              ("eval_sd", None, ["--only", "eval", "--eval-models", "sd", *work])],
         "b": [("vae", None, ["--only", "vae", *work]),
               ("sd3_1", "clip", ["--only", "sd3", "--kind-weights", "uniform", "--sd3-steps", "2800", *work]),
               ("sd3_2", None, sd3_phase), ("sd3_3", None, sd3_phase), ("sd3_4", None, sd3_phase),
               # sd3/vae holds the first VAE in fp16, byte for byte the sd/vae that phase 4's decoder started from
               ("vae_watermark", None, ["--only", "vae", "--vae-decoder-only", "--vae-from",
                                        str(Path(assets) / "sd3" / "vae"), "--vae-watermark-fraction", "0.5",
-                                       "--vae-steps", "400", "--vae-lr", "3e-4", "--work-dir", wm])],
+                                       "--vae-steps", "400", "--vae-lr", "3e-4", "--work-dir", wm]),
+              ("eval_sd3", None, ["--only", "eval", "--eval-models", "sd3", *work]),
+              ("subjects", None, ["--only", "subjects", *work])],
     }
 
 
 def run_chain(args) -> None:
-    """Run `shipped_chain`; each step logs to <work-dir>/logs. (eval comes after sd's phase 4, which waits for
-    lane b's last step, so it scores the final sd and sd3.)"""
+    """Run `shipped_chain`; each step logs to <work-dir>/logs. Each lane evaluates its own model once its last
+    phase is done (lane b also builds the subjects: lane a, sd's phases, is the longer one)."""
     lanes = shipped_chain(args.work_dir, args.assets)
     common = ["--assets", args.assets, "--threads", str(args.threads)]
     if args.dry_run:
@@ -534,6 +538,7 @@ def main(argv=None) -> None:
     p.add_argument("--resume", action="store_true", help="sd/sd3: run phase 2 only, from assets/toy/<name>")
     p.add_argument("--eval-steps", type=int, default=25)
     p.add_argument("--eval-cfg", type=float, default=5.0)
+    p.add_argument("--eval-models", nargs="+", choices=["sd", "sd3"], default=["sd", "sd3"], help="eval: which models")
     p.add_argument("--chain", choices=["shipped"], help="run the phase chain that built the shipped assets, two "
                    "lanes (one per core); the stage options above keep their defaults in it")
     p.add_argument("--dry-run", action="store_true", help="with --chain: print its commands only")

@@ -74,6 +74,22 @@ def test_shipped_chain_reproduces_the_manifests_phases():
     assert wm_sd[wm_sd.index("--work-dir") + 1] == wm_vae[wm_vae.index("--work-dir") + 1] != "/tmp/w"
 
 
+def test_eval_of_one_model_keeps_the_others_entry(tmp_path, monkeypatch):
+    """The chain evaluates sd and sd3 on different lanes: `--eval-models sd3` replaces only sd3's eval_test entry."""
+    import argparse
+    import json
+
+    for name in ("sd", "sd3"):
+        (tmp_path / name).mkdir()
+    (tmp_path / "manifest.json").write_text(json.dumps({"eval_test": {"sd": {"overall": 0.3}, "sd3": {"overall": 0.1}}}))
+    monkeypatch.setattr(build, "ASSETS", tmp_path)
+    monkeypatch.setattr(build, "evaluate_pipeline", lambda path, *a: {"overall": 0.2, "model": Path(path).name})
+    build.stage_eval(argparse.Namespace(eval_steps=2, eval_cfg=5.0, seed=0, eval_models=["sd3"]))
+    entry = json.loads((tmp_path / "manifest.json").read_text())["eval_test"]
+    assert entry["sd"] == {"overall": 0.3}
+    assert entry["sd3"]["overall"] == 0.2 and entry["sd3"]["model"] == "sd3" and entry["num_inference_steps"] == 2
+
+
 def test_run_chain_orders_the_lanes_and_stops_on_failure(tmp_path, monkeypatch, capsys):
     """The runner starts a step only after the step it waits for finished, and a failing step stops both lanes."""
     import argparse
