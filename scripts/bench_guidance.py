@@ -4,7 +4,7 @@
     .venv/bin/python scripts/bench_guidance.py speed --steps 20 --batch 8 --repeats 5
 
     # toy evidence: the demo's Diffusion-DPO LoRA (rater-labelled self-sampled pairs) = the aligned model; RLG
-    # sweep over w; then Self-NPO (full fine-tuning) + NPO guidance vs plain CFG. Toy scores with bootstrap 95% CIs
+    # sweep over w; then Self-NPO (full fine-tuning, l2 loss) + NPO guidance vs plain CFG. Toy scores with bootstrap 95% CIs
     # and paired differences on the same prompts and seeds.
     .venv/bin/python scripts/bench_guidance.py toy --prompts 200 --npo-steps 60
     # the demo's LoRA as the aligned model, 2 images per prompt, seed 11 (README numbers)
@@ -200,7 +200,8 @@ def toy(args) -> dict:
                 f"data.sample_guidance={args.cfg}", f"run.output_dir={npo_dir}", f"run.max_steps={args.npo_steps}",
                 "run.batch_size=16", "run.checkpoint_every=0", "run.progress=false", "run.log_with=none",
                 f"optim.lr={args.npo_lr}", "optim.lr_scheduler=constant", f"npo.teacher_guidance={args.npo_w}",
-                "validation.num_inference_steps=2", "validation.images_per_prompt=1",
+                "npo.loss=l2",  # the reference's pseudo-Huber loses to CFG here (README); --npo-set npo.loss=huber
+                "validation.num_inference_steps=2", "validation.images_per_prompt=1", *args.npo_set,
             ])
             self_npo.train(cfg)
         base = load_adapter(model)
@@ -252,7 +253,9 @@ def main(argv=None):
     t.add_argument("--npo-steps", type=int, default=60)
     t.add_argument("--npo-samples", type=int, default=128)
     t.add_argument("--npo-lr", type=float, default=1e-5)
-    t.add_argument("--npo-w", type=float, default=-1.0)
+    t.add_argument("--npo-w", type=float, default=-1.0, help="Self-NPO teacher guidance (npo.teacher_guidance)")
+    t.add_argument("--npo-set", nargs="*", default=[], metavar="KEY=VALUE",
+                   help="more Self-NPO config overrides, e.g. npo.loss=huber run.seed=12")
     t.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
     t.add_argument("--json", default=None)
     args = p.parse_args(argv)

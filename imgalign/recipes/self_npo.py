@@ -80,7 +80,10 @@ class NPOConfig:
     ddim_grid: int = cfg_field(25, "K: points of the DDIM grid the rollout walks on")
     rollout_steps: int = cfg_field(5, "n: DDIM steps of the truncated teacher rollout")
     ema_decay: float = cfg_field(0.999, "teacher <- d teacher + (1 - d) student after every optimizer step")
-    loss: str = cfg_field("huber", "huber (pseudo-Huber) | l2, on the clean estimate x0")
+    loss: str = cfg_field("huber", "on the clean estimate x0: huber (pseudo-Huber, the reference; for small c "
+                          "~L1, whose minimiser is the median, so the negative drops modes the model draws on a "
+                          "minority of samples and NPO guidance then amplifies them) | l2 (the mean: the negative "
+                          "keeps every mode at its rate; on the toy world only l2 beat CFG, README)")
     huber_c: float = cfg_field(0.001, "pseudo-Huber constant c")
     num_levels: int = cfg_field(1000, "T: discrete noise levels (SD-type: the scheduler's train timesteps)")
 
