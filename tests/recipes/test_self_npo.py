@@ -69,7 +69,6 @@ def test_pseudo_huber_hand_computed():
     torch.testing.assert_close(self_npo.pseudo_huber(pred, target, 0.001), torch.tensor([0.9990005 / 2, 0.0]))
 
 
-
 def test_pseudo_huber_fits_the_median_and_drops_a_minority_mode():
     """Why npo.loss matters: one prediction fitted to targets that carry a mode on 20 % of samples (1 vs 0). The
     pseudo-Huber loss (c = 0.001, ~L1) is minimised at the median, 0: the mode is gone; l2 at the mean, 0.2."""
@@ -79,6 +78,7 @@ def test_pseudo_huber_fits_the_median_and_drops_a_minority_mode():
     l2 = torch.stack([(g - targets).pow(2).mean() for g in grid])
     assert float(grid[huber.argmin()]) == 0.0
     assert abs(float(grid[l2.argmin()]) - 0.2) < 1e-6
+
 
 def make_cfg(pipeline: str, out: Path, *extra: str):
     return load_config(self_npo.Config, None, [
