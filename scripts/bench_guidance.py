@@ -4,8 +4,8 @@
     .venv/bin/python scripts/bench_guidance.py speed --steps 20 --batch 8 --repeats 5
 
     # toy evidence: the demo's Diffusion-DPO LoRA (rater-labelled self-sampled pairs) = the aligned model; RLG
-    # sweep over w; then Self-NPO (full fine-tuning, l2 loss) + NPO guidance vs plain CFG. Toy scores with bootstrap 95% CIs
-    # and paired differences on the same prompts and seeds.
+    # sweep over w; then Self-NPO (full fine-tuning, l2 loss) + NPO guidance vs plain CFG. Toy scores with
+    # bootstrap 95% CIs and paired differences on the same prompts and seeds.
     .venv/bin/python scripts/bench_guidance.py toy --prompts 200 --npo-steps 60
     # the demo's LoRA as the aligned model, 2 images per prompt, seed 11 (README numbers)
     .venv/bin/python scripts/bench_guidance.py toy --aligned outputs/demo/dpo --weights 0 0.5 1 1.5 2 \
