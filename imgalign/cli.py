@@ -7,19 +7,14 @@ import sys
 
 
 def _train(args) -> int:
-    from imgalign.config import ConfigError, config_help, load_config
+    from imgalign.config import config_help, load_config
     from imgalign.recipes import get_recipe
 
     recipe = get_recipe(args.method)
     if args.help_config:
         print(config_help(recipe.Config))
         return 0
-    try:
-        cfg = load_config(recipe.Config, args.config, args.overrides)
-    except ConfigError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    recipe.train(cfg)
+    recipe.train(load_config(recipe.Config, args.config, args.overrides))  # a ConfigError reaches main()
     return 0
 
 
@@ -79,7 +74,8 @@ def _demo(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="imgalign", description=__doc__)
+    p = argparse.ArgumentParser(prog="imgalign", description=__doc__,
+                                epilog="--debug (anywhere): show the traceback of a user error")
     sub = p.add_subparsers(dest="command", required=True)
 
     t = sub.add_parser("train", help="train with one method: imgalign train diffusion-dpo --config FILE key=value ...")
@@ -127,6 +123,25 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one command. A UserError (bad config, data, path or checkpoint) prints one `error:` block and returns
+    2; other exceptions are bugs and keep their traceback. --debug or IMGALIGN_DEBUG=1 re-raise UserErrors."""
+    import os
+
+    from imgalign.errors import UserError
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv or os.environ.get("IMGALIGN_DEBUG", "") not in ("", "0")
+    argv = [a for a in argv if a != "--debug"]
+    try:
+        return _run(argv)
+    except UserError as e:
+        if debug:
+            raise
+        print(f"error: {e}\n(a traceback: rerun with --debug or IMGALIGN_DEBUG=1)", file=sys.stderr)
+        return 2
+
+
+def _run(argv: list[str]) -> int:
     parser = build_parser()
     args, extra = parser.parse_known_args(argv)
     if extra and args.command == "train":  # dotted overrides may come before or after --config

@@ -43,10 +43,13 @@ from typing import Any, Literal
 from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf import errors as oc_errors
 
+from imgalign.errors import UserError
+
 __all__ = [
     "MISSING",
     "ConfigError",
     "cfg_field",
+    "check_local_source",
     "config_help",
     "config_keys",
     "git_revision",
@@ -59,7 +62,7 @@ __all__ = [
 COMMAND_LINE = "command line"
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config file or override is invalid; the message names the key, its source and the fix."""
 
 
@@ -68,14 +71,24 @@ class ConfigError(ValueError):
 # ----------------------------------------------------------------------------------------------------
 
 
+_CONSTRAINTS = ("ge", "gt", "le", "lt", "exists")
+
+
 def cfg_field(default: Any, help: str, **kw: Any) -> Any:
     """A dataclass field with a help string (shown by `config_help` and `--help-config`).
+
+    Constraints, checked by `load_config` before any recipe starts: `ge`, `gt`, `le`, `lt` bounds on a number
+    (or on every number of a list), and `exists="file" | "dir" | "path"` for a local path that must exist
+    (None skips the check). Choices are `Literal[...]` types; cross-field checks go in `__post_init__`.
 
     Mutable defaults (list, dict, set, a dataclass instance) are copied for each instance through
     `default_factory`; a dataclass *class* as default means "an instance of it with its defaults".
     Pass `MISSING` as default for a value the user must set.
     """
     metadata = {**kw.pop("metadata", {}), "help": help}
+    for name in _CONSTRAINTS:
+        if name in kw:
+            metadata[name] = kw.pop(name)
     if "default_factory" in kw:
         return dataclasses.field(metadata=metadata, **kw)
     if isinstance(default, type) and dataclasses.is_dataclass(default):
@@ -186,6 +199,12 @@ def _check_keys(cls: type, data: Any, prefix: str, source: str, root_cls: type) 
                 msg += f"; valid keys {section}: {', '.join(sorted(fields))}"
             raise ConfigError(msg)
         tp, optional = _strip_optional(fields[key])
+        if typing.get_origin(tp) is Literal and isinstance(value, bool):
+            # YAML 1.1 reads `no`/`off`/`yes`/`on` as booleans: give a choice spelled that way back its word
+            words = ("yes", "on", "true") if value else ("no", "off", "false")
+            choice = next((a for a in typing.get_args(tp) if isinstance(a, str) and a.lower() in words), None)
+            if choice is not None:
+                data[key] = value = choice
         if _is_dataclass_type(tp):
             if isinstance(value, dict):
                 _check_keys(tp, value, full + ".", source, root_cls)
@@ -328,13 +347,68 @@ def load_config(schema_cls: type, path: str | os.PathLike | None = None, overrid
             f" e.g. {missing[0]}=<value>"
         )
     try:
-        return OmegaConf.to_object(cfg)
+        obj = OmegaConf.to_object(cfg)
     except oc_errors.InterpolationResolutionError as e:
         raise ConfigError(f"cannot resolve interpolation for config key '{e.full_key}': {e.msg}") from None
     except oc_errors.OmegaConfBaseException as e:
         raise ConfigError(f"invalid config (key '{e.full_key}'): {e.msg}") from None
     except (ValueError, TypeError) as e:  # raised by a schema's __post_init__ checks
         raise ConfigError(f"invalid config: {e}") from None
+    check_constraints(obj)
+    return obj
+
+
+def _violation(value: Any, meta: dict) -> str | None:
+    """What is wrong with `value` under the field's constraints, or None."""
+    values = value if isinstance(value, (list, tuple)) else [value]
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            continue
+        if v != v:  # NaN
+            return "must be a number, not NaN"
+        for name, ok, word in (("ge", lambda a, b: a >= b, ">="), ("gt", lambda a, b: a > b, ">"),
+                               ("le", lambda a, b: a <= b, "<="), ("lt", lambda a, b: a < b, "<")):
+            if name in meta and not ok(v, meta[name]):
+                return f"must be {word} {meta[name]}"
+    kind = meta.get("exists")
+    if kind and value not in (None, ""):
+        p = Path(os.path.expanduser(str(value)))
+        if kind == "file" and not p.is_file():
+            return "must be an existing file" + (" (it is a folder)" if p.is_dir() else "")
+        if kind == "dir" and not p.is_dir():
+            return "must be an existing folder"
+        if kind == "path" and not p.exists():
+            return "must be an existing file or folder"
+    return None
+
+
+_LOCAL_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".txt", ".tsv", ".arrow")
+
+
+def check_local_source(key: str, value: str | None) -> None:
+    """A data source that is plainly a local path (a known file suffix, or starting with / . ~) must exist;
+    anything else may be a hub id and is resolved later. Raises ValueError naming the key."""
+    if not value:
+        return
+    text = str(value)
+    local = text.lower().endswith(_LOCAL_SUFFIXES) or text.startswith(("/", "./", "../", "~"))
+    if local and not Path(os.path.expanduser(text)).exists():
+        raise ValueError(f"{key}={text!r}: no such file or folder; give an existing path (relative paths are "
+                         f"taken from the current folder, {os.getcwd()}) or a hub dataset id")
+
+
+def check_constraints(obj: Any, prefix: str = "") -> None:
+    """Check every field's `ge/gt/le/lt/exists` constraint of a config instance; ConfigError names the key."""
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        key = f"{prefix}{f.name}"
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            check_constraints(value, key + ".")
+            continue
+        problem = _violation(value, f.metadata)
+        if problem:
+            raise ConfigError(f"config key '{key}' = {value!r} {problem}; set another value in the YAML file or "
+                              f"on the command line ({key}=...), see --help-config")
 
 
 def to_yaml(cfg: Any) -> str:
@@ -358,11 +432,30 @@ def _format_default(value: Any) -> str:
     return str(value)
 
 
+def _constraint_text(schema_cls: type, key: str) -> str:
+    cls, f = schema_cls, None
+    for part in key.split("."):
+        if not _is_dataclass_type(cls):
+            return ""
+        f = next((x for x in dataclasses.fields(cls) if x.name == part), None)
+        if f is None:
+            return ""
+        cls = _strip_optional(typing.get_type_hints(cls).get(part, Any))[0]
+    meta = f.metadata if f is not None else {}
+    words = {"ge": ">=", "gt": ">", "le": "<=", "lt": "<"}
+    parts = [f"{words[k]} {meta[k]}" for k in words if k in meta]
+    if meta.get("exists"):
+        parts.append(f"existing {meta['exists']}")
+    return ", ".join(parts)
+
+
 def config_help(schema_cls: type) -> str:
     """A plain-text table of every dotted key: type, default and help string."""
     rows = [("key", "type", "default", "help")]
     for key, tp, default, help_text in config_keys(schema_cls):
         inner, _ = _strip_optional(tp)
+        bounds = _constraint_text(schema_cls, key)
+        help_text = f"{help_text} [{bounds}]" if bounds else help_text
         if _is_dataclass_type(inner):
             rows.append((key + ".*", "section", "", help_text))
         else:

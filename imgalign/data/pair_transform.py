@@ -19,6 +19,8 @@ import torchvision.transforms.functional as TF
 from PIL import Image
 from torchvision.transforms import InterpolationMode
 
+from imgalign.data.images import to_rgb
+
 __all__ = ["PairTransform", "collate_pairs", "pair_generator"]
 
 
@@ -65,7 +67,8 @@ class PairTransform:
     ) -> dict[str, Any]:
         R = self.resolution
         g = generator if generator is not None else pair_generator(self.seed, epoch, index)
-        winner, loser = item["winner"], item["loser"]
+        # items from load_preference_pairs are RGB already; others get the same conversion (16-bit, alpha)
+        winner, loser = (im if im.mode == "RGB" else to_rgb(im) for im in (item["winner"], item["loser"]))
         winner_is_ref = bool(item.get("winner_is_jpg_0", True))
         ref, other = (winner, loser) if winner_is_ref else (loser, winner)
         if other.size != ref.size:  # jpg_1 takes jpg_0's size, so one geometry fits both
@@ -74,7 +77,7 @@ class PairTransform:
         winner, loser = (ref, other) if winner_is_ref else (other, ref)
 
         # one 6-channel tensor: whatever happens to it happens to both images
-        x = torch.cat([TF.pil_to_tensor(winner.convert("RGB")), TF.pil_to_tensor(loser.convert("RGB"))])
+        x = torch.cat([TF.pil_to_tensor(winner), TF.pil_to_tensor(loser)])
         x = x.float().div_(255.0)  # [6, H, W] in [0, 1]
         x = TF.resize(x, R, interpolation=InterpolationMode.BILINEAR, antialias=True)  # shorter side -> R
 

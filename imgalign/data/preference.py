@@ -12,8 +12,15 @@ Diffusion-DPO). One entry point reads every source:
 
 `jpg_*` may hold image bytes, a `{"bytes": ..., "path": ...}` struct (how `datasets` stores an Image
 feature) or a path relative to the image root; a path may never leave that root. Captions, labels and
-paths are checked up front; images are decoded in `__getitem__`. With `on_error="skip"` every image is
-also decoded once up front, so bad rows are skipped consistently and counted by reason.
+paths are checked up front; images are decoded in `__getitem__` by `imgalign.data.images.read_image`
+(every PIL mode converted to RGB correctly, transparency composited on `background`, images smaller than
+`min_image_size` or larger than `max_image_pixels` refused). With `on_error="skip"` every image is also
+decoded once up front, so bad rows are skipped consistently and counted by reason, and the conversions
+are counted in `stats.images`.
+
+A label must be a number: a boolean `label_0` (true/false) is refused, since it does not say which image
+won; write 1.0 or 0.0. Rows with the same caption and the same two images are kept and counted in
+`stats.n_duplicates` (`stats.n_conflicting` of them name the other winner).
 
 Items are winner first: `{"caption", "winner", "loser", "label", "winner_is_jpg_0"}` with label 1.0 for
 a decided pair and 0.5 for a kept tie (then the winner is jpg_0).
@@ -21,7 +28,7 @@ a decided pair and 0.5 for a kept tie (then the winner is jpg_0).
 
 from __future__ import annotations
 
-import io
+import hashlib
 import json
 import os
 import re
@@ -36,7 +43,16 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from imgalign.data.errors import DataError, short
+from imgalign.data.errors import DataError, not_utf8, short, utf8_lines
+from imgalign.data.images import (
+    DEFAULT_BACKGROUND,
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SIZE,
+    Colour,
+    ImageStats,
+    parse_background,
+    read_image,
+)
 from imgalign.data.pair_transform import PairTransform, collate_pairs
 from imgalign.data.writers import write_preference_jsonl, write_preference_parquet
 
@@ -55,6 +71,10 @@ __all__ = [
 REQUIRED_COLUMNS = ("caption", "jpg_0", "jpg_1", "label_0")
 IMAGE_COLUMNS = ("jpg_0", "jpg_1")
 _LABEL_HELP = "label_0 must be 1 (jpg_0 preferred), 0 (jpg_1 preferred) or 0.5 (tie)"
+_BOOL_LABEL_HELP = (
+    "a boolean does not say which image won: write 1.0 if jpg_0 is preferred, 0.0 if jpg_1 is preferred "
+    "(0.5 for a tie)"
+)
 _SKIP_HINT = 'or pass on_error="skip" to skip such rows'
 OnError = Literal["raise", "skip"]
 
@@ -71,15 +91,23 @@ class PairStats:
     n_skipped: int = 0
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count
     examples: list[str] = field(default_factory=list)  # the first few skip messages
+    n_duplicates: int = 0  # kept rows whose caption and image pair (either order) an earlier kept row has
+    n_conflicting: int = 0  # of those, rows that name the other winner (or a tie against a decided pair)
+    images: ImageStats = field(default_factory=ImageStats)  # conversions of the images decoded up front
 
     def summary(self) -> str:
         text = f"{self.source}: read {self.n_rows} rows, kept {self.n_pairs} pairs"
         if self.n_ties:
             kept = self.n_ties - self.n_ties_dropped
             text += f", {self.n_ties_dropped} ties dropped" if self.n_ties_dropped else f", {kept} ties kept"
+        if self.n_duplicates:
+            text += f", {self.n_duplicates} duplicate pairs (same caption and images"
+            text += f"; {self.n_conflicting} with another winner)" if self.n_conflicting else ")"
         if self.n_skipped:
             reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
             text += f", {self.n_skipped} rows skipped ({reasons})"
+        if self.images.n_converted:
+            text += f"; images: {self.images.summary()}"
         return text
 
 
@@ -91,6 +119,7 @@ class _Chunk:
     table: pa.Table
     image_root: str | None
     line_numbers: list[int] | None = None  # JSONL: source line of each row
+    n_dropped: int = 0  # JSONL: lines dropped while reading (bad JSON, missing field, not UTF-8, boolean label)
 
     def where(self, row: int) -> str:
         if self.line_numbers is not None:
@@ -139,6 +168,7 @@ class PreferencePairs:
         labels: np.ndarray,
         stats: PairStats,
         transform: Callable[..., dict] | None = None,
+        image_options: dict[str, Any] | None = None,
     ):
         self._chunks = chunks
         self._chunk_ids = chunk_ids  # [N] which chunk each kept pair is in
@@ -146,6 +176,7 @@ class PreferencePairs:
         self._labels = labels  # [N] label_0 of each kept pair
         self.stats = stats
         self.transform = transform
+        self.image_options = dict(image_options or {})  # min_size, max_pixels, background for read_image
         self.epoch = 0
 
     def __len__(self) -> int:
@@ -169,8 +200,8 @@ class PreferencePairs:
         index %= n
         chunk = self._chunks[self._chunk_ids[index]]
         row = int(self._rows[index])
-        img0 = _load_image(chunk, row, "jpg_0")
-        img1 = _load_image(chunk, row, "jpg_1")
+        img0 = _load_image(chunk, row, "jpg_0", **self.image_options)
+        img1 = _load_image(chunk, row, "jpg_1", **self.image_options)
         label_0 = float(self._labels[index])
         if label_0 == 0.0:  # jpg_1 preferred: winner first
             return {
@@ -195,27 +226,24 @@ class PreferencePairs:
         return item
 
 
-def _load_image(chunk: _Chunk, row: int, column: str) -> Image.Image:
+def _load_image(chunk: _Chunk, row: int, column: str, stats: ImageStats | None = None, **options: Any) -> Image.Image:
+    """The image of one cell as RGB, by `read_image` (`options`: min_size, max_pixels, background)."""
     data, path = _split_ref(chunk.table.column(column)[row].as_py())
     what = f"{chunk.where(row)} (caption {short(chunk.caption(row))!r}), column {column}"
-    try:
-        if data is not None:
-            with Image.open(io.BytesIO(data)) as im:
-                return im.convert("RGB")
+    if data is None:
         if path is None or chunk.image_root is None:
-            raise DataError(f"{what}: no image bytes or path")
+            raise DataError(f"{what}: no image bytes or path", reason="missing_image")
         full = _inside_root(chunk.image_root, path)
         if full is None:
-            raise DataError(f"{what}: image path {path!r} is outside the image root {chunk.image_root}")
-        with Image.open(full) as im:
-            return im.convert("RGB")
-    except DataError:
-        raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as e:
-        src = "image bytes" if data is not None else f"image file {path!r}"
+            raise DataError(f"{what}: image path {path!r} is outside the image root {chunk.image_root}",
+                            reason="path_outside_root")
+    where = what if data is not None else f"{what} (image file {path!r})"
+    try:
+        return read_image(data if data is not None else full, where=where, stats=stats, **options)
+    except DataError as e:
         raise DataError(
-            f"{what}: cannot decode the {src} ({type(e).__name__}: {e}). Replace or remove the row, "
-            f'or load with on_error="skip", which decodes every image up front and skips bad rows'
+            f'{e} (or load with on_error="skip", which decodes every image up front and skips bad rows)',
+            reason=e.reason or "unreadable_image",
         ) from e
 
 
@@ -276,39 +304,54 @@ def _read_parquet(
 
 def _read_jsonl(path: Path, image_root: str | None, max_rows: int | None, fail) -> list[_Chunk]:
     captions, jpg0, jpg1, labels, lines = [], [], [], [], []
+    n_lines = 0  # non-blank lines read
     name = str(path)
-    with open(path, encoding="utf-8-sig") as fh:
-        for line_no, line in enumerate(fh, start=1):
-            if not line.strip():
-                continue
-            if max_rows is not None and len(lines) >= max_rows:
-                break
-            where = f"{name} line {line_no}"
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                fail(
-                    "bad_json",
-                    f"{where}: not valid JSON ({e}); each line must be one JSON object, {_SKIP_HINT}",
-                )
-                continue
-            if not isinstance(rec, dict):
-                fail("bad_json", f"{where}: expected a JSON object, got {type(rec).__name__}; {_SKIP_HINT}")
-                continue
-            missing = [c for c in REQUIRED_COLUMNS if c not in rec]
-            if missing:
-                fail(
-                    "missing_field",
-                    f"{where}: missing field {', '.join(missing)}; the fields are "
-                    f"{', '.join(rec) or '(none)'}; each line needs {', '.join(REQUIRED_COLUMNS)}, {_SKIP_HINT}",
-                )
-                continue
-            label = rec["label_0"]
-            captions.append(rec["caption"] if rec["caption"] is None else str(rec["caption"]))
-            jpg0.append(rec["jpg_0"] if isinstance(rec["jpg_0"], str) else None)
-            jpg1.append(rec["jpg_1"] if isinstance(rec["jpg_1"], str) else None)
-            labels.append(float(label) if isinstance(label, (int, float)) else float("nan"))
-            lines.append(line_no)
+    for line_no, line, bad in utf8_lines(path):
+        if bad is None and not line.strip():
+            continue
+        if max_rows is not None and len(lines) >= max_rows:
+            break
+        n_lines += 1
+        where = f"{name} line {line_no}"
+        if bad is not None:
+            fail("bad_encoding", f"{not_utf8(where, bad)}, {_SKIP_HINT}")
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            fail(
+                "bad_json",
+                f"{where}: not valid JSON ({e}); each line must be one JSON object, {_SKIP_HINT}",
+            )
+            continue
+        if not isinstance(rec, dict):
+            fail("bad_json", f"{where}: expected a JSON object, got {type(rec).__name__}; {_SKIP_HINT}")
+            continue
+        missing = [c for c in REQUIRED_COLUMNS if c not in rec]
+        if missing:
+            fail(
+                "missing_field",
+                f"{where}: missing field {', '.join(missing)}; the fields are "
+                f"{', '.join(rec) or '(none)'}; each line needs {', '.join(REQUIRED_COLUMNS)}, {_SKIP_HINT}",
+            )
+            continue
+        label = rec["label_0"]
+        if isinstance(label, bool):
+            fail("bool_label", f"{where} (caption {short(rec['caption'])!r}): label_0 is {json.dumps(label)}; "
+                               f"{_BOOL_LABEL_HELP}, {_SKIP_HINT}")
+            continue
+        caption = rec["caption"] if rec["caption"] is None else str(rec["caption"])
+        try:
+            (caption or "").encode("utf-8")
+        except UnicodeEncodeError as e:  # a "\ud800" escape: JSON can spell text that UTF-8 cannot hold
+            fail("bad_encoding", f"{where}: the caption holds {caption[e.start:e.end]!r}, a lone surrogate escape "
+                                 f"that is not text; fix the \\u escape in the file, {_SKIP_HINT}")
+            continue
+        captions.append(caption)
+        jpg0.append(rec["jpg_0"] if isinstance(rec["jpg_0"], str) else None)
+        jpg1.append(rec["jpg_1"] if isinstance(rec["jpg_1"], str) else None)
+        labels.append(float(label) if isinstance(label, (int, float)) else float("nan"))
+        lines.append(line_no)
     table = pa.table(
         {
             "caption": pa.array(captions, pa.string()),
@@ -317,7 +360,8 @@ def _read_jsonl(path: Path, image_root: str | None, max_rows: int | None, fail) 
             "label_0": pa.array(labels, pa.float64()),
         }
     )
-    return [_Chunk(name, table, image_root or str(path.parent), line_numbers=lines)]
+    n_dropped = n_lines - len(lines)
+    return [_Chunk(name, table, image_root or str(path.parent), line_numbers=lines, n_dropped=n_dropped)]
 
 
 def _read_hf_dataset(
@@ -429,6 +473,74 @@ def _image_refs(chunk: _Chunk, column: str) -> tuple[np.ndarray, list[str | None
     )
 
 
+def _repair_captions(chunk: _Chunk) -> dict[int, UnicodeDecodeError]:
+    """Rows whose caption is not UTF-8 (parquet does not check); their captions are replaced in the table by
+    the text decoded with U+FFFD, so messages about the chunk can show them. {row: the decode error}."""
+    cap = chunk.table.column("caption")
+    try:
+        cap.validate(full=True)
+        return {}
+    except pa.ArrowInvalid:
+        pass
+    raw = cap.cast(pa.large_binary() if pa.types.is_large_string(cap.type) else pa.binary()).to_pylist()
+    bad, fixed = {}, []
+    for row, value in enumerate(raw):
+        if value is None:
+            fixed.append(None)
+            continue
+        try:
+            fixed.append(value.decode("utf-8"))
+        except UnicodeDecodeError as e:
+            bad[row] = e
+            fixed.append(value.decode("utf-8", errors="replace"))
+    index = chunk.table.column_names.index("caption")
+    chunk.table = chunk.table.set_column(index, "caption", pa.array(fixed, cap.type))
+    return bad
+
+
+def _image_key(chunk: _Chunk, column: str) -> Callable[[int], bytes]:
+    """row -> a key of the cell's image: a digest of its bytes, or its normalised path."""
+    col = chunk.table.column(column)
+    data = paths = None
+    if pa.types.is_binary(col.type) or pa.types.is_large_binary(col.type):
+        data = col
+    elif pa.types.is_string(col.type) or pa.types.is_large_string(col.type):
+        paths = col
+    elif pa.types.is_struct(col.type):
+        names = {col.type.field(i).name for i in range(col.type.num_fields)}
+        data = pc.struct_field(col, "bytes") if "bytes" in names else None
+        paths = pc.struct_field(col, "path") if "path" in names else None
+
+    def key(row: int) -> bytes:
+        if data is not None:
+            cell = data[row]
+            if cell.is_valid and len(cell.as_buffer()) > 0:
+                return b"b" + hashlib.blake2b(cell.as_buffer(), digest_size=16).digest()
+        path = paths[row].as_py() if paths is not None else None
+        return b"p" + os.path.normpath(path or "").encode("utf-8", "surrogateescape")
+
+    return key
+
+
+def _count_duplicates(chunks: list[_Chunk], chunk_ids: list[int], rows: list[int], labels: list[float],
+                      stats: PairStats) -> None:
+    """Count kept rows whose caption and image pair (in either order) an earlier kept row already has."""
+    seen: dict[bytes, bytes] = {}  # digest of (caption, the two images) -> what the first such row said won
+    keys: dict[int, tuple[Callable[[int], bytes], Callable[[int], bytes]]] = {}
+    for ci, row, label in zip(chunk_ids, rows, labels):
+        if ci not in keys:
+            keys = {ci: (_image_key(chunks[ci], "jpg_0"), _image_key(chunks[ci], "jpg_1"))}
+        a, b = keys[ci][0](row), keys[ci][1](row)
+        caption = (chunks[ci].caption(row) or "").encode("utf-8", "surrogateescape")
+        pair = hashlib.blake2b(b"\0".join([caption, *sorted((a, b))]), digest_size=16).digest()
+        winner = b"tie" if label == 0.5 else (a if label == 1.0 else b)
+        if pair in seen:
+            stats.n_duplicates += 1
+            stats.n_conflicting += seen[pair] != winner
+        else:
+            seen[pair] = winner
+
+
 def _validate(chunk: _Chunk, keep_ties: bool, fail, stats: PairStats) -> tuple[list[int], list[float]]:
     """Cheap checks of every row; returns the kept rows and their labels."""
     n = chunk.table.num_rows
@@ -437,15 +549,29 @@ def _validate(chunk: _Chunk, keep_ties: bool, fail, stats: PairStats) -> tuple[l
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as e:
         raise DataError(f"{chunk.name}: column label_0 is not numeric ({e}); {_LABEL_HELP}") from e
     labels = np.nan_to_num(np.asarray(labels, dtype=np.float64), nan=-1.0)  # null -> invalid
+    bool_labels = pa.types.is_boolean(chunk.table.column("label_0").type)
     cap = chunk.table.column("caption")
     if not (pa.types.is_string(cap.type) or pa.types.is_large_string(cap.type)):
         raise DataError(f"{chunk.name}: column caption has type {cap.type}; it must hold strings")
+    bad_text = _repair_captions(chunk)
+    cap = chunk.table.column("caption")
     empty = pc.fill_null(pc.equal(pc.utf8_trim_whitespace(cap), ""), True).to_numpy(zero_copy_only=False)
     refs = {c: _image_refs(chunk, c) for c in IMAGE_COLUMNS}
 
     kept_rows, kept_labels = [], []
     for row in range(n):
         label = float(labels[row])
+        if row in bad_text:
+            fail("bad_encoding", f"{not_utf8(f'{chunk.where(row)}, column caption', bad_text[row])}, {_SKIP_HINT}")
+            continue
+        if bool_labels and chunk.table.column("label_0")[row].is_valid:
+            shown = json.dumps(chunk.table.column("label_0")[row].as_py())
+            fail(
+                "bool_label",
+                f"{chunk.where(row)} (caption {short(chunk.caption(row))!r}): label_0 is the boolean {shown} "
+                f"(the column is boolean); {_BOOL_LABEL_HELP}. Cast the column to float, {_SKIP_HINT}",
+            )
+            continue
         if label not in (0.0, 0.5, 1.0):
             shown = chunk.table.column("label_0")[row].as_py()
             fail(
@@ -513,6 +639,10 @@ def load_preference_pairs(
     validate_images: bool | None = None,
     columns: dict[str, str] | None = None,
     transform: Callable[..., dict] | None = None,
+    min_image_size: int | None = DEFAULT_MIN_SIZE,
+    max_image_pixels: int | None = DEFAULT_MAX_PIXELS,
+    background: Colour = DEFAULT_BACKGROUND,
+    count_duplicates: bool = True,
 ) -> PreferencePairs:
     """Read preference pairs from a parquet file or folder, a JSONL file, or a `datasets` dataset.
 
@@ -529,6 +659,11 @@ def load_preference_pairs(
         validate_images: decode every image once up front (default: only when on_error="skip").
         columns: map of our column names to yours, e.g. {"caption": "prompt"} (parquet/datasets).
         transform: callable(item, index=, epoch=) applied in __getitem__, e.g. PairTransform(512).
+        min_image_size: refuse images with fewer pixels on a side (default 8; None: no limit).
+        max_image_pixels: refuse images with more pixels, checked before decoding (default 64 MP; None: no
+            limit beyond Pillow's own PIL.Image.MAX_IMAGE_PIXELS).
+        background: colour transparent pixels are composited on (default white; a name, #rrggbb or (r, g, b)).
+        count_duplicates: count rows repeating an earlier row's caption and image pair (hashes image bytes).
     """
     if on_error not in ("raise", "skip"):
         raise ValueError(f'on_error must be "raise" or "skip", got {on_error!r}')
@@ -540,10 +675,13 @@ def load_preference_pairs(
         if not os.path.isdir(image_root):
             raise DataError(f"image_root {image_root} is not a folder")
     stats = PairStats(source=source)
+    image_options = {"min_size": min_image_size, "max_pixels": max_image_pixels,
+                     "background": parse_background(background),
+                     "limit_names": ("min_image_size", "max_image_pixels")}
 
     def fail(reason: str, message: str) -> None:
         if on_error == "raise":
-            raise DataError(message)
+            raise DataError(message, reason=reason)
         stats.n_skipped += 1
         stats.skipped[reason] = stats.skipped.get(reason, 0) + 1
         if len(stats.examples) < 5:
@@ -552,29 +690,32 @@ def load_preference_pairs(
     chunks = _read_source(source, split, columns, image_root, max_rows, fail)
     chunk_ids, rows, labels = [], [], []
     for i, chunk in enumerate(chunks):
-        stats.n_rows += chunk.table.num_rows
+        stats.n_rows += chunk.table.num_rows + chunk.n_dropped
         kept, kept_labels = _validate(chunk, keep_ties, fail, stats)
         chunk_ids += [i] * len(kept)
         rows += kept
         labels += kept_labels
-    stats.n_rows += stats.skipped.get("bad_json", 0) + stats.skipped.get("missing_field", 0)
 
     if validate_images is None:
         validate_images = on_error == "skip"
     if validate_images:
         good = []
         for j, (ci, row) in enumerate(zip(chunk_ids, rows)):
+            row_images = ImageStats()  # counted only when both images of the row are kept
             try:
                 for column in IMAGE_COLUMNS:
-                    _load_image(chunks[ci], row, column)
+                    _load_image(chunks[ci], row, column, stats=row_images, **image_options)
             except DataError as e:
-                fail("unreadable_image", str(e))
+                fail(e.reason or "unreadable_image", str(e))
                 continue
+            stats.images.update(row_images)
             good.append(j)
         chunk_ids = [chunk_ids[j] for j in good]
         rows = [rows[j] for j in good]
         labels = [labels[j] for j in good]
 
+    if count_duplicates:
+        _count_duplicates(chunks, chunk_ids, rows, labels, stats)
     stats.n_pairs = len(rows)
     return PreferencePairs(
         chunks,
@@ -583,4 +724,5 @@ def load_preference_pairs(
         np.asarray(labels, dtype=np.float32),
         stats,
         transform,
+        image_options,
     )

@@ -7,8 +7,9 @@ Notation (used in every docstring below)
   l_w, l_l        policy log-likelihood of the chosen (w) and rejected (l) response, log pi(y|x)
   lR_w, lR_l      the same under the reference model pi_ref (taken as 0 when there is no reference)
   r_w = l_w - lR_w, r_l = l_l - lR_l     log-ratios ("chosen_logratios", "rejected_logratios")
-  g(r)            f-divergence score map (identity for the reverse KL of plain DPO), see f_divergence_score
+  g(r)            f-divergence score map f'(exp(r)) (identity for the reverse KL of plain DPO), see f_divergence_score
   s_w = g(r_w), s_l = g(r_l), Delta = s_w - s_l
+                  (only losses of Delta, or of s / n, read g; losses of a single r read the raw r, as TRL)
   n_w, n_l        response lengths (token counts); lbar = l / n is the per-token mean log-likelihood
   beta            KL / temperature coefficient, sigma = sigmoid, logsig = log(sigmoid), eps = label smoothing
 Implicit rewards are beta * r (raw log-ratio, not g(r)), detached, as TRL logs them.
@@ -118,41 +119,48 @@ def _smoothed_logistic(z: Tensor, eps: float) -> Tensor:
 # f-divergence score map (f-DPO)
 
 
-def _capped_exp(x: Tensor) -> Tensor:
-    # exp with the exponent capped at 80 so extreme log-ratios stay finite; fp16/bf16 inputs are computed
-    # and returned in fp32 (an fp16 exp overflows past 11, and inf - inf would give NaN in s_w - s_l)
+def _capped_expm1(x: Tensor) -> Tensor:
+    # exp(x) - 1 with the exponent capped at 80 so extreme log-ratios stay finite; fp16/bf16 inputs are computed
+    # and returned in fp32 (an fp16 exp overflows past 11, and inf - inf would give NaN in s_w - s_l).
+    # expm1 keeps f'(u) accurate near u = 1, where the score is close to 0.
     if x.dtype in (torch.float16, torch.bfloat16):
         x = x.float()
-    return torch.exp(x.clamp(max=80.0))
+    return torch.expm1(x.clamp(max=80.0))
 
 
 F_DIVERGENCES = ("reverse_kl", "forward_kl", "js_divergence", "alpha_divergence")
 
 
 def f_divergence_score(logratios: Tensor, divergence: str = "reverse_kl", alpha: float = 0.5) -> Tensor:
-    """Score g(r) = f'(u) at u = pi / pi_ref = exp(r), up to constants that cancel in s_w - s_l.
+    """Score g(r) = f'(u) exactly, at u = pi / pi_ref = exp(r), additive constants included.
 
     f-DPO: Wang et al. 2023, "Beyond Reverse KL: Generalizing Direct Preference Optimization with Diverse
     Divergence Constraints" (arXiv 2309.16240). Loss: -logsig(beta * (f'(u_w) - f'(u_l))).
-      reverse_kl        g(r) = r                                   (f'(u) = log u + 1; plain DPO)
-      forward_kl        g(r) = -exp(-r)                            (f'(u) = 1 - 1/u)
-      js_divergence     g(r) = logsig(r)                           (f'(u) = log(2u / (1 + u)))
-      alpha_divergence  g(r) = exp((alpha - 1) * r) / (alpha - 1)  (f'(u) = (u^(alpha-1) - 1) / (alpha - 1))
+    Each generator f is taken in the form with f(1) = f'(1) = 0 (adding c * (u - 1) to f leaves D_f unchanged),
+    so g(0) = 0 for every divergence; this is TRL main's convention:
+      reverse_kl        g(r) = r                                        f'(u) = log u  (f = u log u - u + 1)
+      forward_kl        g(r) = 1 - exp(-r)                              f'(u) = 1 - 1/u
+      js_divergence     g(r) = log 2 + logsig(r)                        f'(u) = log(2u / (1 + u))
+      alpha_divergence  g(r) = (exp((alpha - 1) r) - 1) / (alpha - 1)   f'(u) = (u^(alpha-1) - 1) / (alpha - 1)
+    The constants (0, 1, log 2, -1 / (alpha - 1)) cancel in s_w - s_l but not once the scores are divided by
+    lengths (ipo, sigmoid_norm), so they are kept: dropping them would bias those losses by response length.
+    (The paper's reverse-KL generator u log u has f'(u) = log u + 1; its +1 is such a constant and is not
+    added, so the reverse KL stays plain DPO in every loss.)
     forward_kl and alpha_divergence cap the exponent at 80 and return fp32 for fp16/bf16 inputs.
-    Alpha parametrisation: TRL main's. The paper writes f'(u) = (1 - u^(-a)) / a, so
-    alpha = 1 - a (f_alpha_from_paper); both agree at 0.5. alpha -> 1 is the reverse KL (used when
+    Alpha parametrisation: TRL main's. The paper writes f'(u) = (1 - u^(-a)) / a, the same function with
+    alpha = 1 - a (f_alpha_from_paper); both agree at 0.5. alpha -> 1 is the reverse KL (g -> r; used when
     |alpha - 1| < 1e-6), alpha = 0 the forward KL.
     """
     if divergence == "reverse_kl":
         return logratios
     if divergence == "forward_kl":
-        return -_capped_exp(-logratios)
+        return -_capped_expm1(-logratios)
     if divergence == "js_divergence":
-        return F.logsigmoid(logratios)
+        return math.log(2.0) + F.logsigmoid(logratios)
     if divergence == "alpha_divergence":
         if abs(alpha - 1.0) < 1e-6:
             return logratios
-        return _capped_exp((alpha - 1.0) * logratios) / (alpha - 1.0)
+        return _capped_expm1((alpha - 1.0) * logratios) / (alpha - 1.0)
     raise ValueError(f"unknown f-divergence {divergence!r}; valid: {', '.join(F_DIVERGENCES)}")
 
 
@@ -180,7 +188,11 @@ def f_dpo_loss(
 
 
 # ----------------------------------------------------------------------------------------------------
-# Pairwise losses over log-ratios (pass g-mapped scores to use an f-divergence)
+# Pairwise losses over log-ratios. preference_loss passes g-mapped scores s = g(r) to the losses of the
+# difference (sigmoid, robust, ipo, hinge, exo_pair, discopop, sigmoid_norm) when an f-divergence is chosen;
+# the losses of a single log-ratio (nca_pair, bco_pair, sppo_hard, apo_zero, apo_down) always get the raw r:
+# the f-DPO reparametrisation leaves a beta * log Z(x) term that cancels only in s_w - s_l (TRL does the same
+# since huggingface/trl#6559 and rejects f_divergence with them at init).
 
 
 def dpo_sigmoid_loss(
@@ -219,6 +231,8 @@ def ipo_loss(
 
     L = (r_w / n_w - r_l / n_l - 1 / (2 * beta))^2, beta = the paper's tau.
     With lengths: TRL's length-normalised form; without: the authors' form on summed log-ratios.
+    Under an f-divergence preference_loss passes s = g(r): (s_w / n_w - s_l / n_l - 1 / (2 * beta))^2, g's
+    additive constant included (as TRL; it does not cancel when n_w != n_l).
     """
     h = _per_token(chosen_logratios, chosen_lengths) - _per_token(rejected_logratios, rejected_lengths)
     return _out((h - 1 / (2 * beta)) ** 2, beta, chosen_logratios, rejected_logratios)
@@ -254,7 +268,7 @@ def exo_pair_loss(
 def nca_pair_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) -> LossOutput:
     """NCA, pairwise (Chen et al. 2024, "Noise Contrastive Alignment...", arXiv 2402.05369).
 
-    L = -logsig(beta * r_w) - 0.5 * logsig(-beta * r_w) - 0.5 * logsig(-beta * r_l).
+    L = -logsig(beta * r_w) - 0.5 * logsig(-beta * r_w) - 0.5 * logsig(-beta * r_l), on the raw r (never g(r)).
     """
     z_w, z_l = beta * chosen_logratios, beta * rejected_logratios
     losses = -F.logsigmoid(z_w) - 0.5 * F.logsigmoid(-z_w) - 0.5 * F.logsigmoid(-z_l)
@@ -266,7 +280,7 @@ def bco_pair_loss(
 ) -> LossOutput:
     """BCO, pairwise (Jung et al. 2024, "Binary Classifier Optimization...", arXiv 2404.04656).
 
-    L = -logsig(beta * r_w - delta) - logsig(-(beta * r_l - delta)).
+    L = -logsig(beta * r_w - delta) - logsig(-(beta * r_l - delta)), on the raw r (never g(r)).
     delta = running mean of the rewards beta * r; TRL main uses delta = 0 (old TRL kept a running mean).
     """
     losses = -F.logsigmoid(beta * chosen_logratios - delta) - F.logsigmoid(-(beta * rejected_logratios - delta))
@@ -276,7 +290,8 @@ def bco_pair_loss(
 def sppo_hard_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) -> LossOutput:
     """SPPO with hard win probabilities (Wu et al. 2024, arXiv 2405.00675; TRL's `sppo_hard`).
 
-    Winner's win rate 1, loser's 0: L = (r_w - 1 / (2 * beta))^2 + (r_l + 1 / (2 * beta))^2.
+    Winner's win rate 1, loser's 0: L = (r_w - 1 / (2 * beta))^2 + (r_l + 1 / (2 * beta))^2, on the raw r
+    (never g(r): the targets +-1/(2 beta) are for log-ratios).
     (No 1/2 factor, as TRL; `sppo_loss` is the soft form with the official code's 1/2.)
     """
     losses = (chosen_logratios - 1 / (2 * beta)) ** 2 + (rejected_logratios + 1 / (2 * beta)) ** 2
@@ -318,7 +333,7 @@ def aot_unpaired_loss(
 def apo_zero_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) -> LossOutput:
     """APO-zero (D'Oosterlinck et al. 2024, "Anchored Preference Optimization...", arXiv 2408.06266, Eq. 7).
 
-    Push the chosen likelihood up and the rejected down, independently:
+    Push the chosen likelihood up and the rejected down, independently, on the raw r (never g(r)):
     L = (1 - sigma(beta * r_w)) + sigma(beta * r_l).
     """
     losses = (1 - torch.sigmoid(beta * chosen_logratios)) + torch.sigmoid(beta * rejected_logratios)
@@ -328,7 +343,7 @@ def apo_zero_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: fl
 def apo_down_loss(chosen_logratios: Tensor, rejected_logratios: Tensor, beta: float) -> LossOutput:
     """APO-down (D'Oosterlinck et al. 2024, arXiv 2408.06266, Eq. 8): for pairs whose chosen answer is still
     worse than the model, push both down but the rejected more:
-    L = sigma(beta * r_w) + (1 - sigma(beta * (r_w - r_l))).
+    L = sigma(beta * r_w) + (1 - sigma(beta * (r_w - r_l))), both terms on the raw r (never g(r)).
     By design d L / d l_w can be positive (the chosen likelihood goes down).
     """
     losses = torch.sigmoid(beta * chosen_logratios) + (
@@ -357,7 +372,8 @@ def sigmoid_norm_loss(
 ) -> LossOutput:
     """Length-normalised DPO (SimPO paper App. "DPO w/ LN", arXiv 2405.14734; Tulu 3 sec. 4.3).
 
-    L = -logsig(beta * (r_w / n_w - r_l / n_l)).
+    L = -logsig(beta * (r_w / n_w - r_l / n_l)); under an f-divergence preference_loss passes s = g(r) in place
+    of r, g's additive constant included (as TRL).
     """
     h = _per_token(chosen_logratios, chosen_lengths) - _per_token(rejected_logratios, rejected_lengths)
     return _out(-F.logsigmoid(beta * h), beta, chosen_logratios, rejected_logratios)
@@ -635,11 +651,12 @@ def _run_sigmoid_norm(x, beta, p):
     return _with_rewards(sigmoid_norm_loss(s_w, s_l, beta, n_w, n_l), beta, r_w, r_l)
 
 
-def _run_apo_down(x, beta, p):
-    # as TRL: the absolute term uses the raw r_w, the contrastive term the g-mapped Delta
-    r_w, r_l, s_w, s_l = _scores(x, p)
-    losses = torch.sigmoid(beta * r_w) + (1 - torch.sigmoid(beta * (s_w - s_l)))
-    return _out(losses, beta, r_w, r_l)
+def _logratio_loss(fn) -> _Spec:
+    """Registry entry for fn(r_w, r_l, beta) on the raw log-ratios: the losses of a single log-ratio (nca_pair,
+    bco_pair, sppo_hard, apo_zero, and both terms of apo_down), as TRL. They do not read f_divergence, so it is
+    an unread-parameter error unless another selected loss reads it.
+    """
+    return _Spec(lambda x, b, p: fn(*x.logratios(), b))
 
 
 def _run_aot(x, beta, p):
@@ -701,14 +718,14 @@ LOSSES: dict[str, _Spec] = {
     "ipo": _Spec(_run_ipo, ("f_divergence", "f_alpha")),
     "hinge": _score_loss(hinge_loss),
     "exo_pair": _score_loss(exo_pair_loss, label_smoothing=("label_smoothing", 1e-3)),
-    "nca_pair": _score_loss(nca_pair_loss),
-    "bco_pair": _score_loss(bco_pair_loss),
-    "sppo_hard": _score_loss(sppo_hard_loss),
+    "nca_pair": _logratio_loss(nca_pair_loss),
+    "bco_pair": _logratio_loss(bco_pair_loss),
+    "sppo_hard": _logratio_loss(sppo_hard_loss),
     "aot": _Spec(_run_aot, ("label_smoothing",)),
     "aot_unpaired": _Spec(lambda x, b, p: aot_unpaired_loss(*x.logratios(), b, p.get("label_smoothing", 0.0)),
                           ("label_smoothing",)),
-    "apo_zero": _Spec(lambda x, b, p: apo_zero_loss(*x.logratios(), b)),
-    "apo_down": _Spec(_run_apo_down, ("f_divergence", "f_alpha")),
+    "apo_zero": _logratio_loss(apo_zero_loss),
+    "apo_down": _logratio_loss(apo_down_loss),
     "discopop": _score_loss(discopop_loss, discopop_tau=("tau", 0.05)),
     "sigmoid_norm": _Spec(_run_sigmoid_norm, ("f_divergence", "f_alpha")),
     "rdpo": _Spec(_run_rdpo, ("rdpo_alpha",)),
@@ -739,7 +756,9 @@ def preference_loss(
     losses = pair_weights * sum_k weights[k] * L_k, each L_k [B]; terms[name] holds the unweighted L_k.
     Names: LOSS_NAMES. Parameters are shared by all selected losses, like one TRL config (default):
       label_smoothing   sigmoid (cDPO, 0), robust (0.1), exo_pair (1e-3), aot/aot_unpaired, simpo, cpo (0)
-      f_divergence, f_alpha   g(r) for the score-based losses ("reverse_kl", 0.5); see f_divergence_score
+      f_divergence, f_alpha   g(r) for sigmoid, robust, ipo, hinge, exo_pair, discopop, sigmoid_norm
+                        ("reverse_kl", 0.5); see f_divergence_score. nca_pair, bco_pair, sppo_hard, apo_zero,
+                        apo_down always read the raw r
       discopop_tau (0.05), rdpo_alpha (0.05), simpo_gamma (0.5, the margin itself), cpo_alpha (1.0)
       chosen_winrate, rejected_winrate [B]   sppo, dno (required)
       eta, prev_chosen_logps, prev_rejected_logps [B]   inpo (required; beta plays INPO's tau)

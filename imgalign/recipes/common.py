@@ -6,6 +6,7 @@ import contextlib
 import copy
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -19,18 +20,19 @@ class ModelConfig:
     pretrained: str = cfg_field(MISSING, "hub id or local folder of a diffusers pipeline (SD1.x/2.x, SDXL, SD3, FLUX)")
     variant: str | None = cfg_field(None, "weights variant to load, e.g. fp16")
     drop_t5: bool = cfg_field(False, "SD3 only: load without the T5 text encoder")
-    timestep_sampling: str = cfg_field("logit_normal", "flow families: logit_normal | uniform density of training sigmas")
+    timestep_sampling: Literal["logit_normal", "uniform"] = cfg_field("logit_normal", "flow families: density of "
+                                                                     "training sigmas")
     flow_shift: float | None = cfg_field(None, "flow families: timestep shift for training sigmas (null: scheduler's static shift)")
     flux_guidance: float = cfg_field(3.5, "FLUX guidance-embedding value used in training forwards")
-    max_sequence_length: int = cfg_field(128, "T5 token length for SD3/FLUX prompts")
+    max_sequence_length: int = cfg_field(128, "T5 token length for SD3/FLUX prompts", ge=1)
 
 
 @dataclass
 class LoraConfig:
     enabled: bool = cfg_field(True, "train a LoRA adapter (reference = adapter disabled); false = full fine-tuning "
                               "with a frozen reference copy")
-    rank: int = cfg_field(8, "LoRA rank r")
-    alpha: float | None = cfg_field(None, "LoRA alpha (null: equal to rank)")
+    rank: int = cfg_field(8, "LoRA rank r", ge=1)
+    alpha: float | None = cfg_field(None, "LoRA alpha (null: equal to rank)", gt=0)
     target_modules: list[str] = cfg_field(list(DEFAULT_LORA_TARGETS), "module names that get LoRA layers")
     init: str = cfg_field("gaussian", "peft init_lora_weights (gaussian: A random, B zero, so step 0 equals the base)")
     ref_cpu_offload: bool = cfg_field(False, "full fine-tuning on GPU: stream the frozen reference from CPU memory")
@@ -38,16 +40,24 @@ class LoraConfig:
 
 @dataclass
 class ValidationConfig:
-    every: int = cfg_field(0, "write a validation image grid every N optimizer steps (0: only before and after)")
+    enabled: bool = cfg_field(True, "write validation grids (false: no validation at all)")
+    every: int = cfg_field(0, "write a validation image grid every N optimizer steps (0: only before and after)",
+                           ge=0)
     prompts: list[str] = cfg_field(["a red circle", "two blue squares"], "validation prompts")
-    images_per_prompt: int = cfg_field(2, "images per prompt (one grid row per prompt)")
+    images_per_prompt: int = cfg_field(2, "images per prompt (one grid row per prompt)", ge=1)
     seed: int = cfg_field(1234, "fixed seed, so grids are comparable across steps")
-    num_inference_steps: int = cfg_field(20, "sampler steps")
+    num_inference_steps: int = cfg_field(20, "sampler steps", ge=1)
     guidance_scale: float = cfg_field(5.0, "CFG scale")
-    resolution: int | None = cfg_field(None, "image size (null: the training resolution)")
-    prompts_file: str | None = cfg_field(None, "read validation prompts from this file instead (.txt, .jsonl, .csv)")
+    resolution: int | None = cfg_field(None, "image size (null: the training resolution)", ge=8)
+    prompts_file: str | None = cfg_field(None, "read validation prompts from this file instead (.txt, .jsonl, .csv)",
+                                         exists="file")
     reward: str | None = cfg_field(None, "score validation images with this reward (imgalign.rewards name, e.g. toy, "
                                    "pickscore) and log val/<reward>")
+
+    def __post_init__(self):
+        if self.enabled and not self.prompts and not self.prompts_file:
+            raise ValueError("validation.prompts is empty and no validation.prompts_file is set; give prompts, or "
+                             "switch validation off with validation.enabled=false")
 
 
 def load_model(cfg: ModelConfig, device, dtype: torch.dtype) -> ModelAdapter:
@@ -127,9 +137,11 @@ def validation_images(adapter: ModelAdapter, cfg: ValidationConfig, resolution: 
 
 def make_validator(accelerator, adapter: ModelAdapter, cfg: ValidationConfig, resolution: int, out_dir: Path,
                    weights=None):
-    """-> validate(step): on the main process, write the grid, score it with the validation reward (built once)
+    """-> validate(step) (None when validation.enabled is false): on the main process, write the grid, score it with the validation reward (built once)
     and log `val/<reward>`; other ranks return {}. `weights` is an optional context-manager factory that swaps
     in the weights to validate (e.g. an EMA)."""
+    if not cfg.enabled:
+        return None
     reward = None
     if cfg.reward:
         from imgalign.rewards import build_reward

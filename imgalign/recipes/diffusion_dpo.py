@@ -22,13 +22,12 @@ implicit reward margin of the pair toward zero.
 from __future__ import annotations
 
 import math
-import time
 from dataclasses import dataclass
-from pathlib import Path
+from typing import Any, Literal
 
 import torch
 
-from imgalign.config import MISSING, cfg_field, save_run_info
+from imgalign.config import MISSING, cfg_field, check_local_source
 from imgalign.losses import diffusion_preference_loss, implicit_accuracy
 from imgalign.models.adapters import adapters_disabled, repeat_cond
 from imgalign.recipes.common import (
@@ -41,19 +40,10 @@ from imgalign.recipes.common import (
     make_validator,
     save_weights,
 )
-from imgalign.train.checkpoint import load_checkpoint, register_weight_hooks, resolve_resume, save_checkpoint
 from imgalign.train.data_order import deterministic_loader
-from imgalign.train.setup import (
-    MeanMetrics,
-    OptimConfig,
-    RunConfig,
-    banner,
-    count_params,
-    make_accelerator,
-    make_optimizer,
-    progress_bar,
-    weight_dtype,
-)
+from imgalign.train.loop import Run, lora_layout
+from imgalign.train.seeding import global_positions, randn_per_sample, sample_generators
+from imgalign.train.setup import OptimConfig, RunConfig, count_params
 
 
 @dataclass
@@ -62,26 +52,46 @@ class DataConfig:
                             "root), a saved `datasets` folder, or a hub dataset id")
     split: str = cfg_field("train", "split name for `datasets` sources")
     image_root: str | None = cfg_field(None, "JSONL sources: folder the image paths are relative to (default: the JSONL's folder)")
-    resolution: int = cfg_field(512, "training resolution R (shorter side resized to R, then an R x R crop)")
+    resolution: int = cfg_field(512, "training resolution R (shorter side resized to R, then an R x R crop)", ge=8)
     random_crop: bool = cfg_field(False, "random instead of centre crop (the same crop for both images of a pair)")
     hflip: bool = cfg_field(True, "random horizontal flip (the same flip for both images of a pair)")
     keep_ties: bool = cfg_field(False, "keep label_0 == 0.5 pairs (trained symmetrically); default drops and counts them")
-    on_error: str = cfg_field("raise", "bad rows: raise (error names file and row) | skip (counted and logged)")
-    max_rows: int | None = cfg_field(None, "use only the first N rows")
+    on_error: Literal["raise", "skip"] = cfg_field("raise", "bad rows: raise (error names file and row) | skip "
+                                                  "(counted and logged)")
+    max_rows: int | None = cfg_field(None, "use only the first N rows", ge=1)
     cache_latents: bool = cfg_field(False, "encode each pair's VAE latent distribution and text conditioning once and "
                                     "reuse them (augmentation is then fixed per item: epoch 0's crop/flip)")
-    num_workers: int = cfg_field(0, "DataLoader worker processes")
+    num_workers: int = cfg_field(0, "DataLoader worker processes", ge=0)
+
+    def __post_init__(self):
+        check_local_source("data.source", self.source)
 
 
 @dataclass
 class LossConfig:
     loss_type: list[str] = cfg_field(["sigmoid"], "core preference losses by name (imgalign.losses), summed with loss_weights")
     loss_weights: list[float] | None = cfg_field(None, "one weight per loss_type (null: all 1)")
-    beta: float = cfg_field(5000.0, "KL strength in the paper's convention (SD1.5/SDXL: 5000 = diffusers' 2500)")
-    params: dict[str, float] = cfg_field({}, "extra loss parameters, e.g. {label_smoothing: 0.1} or {gamma: 0.5}")
+    beta: float = cfg_field(5000.0, "KL strength in the paper's convention (SD1.5/SDXL: 5000 = diffusers' 2500)",
+                            gt=0)
+    params: dict[str, Any] = cfg_field({}, "extra loss parameters, e.g. {label_smoothing: 0.1}, {gamma: 0.5} or "
+                                       "{f_divergence: js_divergence}")
     noise_range: list[float] = cfg_field([0.0, 1.0], "[lo, hi]: train on this fraction of the noise schedule only "
                                          "(0 clean, 1 pure noise; DDPM t/T, flow pre-shift u). [0.6, 1] keeps the "
                                          "high-noise steps where a sample's layout and global modes are decided")
+
+    def __post_init__(self):
+        from imgalign.models.adapters import check_noise_range
+
+        try:
+            check_noise_range(self.noise_range)
+        except ValueError as err:
+            raise ValueError(f"loss.noise_range: {err}; e.g. loss.noise_range=[0.6,1.0]") from None
+        z = torch.zeros(2)  # unknown loss names and parameters fail now, not after the model has loaded
+        try:
+            diffusion_preference_loss(self.loss_type, z, z, z, z, beta=self.beta, weights=self.loss_weights,
+                                      **self.params)
+        except (ValueError, TypeError, KeyError) as err:
+            raise ValueError(f"loss: {err}") from None
 
 
 @dataclass
@@ -115,26 +125,14 @@ def dpo_losses(model_err, ref_err, labels, loss: LossConfig):
 
 
 def train(cfg: DiffusionDPOConfig) -> dict:
-    from imgalign.models.adapters import check_noise_range
-
-    try:
-        check_noise_range(cfg.loss.noise_range)
-    except ValueError as err:
-        raise ValueError(f"loss.noise_range: {err}; e.g. loss.noise_range=[0.6,1.0]") from None
     run = cfg.run
-    out_dir = Path(run.output_dir)
-    accelerator = make_accelerator(run, project="diffusion_dpo")
-    dtype = weight_dtype(accelerator)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_run_info(cfg, out_dir)
+    book = Run(cfg, "diffusion-dpo")
+    accelerator, dtype = book.accelerator, book.dtype
 
     # ---- model, trainable part, reference -------------------------------------------------------
     adapter = load_model(cfg.model, accelerator.device, dtype)
     reference = make_trainable(adapter, cfg.lora, run.gradient_checkpointing, dtype)
     use_lora = cfg.lora.enabled
-    register_weight_hooks(accelerator, lambda m, d: save_weights(adapter, m, d, use_lora),
-                          lambda m, d: load_weights(adapter, m, d, use_lora))
 
     # ---- data -------------------------------------------------------------------------------------
     from imgalign.data import PairTransform, collate_pairs, load_preference_pairs
@@ -147,97 +145,74 @@ def train(cfg: DiffusionDPOConfig) -> dict:
         transform, collate, num_workers = _CachedPairs(adapter, transform), collate_cached, 0
 
     # ---- optimizer, resume -------------------------------------------------------------------------
-    optimizer, scheduler = make_optimizer(adapter.denoiser.parameters(), cfg.optim, run.max_steps, accelerator.num_processes)
-    model, optimizer, scheduler = accelerator.prepare(adapter.denoiser, optimizer, scheduler)
-    start_step = 0
-    resume = resolve_resume(out_dir, run.resume_from)
-    if resume is not None:
-        start_step = load_checkpoint(accelerator, resume)["step"]
-    loader = deterministic_loader(pairs, transform, collate, run.batch_size, run.seed, accelerator.process_index,
-                                  accelerator.num_processes, start_step * run.grad_accum, num_workers)
+    model, optimizer, scheduler = book.prepare(adapter.denoiser, cfg.optim, lora_layout(cfg.lora),
+                                               lambda m, d: save_weights(adapter, m, d, use_lora),
+                                               lambda m, d: load_weights(adapter, m, d, use_lora))
+    book.resume()
+    start_step = book.start_step
+    rank, world = accelerator.process_index, accelerator.num_processes
+    loader = deterministic_loader(pairs, transform, collate, run.batch_size, run.seed, rank, world,
+                                  start_step * run.grad_accum, num_workers, run.grad_accum)
 
     trainable, total = count_params(adapter.denoiser)
-    banner(accelerator, "imgalign diffusion-dpo", {
+    book.banner("imgalign diffusion-dpo", {
         "model": f"{cfg.model.pretrained} ({adapter.family}, {adapter.prediction_type})",
         "trainable": f"{trainable:,} of {total:,} params ({f'LoRA r={cfg.lora.rank}' if use_lora else 'full'})",
         "reference": "same network, adapter disabled" if use_lora else "frozen copy",
         "pairs": pairs.stats.summary(),
         "loss": f"{'+'.join(cfg.loss.loss_type)}, beta={cfg.loss.beta:g} (paper convention)",
-        "effective batch": f"{run.batch_size} pairs x {run.grad_accum} accum x {accelerator.num_processes} procs"
-                           f" = {run.batch_size * run.grad_accum * accelerator.num_processes} pairs/step",
-        "steps": f"{start_step} -> {run.max_steps}" + (f" (resumed from {resume})" if resume else ""),
-        "output": str(out_dir),
+        "effective batch": f"{run.batch_size} pairs x {run.grad_accum} accum x {world} procs"
+                           f" = {run.batch_size * run.grad_accum * world} pairs/step",
     })
-
-    validate = make_validator(accelerator, adapter, cfg.validation, cfg.data.resolution, out_dir)
-
-    val_history = [{"step": 0, **validate(0)}] if start_step == 0 else []
+    book.start(make_validator(accelerator, adapter, cfg.validation, cfg.data.resolution, book.out_dir),
+               cfg.validation.every)
 
     # ---- loop ---------------------------------------------------------------------------------------
-    metrics = MeanMetrics()
-    history: list[dict] = []
-    bar = progress_bar(accelerator, run.max_steps, start_step, run.progress, "diffusion-dpo")
     step, micro = start_step, start_step * run.grad_accum
     data_iter = iter(loader)
     model.train()
-    t0 = time.time()
     while step < run.max_steps:
         batch = next(data_iter)
-        # noise and timesteps depend only on (seed, micro-step, rank): resume reproduces them exactly
-        gen = torch.Generator().manual_seed(run.seed * 1_000_003 + micro * 4099 + accelerator.process_index)
+        # noise, timesteps and VAE samples are drawn per pair from (seed, step, the pair's position in the
+        # effective batch): resume reproduces them, and so does any split over processes and micro-steps
+        positions = global_positions(rank, world, micro % run.grad_accum, len(batch["labels"]))
+        gens = sample_generators(run.seed, "dpo", micro // run.grad_accum, positions)
         with accelerator.accumulate(model):
-            loss, m = _step(adapter, model, reference, batch, gen, cfg, accelerator)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        metrics.add(m)
+            loss, m = _step(adapter, model, reference, batch, gens, cfg, accelerator)
+            book.backward(loss)
+            if accelerator.sync_gradients:
+                book.apply_gradients()
+        book.metrics.add(m)
         micro += 1
         if not accelerator.sync_gradients:
             continue
         step += 1
-        logs = {f"train/{k}": v for k, v in metrics.reduce(accelerator).items()}
-        logs["train/lr"] = scheduler.get_last_lr()[0]
-        history.append({"step": step, **logs})
-        if step % run.log_every == 0:
-            accelerator.log(logs, step=step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{logs['train/loss']:.4f}", acc=f"{logs['train/implicit_acc']:.2f}", lr=f"{logs['train/lr']:.2e}")
-        if run.checkpoint_every and step % run.checkpoint_every == 0 and step < run.max_steps:
-            save_checkpoint(accelerator, out_dir, step, {"micro_step": micro}, run.keep_last)
-        if cfg.validation.every and step % cfg.validation.every == 0 and step < run.max_steps:
-            val_history.append({"step": step, **validate(step)})
-    bar.close()
-
-    # ---- final artifacts --------------------------------------------------------------------------
-    if step > start_step or not resume:
-        save_checkpoint(accelerator, out_dir, step, {"micro_step": micro}, run.keep_last)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_weights(adapter, accelerator.unwrap_model(model), out_dir, use_lora)
-        val_history.append({"step": step, **validate(step)})
-    accelerator.end_training()
-    return {"steps": step, "history": history, "validation": val_history, "seconds": time.time() - t0,
-            "output_dir": str(out_dir)}
+        logs = book.end_step(step, {f"train/{k}": v for k, v in book.metrics.reduce(accelerator).items()},
+                             {"micro_step": micro})
+        book.bar.set_postfix(loss=f"{logs['train/loss']:.4f}", acc=f"{logs['train/implicit_acc']:.2f}",
+                             lr=f"{logs['train/lr']:.2e}")
+    return book.finish(step, {"micro_step": micro}, lambda m: save_weights(adapter, m, book.out_dir, use_lora))
 
 
-def _step(adapter, model, reference, batch, gen, cfg: DiffusionDPOConfig, accelerator):
-    """One micro-batch of B pairs -> (mean loss, metrics)."""
+def _step(adapter, model, reference, batch, gens, cfg: DiffusionDPOConfig, accelerator):
+    """One micro-batch of B pairs, one generator per pair -> (mean loss, metrics).
+
+    Pair j draws, in this order from gens[j]: the winner's VAE sample, the loser's, the noise, the timestep.
+    """
     labels = batch["labels"].to(accelerator.device)  # [B]
     b = labels.shape[0]
-    if "latents" in batch:  # cached: sample from the stored latent distribution with this step's generator
+    if "latents" in batch:  # cached: sample from the stored latent distribution with the pairs' generators
         mean, std = batch["latents"].chunk(2, dim=1)
-        latents = (mean + std * torch.randn(mean.shape, generator=gen)).to(accelerator.device)
+        latents = (mean + std * randn_per_sample(mean.shape[1:], gens + gens)).to(accelerator.device)
         cond = {k: v.to(accelerator.device) for k, v in batch["cond"].items()}
     else:
         pixels = torch.cat([batch["pixels_w"], batch["pixels_l"]])  # [2B, 3, R, R], winners first
-        latents = adapter.encode_images(pixels, generator=gen)  # [2B, C, h, w]
+        latents = adapter.encode_images(pixels, generator=gens + gens)  # [2B, C, h, w]
         cond = adapter.encode_prompts(batch["captions"], original_sizes=batch["original_sizes"],
                                       crops_top_left=batch["crops_top_left"], target_size=pixels.shape[-2:])
-    noise = torch.randn(latents[:b].shape, generator=gen).to(latents.device).repeat(2, 1, 1, 1)  # same noise per pair
-    t = adapter.sample_timesteps(b, generator=gen, noise_range=cfg.loss.noise_range).repeat(2)  # same t per pair
+    noise = randn_per_sample(latents.shape[1:], gens).to(latents.device).repeat(2, 1, 1, 1)  # same noise per pair
+    t = torch.cat([adapter.sample_timesteps(1, generator=g, noise_range=cfg.loss.noise_range) for g in gens])
+    t = t.repeat(2)  # same t per pair
     noisy, target = adapter.noise_and_target(latents, noise, t)
     cond = repeat_cond(cond, 2)
 

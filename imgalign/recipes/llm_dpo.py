@@ -20,13 +20,13 @@ from __future__ import annotations
 
 import copy
 import difflib
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 
-from imgalign.config import MISSING, cfg_field, save_run_info
+from imgalign.config import MISSING, cfg_field
 from imgalign.llm.data import collate as collate_items
 from imgalign.llm.data import load_llm_preferences, pad_token_id, split_heldout, tokenize_preferences
 from imgalign.llm.evaluate import HeldOut, best_worst, list_logps
@@ -39,19 +39,9 @@ from imgalign.losses import (
     preference_loss,
     pro_loss,
 )
-from imgalign.train.checkpoint import load_checkpoint, register_weight_hooks, resolve_resume, save_checkpoint
 from imgalign.train.data_order import deterministic_loader
-from imgalign.train.setup import (
-    MeanMetrics,
-    OptimConfig,
-    RunConfig,
-    banner,
-    count_params,
-    make_accelerator,
-    make_optimizer,
-    progress_bar,
-    weight_dtype,
-)
+from imgalign.train.loop import Run, lora_layout
+from imgalign.train.setup import OptimConfig, RunConfig, count_params
 
 LISTWISE_LOSSES = ("pro", "lipo")
 ALL_LOSSES = (*LOSS_NAMES, *LISTWISE_LOSSES)
@@ -99,8 +89,9 @@ class LMLossConfig:
     loss_type: list[str] = cfg_field(["sigmoid"], "losses by name, summed with loss_weights: pairwise (imgalign.losses."
                                      "LOSS_NAMES: sigmoid, ipo, hinge, robust, simpo, ...) and listwise (pro, lipo)")
     loss_weights: list[float] | None = cfg_field(None, "one weight per loss_type (null: all 1)")
-    beta: float = cfg_field(0.1, "KL strength (TRL convention; IPO's tau, SimPO's beta, LiPO's beta)")
-    params: dict[str, float] = cfg_field({}, "extra pairwise loss parameters, e.g. {label_smoothing: 0.1, simpo_gamma: 0.5}")
+    beta: float = cfg_field(0.1, "KL strength (TRL convention; IPO's tau, SimPO's beta, LiPO's beta)", gt=0)
+    params: dict[str, Any] = cfg_field({}, "extra pairwise loss parameters, e.g. {label_smoothing: 0.1, simpo_gamma: "
+                                       "0.5, f_divergence: js_divergence}")
 
     def __post_init__(self):
         for name in self.loss_type:
@@ -266,12 +257,8 @@ def _load_data(cfg: LLMDPOConfig, tokenizer, seed: int):
 
 def train(cfg: LLMDPOConfig) -> dict:
     run = cfg.run
-    out_dir = Path(run.output_dir)
-    accelerator = make_accelerator(run, project="llm_dpo")
-    dtype = weight_dtype(accelerator)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_run_info(cfg, out_dir)
+    book = Run(cfg, "llm-dpo")
+    accelerator, dtype = book.accelerator, book.dtype
     # fail on bad loss parameters now, not after loading a large model
     z = torch.zeros(2, 2)
     llm_losses(z, z, z + 1, torch.tensor([[1.0, 0.0]] * 2), cfg.loss)
@@ -281,27 +268,24 @@ def train(cfg: LLMDPOConfig) -> dict:
     model, reference = make_trainable(model, cfg.lora, run.gradient_checkpointing, dtype)
     use_lora = cfg.lora.enabled
     reference_free = set(cfg.loss.loss_type) <= REFERENCE_FREE
-    register_weight_hooks(accelerator, lambda m, d: save_weights(m, d, use_lora),
-                          lambda m, d: load_weights(m, d, use_lora))
     rows, items, held, tok_stats = _load_data(cfg, tokenizer, run.seed)
     pad_id = pad_token_id(tokenizer)
 
     # ---- optimizer, resume ------------------------------------------------------------------------
-    optimizer, scheduler = make_optimizer(model.parameters(), cfg.optim, run.max_steps, accelerator.num_processes)
-    model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    model, optimizer, scheduler = book.prepare(model, cfg.optim, lora_layout(cfg.lora),
+                                               lambda m, d: save_weights(m, d, use_lora),
+                                               lambda m, d: load_weights(m, d, use_lora))
     if reference is not None:
         reference.to(accelerator.device)
-    start_step = 0
-    resume = resolve_resume(out_dir, run.resume_from)
-    if resume is not None:
-        start_step = load_checkpoint(accelerator, resume)["step"]
+    book.resume()
+    start_step = book.start_step
     loader = deterministic_loader(items, lambda item, index, epoch: item, lambda b: collate_items(b, pad_id),
                                   run.batch_size, run.seed, accelerator.process_index, accelerator.num_processes,
-                                  start_step * run.grad_accum)
+                                  start_step * run.grad_accum, grad_accum=run.grad_accum)
     heldout = HeldOut(held, pad_id, cfg.eval.batch_size, accelerator.device) if held else None
 
     trainable, total = count_params(model)
-    banner(accelerator, "imgalign llm-dpo", {
+    book.banner("imgalign llm-dpo", {
         "model": cfg.model.pretrained,
         "trainable": f"{trainable:,} of {total:,} params ({f'LoRA r={cfg.lora.rank}' if use_lora else 'full'})",
         "reference": "none (reference-free losses)" if reference_free else
@@ -311,19 +295,15 @@ def train(cfg: LLMDPOConfig) -> dict:
                 + (f", weights {cfg.loss.loss_weights}" if cfg.loss.loss_weights else ""),
         "effective batch": f"{run.batch_size} x {run.grad_accum} accum x {accelerator.num_processes} procs"
                            f" = {run.batch_size * run.grad_accum * accelerator.num_processes} examples/step",
-        "steps": f"{start_step} -> {run.max_steps}" + (f" (resumed from {resume})" if resume else ""),
-        "output": str(out_dir),
     })
 
-    evals: list[dict] = []
-
     def evaluate(step: int) -> dict:
+        """Held-out preference accuracy on every rank (the forwards are collective under DDP)."""
         if heldout is None:
             return {}
         res = heldout.evaluate(model, lambda b: _reference_logps(model, reference, b, accelerator))
         logs = {f"eval/{k}": v for k, v in res.items()}
-        evals.append({"step": step, **logs})
-        accelerator.log(logs, step=step)
+        book.validation.append({"step": step, **logs})
         if accelerator.is_main_process:
             from tqdm.auto import tqdm
 
@@ -332,55 +312,37 @@ def train(cfg: LLMDPOConfig) -> dict:
         return logs
 
     if start_step == 0:
-        evaluate(0)
+        accelerator.log(evaluate(0), step=0)
+    book.start()
 
     # ---- loop ---------------------------------------------------------------------------------------
-    metrics = MeanMetrics()
-    history: list[dict] = []
-    bar = progress_bar(accelerator, run.max_steps, start_step, run.progress, "llm-dpo")
     step, micro = start_step, start_step * run.grad_accum
     data_iter = iter(loader)
     model.train()
-    t0 = time.time()
     while step < run.max_steps:
         batch = {k: v.to(accelerator.device) for k, v in next(data_iter).items()}
         with accelerator.accumulate(model):
             loss, m = _step(model, reference, batch, cfg, accelerator, reference_free)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        metrics.add(m)
+            book.backward(loss)
+            if accelerator.sync_gradients:
+                book.apply_gradients()
+        book.metrics.add(m)
         micro += 1
         if not accelerator.sync_gradients:
             continue
         step += 1
-        logs = {f"train/{k}": v for k, v in metrics.reduce(accelerator).items()}
-        logs["train/lr"] = scheduler.get_last_lr()[0]
-        if step % run.log_every == 0:
-            accelerator.log(logs, step=step)
+        logs = {f"train/{k}": v for k, v in book.metrics.reduce(accelerator).items()}
         if (cfg.eval.every and step % cfg.eval.every == 0) or step == run.max_steps:
             logs.update(evaluate(step))
-        history.append({"step": step, **logs})
-        bar.update(1)
-        bar.set_postfix(loss=f"{logs['train/loss']:.4f}", acc=f"{logs['train/implicit_acc']:.2f}",
-                        **({"eval_acc": f"{evals[-1]['eval/pref_acc']:.2f}"} if evals else {}))
-        if run.checkpoint_every and step % run.checkpoint_every == 0 and step < run.max_steps:
-            save_checkpoint(accelerator, out_dir, step, {"micro_step": micro}, run.keep_last)
-    bar.close()
+        logs = book.end_step(step, logs, {"micro_step": micro})
+        book.bar.set_postfix(loss=f"{logs['train/loss']:.4f}", acc=f"{logs['train/implicit_acc']:.2f}",
+                             **({"eval_acc": f"{book.validation[-1]['eval/pref_acc']:.2f}"} if book.validation else {}))
 
-    # ---- final artifacts --------------------------------------------------------------------------
-    if step > start_step or not resume:
-        save_checkpoint(accelerator, out_dir, step, {"micro_step": micro}, run.keep_last)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_weights(accelerator.unwrap_model(model), out_dir, use_lora)
-        tokenizer.save_pretrained(out_dir if use_lora else out_dir / "model")
-    accelerator.end_training()
-    return {"steps": step, "history": history, "evals": evals, "seconds": time.time() - t0,
-            "output_dir": str(out_dir)}
+    def save_final(m):
+        save_weights(m, book.out_dir, use_lora)
+        tokenizer.save_pretrained(book.out_dir if use_lora else book.out_dir / "model")
+
+    return book.finish(step, {"micro_step": micro}, save_final)
 
 
 def _step(model, reference, batch, cfg: LLMDPOConfig, accelerator, reference_free: bool):

@@ -28,16 +28,14 @@ train.timestep_order=random.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from imgalign.config import cfg_field, save_run_info
+from imgalign.config import ConfigError, cfg_field
 from imgalign.losses.policy import (
     PromptStatTracker,
     clipped_surrogate,
@@ -59,20 +57,10 @@ from imgalign.recipes.common import (
     make_validator,
     save_weights,
 )
-from imgalign.train.checkpoint import load_checkpoint, register_weight_hooks, resolve_resume, save_checkpoint
 from imgalign.train.ema import EMA
-from imgalign.train.setup import (
-    MeanMetrics,
-    OptimConfig,
-    RunConfig,
-    banner,
-    count_params,
-    image_grid,
-    make_accelerator,
-    make_optimizer,
-    progress_bar,
-    weight_dtype,
-)
+from imgalign.train.loop import Run, lora_layout
+from imgalign.train.seeding import derive_seed, sample_generators
+from imgalign.train.setup import MeanMetrics, OptimConfig, RunConfig, count_params, image_grid
 
 TOY_PROMPTS = Path(__file__).resolve().parents[2] / "assets" / "toy" / "prompts" / "train.txt"
 
@@ -85,16 +73,17 @@ class DataConfig:
 
 @dataclass
 class SampleConfig:
-    groups_per_iteration: int = cfg_field(2, "prompts P per iteration (all processes together)")
-    group_size: int = cfg_field(4, "images k per prompt (the group)")
-    batch_size: int = cfg_field(2, "rollout micro-batch per forward; the training recompute uses the same batches")
-    num_steps: int = cfg_field(10, "sampler steps of a training rollout")
+    groups_per_iteration: int = cfg_field(2, "prompts P per iteration (all processes together); with group_size this is "
+                                          "the effective batch of an iteration, what run.grad_accum sets elsewhere", ge=1)
+    group_size: int = cfg_field(4, "images k per prompt (the group)", ge=2)
+    batch_size: int = cfg_field(2, "rollout micro-batch per forward; the training recompute uses the same batches", ge=1)
+    num_steps: int = cfg_field(10, "sampler steps of a training rollout", ge=2)
     guidance_scale: float = cfg_field(4.5, "CFG scale in rollout and training forwards (1: no CFG)")
-    resolution: int = cfg_field(512, "image size")
-    sampler: str = cfg_field("auto", "auto (ddim for SD-type, sde for flow) | ddim | sde | cps | dance")
+    resolution: int = cfg_field(512, "image size", ge=8)
+    sampler: Literal["auto", "ddim", "sde", "cps", "dance"] = cfg_field("auto", "auto (ddim for SD-type, sde for flow) | ddim | sde | cps | dance")
     noise_level: float | None = cfg_field(None, "flow: a of sde/cps, eta of dance (null: 0.7 / 0.8 / 0.3)")
     eta: float = cfg_field(1.0, "DDIM eta (DDPO samples with 1)")
-    flow_spacing: str = cfg_field("auto", "flow sigma grid: auto (uniform for dynamic-shift FLUX, else diffusers) | "
+    flow_spacing: Literal["auto", "diffusers", "uniform"] = cfg_field("auto", "flow sigma grid: auto (uniform for dynamic-shift FLUX, else diffusers) | "
                                   "diffusers | uniform")
     sde_window_size: int = cfg_field(0, "Flow-GRPO-Fast: only this many consecutive steps are stochastic and "
                                      "trained (0: all steps stochastic)")
@@ -104,12 +93,12 @@ class SampleConfig:
 
 @dataclass
 class RewardConfig:
-    mode: str = cfg_field("pairwise", "pairwise: win rate inside each group (Pref-GRPO) | pointwise: the score "
+    mode: Literal["pairwise", "pointwise"] = cfg_field("pairwise", "pairwise: win rate inside each group (Pref-GRPO) | pointwise: the score "
                           "(Flow-GRPO, DDPO)")
     rewards: list[str] = cfg_field(["toy"], "reward specs NAME or NAME:WEIGHT (imgalign.rewards registry)")
     kwargs: dict[str, dict[str, Any]] = cfg_field({}, "constructor arguments per reward name, e.g. "
                                                   "{vlm_judge: {base_url: 'http://localhost:8000/v1', swap: false}}")
-    combine: str = cfg_field("normalize_then_weight", "several rewards: normalize_then_weight (Pref-GRPO) | "
+    combine: Literal["normalize_then_weight", "weight_then_normalize"] = cfg_field("normalize_then_weight", "several rewards: normalize_then_weight (Pref-GRPO) | "
                              "weight_then_normalize (Flow-GRPO)")
     swap_order: bool = cfg_field(False, "pairwise judges: judge every pair in both orders and average")
     hard_wins: bool = cfg_field(True, "win rate counts verdicts (win 1, tie 1/2) as Pref-GRPO; false: mean P(win)")
@@ -117,7 +106,7 @@ class RewardConfig:
 
 @dataclass
 class AdvantageConfig:
-    std: str = cfg_field("group", "group (Pref-GRPO) | global (Flow-GRPO) std in the normalisation")
+    std: Literal["group", "global"] = cfg_field("group", "group (Pref-GRPO) | global (Flow-GRPO) std in the normalisation")
     eps: float = cfg_field(1e-4, "added to the std")
     unbiased: bool = cfg_field(False, "std with n - 1 (torch, Pref-GRPO) instead of n (numpy, Flow-GRPO)")
     clip_max: float = cfg_field(5.0, "advantages clamped to [-clip_max, clip_max]")
@@ -131,15 +120,15 @@ class AdvantageConfig:
 
 @dataclass
 class TrainConfig:
-    clip_range: float = cfg_field(1e-4, "PPO clip range of the ratio (1e-4 Flow-GRPO / DDPO / Pref-GRPO)")
-    beta: float = cfg_field(0.0, "KL-to-reference weight (Flow-GRPO SD3: 0.04 GenEval/OCR, 0.01 PickScore)")
-    kl_form: str = cfg_field("flow_grpo", "flow_grpo: ||mu - mu_ref||^2 / (2 std^2 / dt) | gaussian: true step KL")
-    timestep_fraction: float = cfg_field(1.0, "train int(fraction * S) of the S trainable steps per sample")
-    timestep_order: str = cfg_field("ordered", "ordered: the first steps in order (Flow-GRPO) | random: a random "
+    clip_range: float = cfg_field(1e-4, "PPO clip range of the ratio (1e-4 Flow-GRPO / DDPO / Pref-GRPO)", gt=0)
+    beta: float = cfg_field(0.0, "KL-to-reference weight (Flow-GRPO SD3: 0.04 GenEval/OCR, 0.01 PickScore)", ge=0)
+    kl_form: Literal["flow_grpo", "gaussian"] = cfg_field("flow_grpo", "flow_grpo: ||mu - mu_ref||^2 / (2 std^2 / dt) | gaussian: true step KL")
+    timestep_fraction: float = cfg_field(1.0, "train int(fraction * S) of the S trainable steps per sample", gt=0, le=1)
+    timestep_order: Literal["ordered", "random"] = cfg_field("ordered", "ordered: the first steps in order (Flow-GRPO) | random: a random "
                                     "permutation per sample (DDPO, DanceGRPO, Pref-GRPO)")
     skip_last_step: bool = cfg_field(True, "never train the final denoising step (its Gaussian is very sharp)")
-    num_inner_epochs: int = cfg_field(1, "passes over each rollout")
-    updates_per_iteration: int = cfg_field(1, "optimizer steps per pass (the rollout batches are split evenly)")
+    num_inner_epochs: int = cfg_field(1, "passes over each rollout", ge=1)
+    updates_per_iteration: int = cfg_field(1, "optimizer steps per pass (the rollout batches are split evenly)", ge=1)
     ratio_norm: bool = cfg_field(False, "RatioNorm (GRPO-Guard): re-centre and rescale the log-ratio per step")
     ema_decay: float = cfg_field(0.0, "EMA of the trainable weights (Flow-GRPO 0.9; 0 disables)")
     ema_every: int = cfg_field(8, "EMA update interval in optimizer steps")
@@ -158,6 +147,13 @@ class PrefGRPOConfig:
     optim: OptimConfig = cfg_field(OptimConfig, "optimizer and learning-rate schedule")
     run: RunConfig = cfg_field(RunConfig, "iterations (max_steps), precision, checkpoints, logging")
     validation: ValidationConfig = cfg_field(ValidationConfig, "validation image grids")
+
+    def __post_init__(self):
+        if self.run.grad_accum != 1:
+            raise ValueError("run.grad_accum is not used by pref-grpo: each iteration's gradients are accumulated over "
+                             "its whole rollout (sample.groups_per_iteration x sample.group_size images, split over "
+                             "the processes); raise sample.groups_per_iteration for a larger effective batch, or "
+                             "train.updates_per_iteration for more optimizer steps per rollout")
 
 
 Config = PrefGRPOConfig
@@ -210,10 +206,6 @@ def make_predict(adapter, model, cond, uncond, guidance_scale: float):
         return adapter.predict_cfg(model, x, t, cond, uncond, guidance_scale)
 
     return predict
-
-
-def _seed(*parts) -> int:
-    return int.from_bytes(hashlib.sha256(":".join(map(str, parts)).encode()).digest()[:8], "little") & (2**63 - 1)
 
 
 def latent_shape(adapter, resolution: int) -> tuple[int, int, int]:
@@ -345,37 +337,28 @@ def _prompt_indices(n_prompts: int, iteration: int, count: int, seed: int) -> li
     out = []
     for g in range(iteration * count, (iteration + 1) * count):
         pass_, pos = divmod(g, n_prompts)
-        perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(_seed(seed, "prompts", pass_)))
+        perm = torch.randperm(n_prompts, generator=torch.Generator().manual_seed(derive_seed(seed, "prompts", pass_)))
         out.append(int(perm[pos]))
     return out
 
 
 def train(cfg: PrefGRPOConfig) -> dict:
     run, sample, tcfg = cfg.run, cfg.sample, cfg.train
-    out_dir = Path(run.output_dir)
-    if run.grad_accum != 1:
-        raise ValueError("run.grad_accum is not used by pref-grpo: gradients are accumulated over each rollout; "
-                         "set train.updates_per_iteration (optimizer steps per pass) instead")
-    accelerator = make_accelerator(run, project="pref_grpo")
-    dtype = weight_dtype(accelerator)
+    book = Run(cfg, "pref-grpo", unit="iterations")
+    accelerator, dtype = book.accelerator, book.dtype
     world = accelerator.num_processes
     n_global = sample.groups_per_iteration * sample.group_size
     if n_global % world:
-        raise ValueError(f"groups_per_iteration * group_size = {n_global} must divide by the {world} processes")
+        raise ConfigError(f"sample.groups_per_iteration * sample.group_size = {n_global} must divide by the {world} "
+                          "processes; change sample.groups_per_iteration")
     n_local = n_global // world
     if n_local % sample.batch_size:
-        raise ValueError(f"each process samples {n_local} images: sample.batch_size={sample.batch_size} must divide it")
+        raise ConfigError(f"each process samples {n_local} images: sample.batch_size={sample.batch_size} must "
+                          "divide it")
     n_chunks = n_local // sample.batch_size
-    if tcfg.updates_per_iteration < 1 or n_chunks % tcfg.updates_per_iteration:
-        raise ValueError(f"train.updates_per_iteration={tcfg.updates_per_iteration} must divide the {n_chunks} "
-                         "rollout batches per process")
-    if tcfg.timestep_order not in ("ordered", "random"):
-        raise ValueError(f"train.timestep_order must be ordered or random, got {tcfg.timestep_order!r}")
-    if tcfg.kl_form not in ("flow_grpo", "gaussian"):
-        raise ValueError(f"train.kl_form must be flow_grpo or gaussian, got {tcfg.kl_form!r}")
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_run_info(cfg, out_dir)
+    if n_chunks % tcfg.updates_per_iteration:
+        raise ConfigError(f"train.updates_per_iteration={tcfg.updates_per_iteration} must divide the {n_chunks} "
+                          "rollout batches per process")
 
     # ---- model, trainable part, reference, sampler, rewards --------------------------------------
     adapter = load_model(cfg.model, accelerator.device, dtype)
@@ -390,11 +373,9 @@ def train(cfg: PrefGRPOConfig) -> dict:
     prompt_file = cfg.data.prompts or str(TOY_PROMPTS)
     all_prompts = load_prompt_file(prompt_file)[: cfg.data.max_prompts]
     if not all_prompts:
-        raise ValueError(f"no prompts in {prompt_file}")
+        raise ConfigError(f"data.prompts: no prompts in {prompt_file}")
 
     # ---- optimizer, EMA, checkpoint hooks, resume --------------------------------------------------
-    opt_steps = run.max_steps * tcfg.num_inner_epochs * tcfg.updates_per_iteration
-    optimizer, scheduler = make_optimizer(adapter.denoiser.parameters(), cfg.optim, opt_steps, world)
     ema = EMA(adapter.denoiser, tcfg.ema_decay, tcfg.ema_every) if tcfg.ema_decay > 0 else None
     acfg = cfg.advantage
     tracker = PromptStatTracker(acfg.buffer_size, acfg.min_count, eps=acfg.eps, unbiased=acfg.unbiased) \
@@ -414,16 +395,15 @@ def train(cfg: PrefGRPOConfig) -> dict:
         if tracker is not None:
             tracker.load_state_dict(json.loads((Path(folder) / "prompt_stats.json").read_text()))
 
-    register_weight_hooks(accelerator, save_all, load_all)
-    model, optimizer, scheduler = accelerator.prepare(adapter.denoiser, optimizer, scheduler)
-    start = 0
-    resume = resolve_resume(out_dir, run.resume_from)
-    if resume is not None:
-        start = load_checkpoint(accelerator, resume)["step"]
+    opt_steps = run.max_steps * tcfg.num_inner_epochs * tcfg.updates_per_iteration
+    model, optimizer, scheduler = book.prepare(adapter.denoiser, cfg.optim, lora_layout(cfg.lora), save_all,
+                                               load_all, max_steps=opt_steps)
+    book.resume()
+    start = book.start_step
 
     trainable, total = count_params(adapter.denoiser)
     n_trainable_steps = len(_candidate_steps(sampler.num_steps, None, tcfg))
-    banner(accelerator, "imgalign pref-grpo", {
+    book.banner("imgalign pref-grpo", {
         "model": f"{cfg.model.pretrained} ({adapter.family}, {adapter.prediction_type})",
         "trainable": f"{trainable:,} of {total:,} params ({f'LoRA r={cfg.lora.rank}' if use_lora else 'full'})",
         "reference": "none (train.beta = 0)" if tcfg.beta == 0 else
@@ -436,50 +416,27 @@ def train(cfg: PrefGRPOConfig) -> dict:
         "updates": f"{tcfg.updates_per_iteration} optimizer steps x {tcfg.num_inner_epochs} passes per iteration, "
                    f"<= {n_trainable_steps} trained steps/sample, clip {tcfg.clip_range:g}, beta {tcfg.beta:g}",
         "prompts": f"{len(all_prompts)} from {prompt_file}",
-        "iterations": f"{start} -> {run.max_steps}" + (f" (resumed from {resume})" if resume else ""),
-        "output": str(out_dir),
     })
-
-    validate = make_validator(accelerator, adapter, cfg.validation, sample.resolution, out_dir,
-                              weights=ema.swapped if ema is not None else None)
-
-    val_history = [{"step": 0, **validate(0)}] if start == 0 else []
+    book.start(make_validator(accelerator, adapter, cfg.validation, sample.resolution, book.out_dir,
+                              weights=ema.swapped if ema is not None else None), cfg.validation.every)
 
     # ---- loop over iterations ------------------------------------------------------------------------
-    history: list[dict] = []
-    bar = progress_bar(accelerator, run.max_steps, start, run.progress, "pref-grpo")
     opt_step = start * tcfg.num_inner_epochs * tcfg.updates_per_iteration
-    t0 = time.time()
     it = start
     while it < run.max_steps:
         logs, opt_step = _iteration(it, opt_step, cfg, adapter, model, reference, sampler, specs, rewards, weights,
-                                    all_prompts, optimizer, scheduler, ema, accelerator, out_dir, tracker)
+                                    all_prompts, book, ema, tracker)
         it += 1
-        history.append({"step": it, **logs})
-        if it % run.log_every == 0:
-            accelerator.log(logs, step=it)
-        bar.update(1)
-        bar.set_postfix(reward=f"{logs['train/reward_mean']:.3f}", kl=f"{logs.get('train/approx_kl', 0):.1e}")
-        if run.checkpoint_every and it % run.checkpoint_every == 0 and it < run.max_steps:
-            save_checkpoint(accelerator, out_dir, it, {"optimizer_step": opt_step}, run.keep_last)
-        if cfg.validation.every and it % cfg.validation.every == 0 and it < run.max_steps:
-            val_history.append({"step": it, **validate(it)})
-    bar.close()
+        logs = book.end_step(it, logs, {"optimizer_step": opt_step})
+        book.bar.set_postfix(reward=f"{logs['train/reward_mean']:.3f}", kl=f"{logs.get('train/approx_kl', 0):.1e}")
 
-    # ---- final artifacts ---------------------------------------------------------------------------
-    if it > start or not resume:
-        save_checkpoint(accelerator, out_dir, it, {"optimizer_step": opt_step}, run.keep_last)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
-        save_weights(adapter, unwrapped, out_dir, use_lora)
+    def save_final(unwrapped):
+        save_weights(adapter, unwrapped, book.out_dir, use_lora)
         if ema is not None:
             with ema.swapped():
-                save_weights(adapter, unwrapped, out_dir / "ema", use_lora)
-        val_history.append({"step": it, **validate(it)})
-    accelerator.end_training()
-    return {"steps": it, "history": history, "validation": val_history, "seconds": time.time() - t0,
-            "output_dir": str(out_dir)}
+                save_weights(adapter, unwrapped, book.out_dir / "ema", use_lora)
+
+    return book.finish(it, {"optimizer_step": opt_step}, save_final)
 
 
 def _candidate_steps(num_steps: int, window, tcfg: TrainConfig) -> list[int]:
@@ -491,11 +448,12 @@ def _candidate_steps(num_steps: int, window, tcfg: TrainConfig) -> list[int]:
 
 
 def _iteration(it, opt_step, cfg, adapter, model, reference, sampler, specs, rewards, weights, all_prompts,
-               optimizer, scheduler, ema, accelerator, out_dir, tracker=None):
+               book: Run, ema, tracker=None):
     """Rollout, rewards, advantages and the policy update of one iteration -> (logs, optimizer step)."""
     sample, tcfg, acfg = cfg.sample, cfg.train, cfg.advantage
+    accelerator, out_dir = book.accelerator, book.out_dir
     world, rank = accelerator.num_processes, accelerator.process_index
-    dtype = weight_dtype(accelerator)
+    dtype = book.dtype
     seed = cfg.run.seed
     k = sample.group_size
     n_local = sample.groups_per_iteration * k // world
@@ -506,14 +464,14 @@ def _iteration(it, opt_step, cfg, adapter, model, reference, sampler, specs, rew
     mine = flat[rank * n_local:(rank + 1) * n_local]
     prompts = [all_prompts[chosen[g]] for g, _ in mine]
     groups = torch.tensor([it * sample.groups_per_iteration + g for g, _ in mine])
-    seeds = [_seed(seed, "noise", it, g, c) for g, c in mine]
-    noise_seeds = [_seed(seed, "noise", it, g, 0) for g, c in mine] if sample.same_latent else seeds
+    seeds = [derive_seed(seed, "noise", it, g, c) for g, c in mine]
+    noise_seeds = [derive_seed(seed, "noise", it, g, 0) for g, c in mine] if sample.same_latent else seeds
     window = None
     if sample.sde_window_size:
         from imgalign.sampling import sample_sde_window
 
         window = sample_sde_window(sample.sde_window_size, tuple(sample.sde_window_range),
-                                   torch.Generator().manual_seed(_seed(seed, "window", it)))
+                                   torch.Generator().manual_seed(derive_seed(seed, "window", it)))
 
     # ---- 2. rollout in micro-batches (the training recompute reuses exactly these batches) --------------
     model.eval()
@@ -550,9 +508,9 @@ def _iteration(it, opt_step, cfg, adapter, model, reference, sampler, specs, rew
     model.train()
     per_update = len(chunks) // tcfg.updates_per_iteration
     for epoch in range(tcfg.num_inner_epochs):
-        gen = torch.Generator().manual_seed(_seed(seed, "timesteps", it, epoch, rank))
-        if tcfg.timestep_order == "random":
-            steps = torch.stack([cand[torch.randperm(len(cand), generator=gen)[:n_train]] for _ in range(n_local)])
+        if tcfg.timestep_order == "random":  # per sample, keyed by its global index: the layout does not matter
+            gens = sample_generators(seed, f"timesteps-{epoch}", it, range(rank * n_local, (rank + 1) * n_local))
+            steps = torch.stack([cand[torch.randperm(len(cand), generator=g)[:n_train]] for g in gens])
         else:
             steps = cand[:n_train].expand(n_local, n_train)
         for u in range(tcfg.updates_per_iteration):
@@ -566,15 +524,11 @@ def _iteration(it, opt_step, cfg, adapter, model, reference, sampler, specs, rew
                 with contextlib.nullcontext() if sync else accelerator.no_sync(model):
                     loss, m = _policy_step(adapter, model, reference, sampler, chunks[c], steps[rows, s],
                                            adv_local[rows], keep_local[rows], max(n_terms, 1), cfg, accelerator)
-                    accelerator.backward(loss)
+                    book.backward(loss)
                 metrics.add(m)
                 if epoch == 0 and u == 0:
                     ratio_dev = torch.maximum(ratio_dev, m["_ratio_dev"])
-            if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            book.apply_gradients()
             opt_step += 1
             if ema is not None:
                 ema.step(opt_step)
@@ -583,7 +537,6 @@ def _iteration(it, opt_step, cfg, adapter, model, reference, sampler, specs, rew
     train_logs.pop("_ratio_dev", None)
     logs.update({f"train/{k_}": v for k_, v in train_logs.items()})
     logs["train/ratio_dev_before_update"] = float(accelerator.reduce(ratio_dev, reduction="sum"))
-    logs["train/lr"] = scheduler.get_last_lr()[0]
     return logs, opt_step
 
 

@@ -27,15 +27,14 @@ The teacher is the student's network with the EMA weights swapped in (no second 
 
 from __future__ import annotations
 
-import math
-import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor
 
-from imgalign.config import cfg_field, save_run_info
+from imgalign.config import cfg_field
 from imgalign.recipes.common import (
     LoraConfig,
     ModelConfig,
@@ -46,45 +45,37 @@ from imgalign.recipes.common import (
     make_validator,
     save_weights,
 )
-from imgalign.train.checkpoint import load_checkpoint, register_weight_hooks, resolve_resume, save_checkpoint
 from imgalign.train.ema import EMA
-from imgalign.train.setup import (
-    MeanMetrics,
-    OptimConfig,
-    RunConfig,
-    banner,
-    count_params,
-    make_accelerator,
-    make_optimizer,
-    progress_bar,
-    weight_dtype,
-)
+from imgalign.train.loop import Run, lora_layout
+from imgalign.train.seeding import global_positions, rand_per_sample, randn_per_sample, sample_generators
+from imgalign.train.setup import OptimConfig, RunConfig, count_params
 
 
 @dataclass
 class DataConfig:
     prompts: list[str] = cfg_field([], "prompts of the self-generated starting states (and the student's prompts)")
-    prompts_file: str | None = cfg_field(None, "or read the prompts from this file (.txt, .jsonl, .csv)")
+    prompts_file: str | None = cfg_field(None, "or read the prompts from this file (.txt, .jsonl, .csv)", exists="file")
     image_dir: str | None = cfg_field(None, "optional real starting states: a folder of x.png/x.jpg with x.txt "
-                                      "captions (the reference's layout); null = the model's own samples")
-    num_samples: int = cfg_field(64, "self-generated starting states (cycled over the prompts)")
-    sample_steps: int = cfg_field(20, "sampler steps for the self-generated starting states")
+                                      "captions (the reference's layout); null = the model's own samples", exists="dir")
+    num_samples: int = cfg_field(64, "self-generated starting states (cycled over the prompts)", ge=1)
+    sample_steps: int = cfg_field(20, "sampler steps for the self-generated starting states", ge=1)
     sample_guidance: float = cfg_field(5.0, "CFG scale for the self-generated starting states")
-    resolution: int = cfg_field(512, "image size of starting states")
+    resolution: int = cfg_field(512, "image size of starting states", ge=8)
 
 
 @dataclass
 class NPOConfig:
     teacher_guidance: float = cfg_field(-1.0, "w in pred_c + w (pred_c - pred_u) for the teacher rollout: -1 = "
                                         "unconditional (SD1.5 reference), -5 = negative guidance (SDXL reference)")
-    ddim_grid: int = cfg_field(25, "K: points of the DDIM grid the rollout walks on")
-    rollout_steps: int = cfg_field(5, "n: DDIM steps of the truncated teacher rollout")
-    ema_decay: float = cfg_field(0.999, "teacher <- d teacher + (1 - d) student after every optimizer step")
-    loss: str = cfg_field("huber", "on the clean estimate x0: huber (pseudo-Huber, the reference; for small c "
-                          "~L1, whose minimiser is the median, so the negative drops modes the model draws on a "
-                          "minority of samples and NPO guidance then amplifies them) | l2 (the mean: the negative "
-                          "keeps every mode at its rate; on the toy world only l2 beat CFG, README)")
-    huber_c: float = cfg_field(0.001, "pseudo-Huber constant c")
+    ddim_grid: int = cfg_field(25, "K: points of the DDIM grid the rollout walks on", ge=1)
+    rollout_steps: int = cfg_field(5, "n: DDIM steps of the truncated teacher rollout", ge=0)
+    ema_decay: float = cfg_field(0.999, "teacher <- d teacher + (1 - d) student after every optimizer step",
+                                 ge=0, le=1)
+    loss: Literal["huber", "l2"] = cfg_field(
+        "huber", "on the clean estimate x0: huber (pseudo-Huber, the reference; for small c ~L1, whose minimiser is the median, so the negative drops modes the model "
+        "draws on a minority of samples and NPO guidance then amplifies them) | l2 (the mean: the negative keeps "
+        "every mode at its rate; on the toy world only l2 beat CFG, README)")
+    huber_c: float = cfg_field(0.001, "pseudo-Huber constant c", gt=0)
     num_levels: int = cfg_field(1000, "T: discrete noise levels (SD-type: the scheduler's train timesteps)")
 
 
@@ -109,6 +100,12 @@ class SelfNPOConfig:
     optim: SelfNPOOptimConfig = cfg_field(SelfNPOOptimConfig, "optimizer and learning-rate schedule")
     run: RunConfig = cfg_field(RunConfig, "steps, batch, precision, checkpoints, logging")
     validation: ValidationConfig = cfg_field(ValidationConfig, "validation image grids (the student with plain CFG)")
+
+    def __post_init__(self):
+        d = self.data
+        if not (d.prompts or d.prompts_file or d.image_dir):
+            raise ValueError("Self-NPO needs starting states: set data.prompts or data.prompts_file (the model's own "
+                             "samples), or data.image_dir (real images)")
 
 
 Config = SelfNPOConfig
@@ -200,25 +197,35 @@ def folder_samples(adapter, cfg: DataConfig, seed: int) -> tuple[Tensor, list[st
     import numpy as np
     from PIL import Image
 
+    from imgalign.data.errors import DataError, not_utf8
+    from imgalign.data.images import read_image
+
     root = Path(cfg.image_dir)
     files = sorted(p for p in root.iterdir() if p.suffix.lower() in (".png", ".jpg", ".jpeg", ".webp"))
     if not files:
-        raise FileNotFoundError(f"data.image_dir={root} has no .png/.jpg/.webp images")
+        raise DataError(f"data.image_dir={root} has no .png/.jpg/.webp images; point it at a folder of x.png + x.txt")
+    outside = [f for f in files if not f.resolve().is_relative_to(root.resolve())]
+    if outside:
+        raise DataError(f"data.image_dir={root}: {outside[0].name} is a link to a file outside the folder; copy the "
+                        "image into the folder instead")
     gen = torch.Generator("cpu").manual_seed(seed)
     latents, prompts = [], []
     r = cfg.resolution
     for f in files:
         cap = f.with_suffix(".txt")
         if not cap.is_file():
-            raise FileNotFoundError(f"{f}: no caption file {cap.name} next to it")
-        img = Image.open(f).convert("RGB")
+            raise DataError(f"{f}: no caption file {cap.name} next to it; write the image's caption there")
+        img = read_image(f)
         scale = r / min(img.size)
         img = img.resize((max(r, round(img.width * scale)), max(r, round(img.height * scale))), Image.LANCZOS)
         left, top = (img.width - r) // 2, (img.height - r) // 2
         arr = np.asarray(img.crop((left, top, left + r, top + r)), dtype=np.float32) / 127.5 - 1
         pixels = torch.from_numpy(arr).permute(2, 0, 1)[None]
         latents.append(adapter.encode_images(pixels, generator=gen).cpu())
-        prompts.append(cap.read_text().strip())
+        try:
+            prompts.append(cap.read_text(encoding="utf-8").strip())
+        except UnicodeDecodeError as e:
+            raise DataError(not_utf8(str(cap), e)) from None
     return torch.cat(latents), prompts
 
 
@@ -257,15 +264,11 @@ def _uncond(adapter, cond: dict[str, Tensor], n: int) -> dict[str, Tensor]:
 
 def train(cfg: SelfNPOConfig) -> dict:
     run = cfg.run
-    out_dir = Path(run.output_dir)
-    accelerator = make_accelerator(run, project="self_npo")
-    dtype = weight_dtype(accelerator)
-    if accelerator.is_main_process:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        save_run_info(cfg, out_dir)
+    book = Run(cfg, "self-npo")
+    accelerator, dtype = book.accelerator, book.dtype
 
     adapter = load_model(cfg.model, accelerator.device, dtype)
-    latents, prompts = starting_states(adapter, cfg, out_dir, accelerator.is_main_process, accelerator)
+    latents, prompts = starting_states(adapter, cfg, book.out_dir, accelerator.is_main_process, accelerator)
 
     make_trainable(adapter, cfg.lora, run.gradient_checkpointing, dtype, reference=False)  # the teacher is an EMA
     net, use_lora = adapter.denoiser, cfg.lora.enabled
@@ -280,83 +283,54 @@ def train(cfg: SelfNPOConfig) -> dict:
         load_weights(adapter, model, folder, use_lora)
         teacher.load(folder)
 
-    register_weight_hooks(accelerator, save_all, load_all)
-    optimizer, scheduler = make_optimizer(net.parameters(), cfg.optim, run.max_steps, accelerator.num_processes)
-    model, optimizer, scheduler = accelerator.prepare(net, optimizer, scheduler)
-    start_step = 0
-    resume = resolve_resume(out_dir, run.resume_from)
-    if resume is not None:
-        start_step = load_checkpoint(accelerator, resume)["step"]
+    model, optimizer, scheduler = book.prepare(net, cfg.optim, lora_layout(cfg.lora), save_all, load_all)
+    book.resume()
+    start_step = book.start_step
+    rank, world = accelerator.process_index, accelerator.num_processes
 
     trainable, total = count_params(net)
     n = cfg.npo
-    banner(accelerator, "imgalign self-npo", {
+    book.banner("imgalign self-npo", {
         "model": f"{cfg.model.pretrained} ({adapter.family}, {adapter.prediction_type})",
         "trainable": f"{trainable:,} of {total:,} params ({f'LoRA r={cfg.lora.rank}' if use_lora else 'full'})",
         "teacher": f"EMA of the student (decay {n.ema_decay}), guidance w={n.teacher_guidance:g}",
         "rollout": f"{n.rollout_steps} DDIM steps on a {n.ddim_grid}-point grid, re-noise to a higher level",
         "starting states": f"{len(latents)} ({'images from ' + cfg.data.image_dir if cfg.data.image_dir else 'own samples'})",
-        "effective batch": f"{run.batch_size} x {run.grad_accum} accum x {accelerator.num_processes} procs"
-                           f" = {run.batch_size * run.grad_accum * accelerator.num_processes}/step",
-        "steps": f"{start_step} -> {run.max_steps}" + (f" (resumed from {resume})" if resume else ""),
-        "output": str(out_dir),
+        "effective batch": f"{run.batch_size} x {run.grad_accum} accum x {world} procs"
+                           f" = {run.batch_size * run.grad_accum * world}/step",
     })
+    book.start(make_validator(accelerator, adapter, cfg.validation, cfg.data.resolution, book.out_dir),
+               cfg.validation.every)
 
-    validate = make_validator(accelerator, adapter, cfg.validation, cfg.data.resolution, out_dir)
-
-    if start_step == 0:
-        validate(0)
-
-    metrics = MeanMetrics()
-    history: list[dict] = []
-    bar = progress_bar(accelerator, run.max_steps, start_step, run.progress, "self-npo")
     step, micro = start_step, start_step * run.grad_accum
     model.train()
-    t0 = time.time()
     while step < run.max_steps:
-        # everything random depends only on (seed, micro-step, rank): resume reproduces it exactly
-        gen = torch.Generator().manual_seed(run.seed * 1_000_003 + micro * 4099 + accelerator.process_index)
-        idx = torch.randint(0, len(latents), (run.batch_size,), generator=gen)
-        batch = {"latents": latents[idx].to(accelerator.device), "prompts": [prompts[i] for i in idx.tolist()]}
+        # each sample's starting state, noise and levels come from (seed, step, its position in the effective
+        # batch): resume reproduces them, and so does any split over processes and micro-steps
+        positions = global_positions(rank, world, micro % run.grad_accum, run.batch_size)
+        gens = sample_generators(run.seed, "self-npo", micro // run.grad_accum, positions)
+        idx = [int(torch.randint(0, len(latents), (1,), generator=g)) for g in gens]
+        batch = {"latents": latents[idx].to(accelerator.device), "prompts": [prompts[i] for i in idx]}
         with accelerator.accumulate(model):
-            loss, m = _step(adapter, model, teacher, levels, batch, gen, cfg, accelerator)
-            accelerator.backward(loss)
-            if accelerator.sync_gradients and cfg.optim.max_grad_norm > 0:
-                accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-        metrics.add(m)
+            loss, m = _step(adapter, model, teacher, levels, batch, gens, cfg, accelerator)
+            book.backward(loss)
+            if accelerator.sync_gradients:
+                book.apply_gradients()
+        book.metrics.add(m)
         micro += 1
         if not accelerator.sync_gradients:
             continue
         teacher.step(step)
         step += 1
-        logs = {f"train/{k}": v for k, v in metrics.reduce(accelerator).items()}
-        logs["train/lr"] = scheduler.get_last_lr()[0]
-        history.append({"step": step, **logs})
-        if step % run.log_every == 0:
-            accelerator.log(logs, step=step)
-        bar.update(1)
-        bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}")
-        if run.checkpoint_every and step % run.checkpoint_every == 0 and step < run.max_steps:
-            save_checkpoint(accelerator, out_dir, step, {"micro_step": micro}, run.keep_last)
-        if cfg.validation.every and step % cfg.validation.every == 0 and step < run.max_steps:
-            validate(step)
-    bar.close()
-
-    if step > start_step or not resume:
-        save_checkpoint(accelerator, out_dir, step, {"micro_step": micro}, run.keep_last)
-    accelerator.wait_for_everyone()
-    if accelerator.is_main_process:
-        save_weights(adapter, accelerator.unwrap_model(model), out_dir, use_lora)
-        validate(step)
-    accelerator.end_training()
-    return {"steps": step, "history": history, "seconds": time.time() - t0, "output_dir": str(out_dir)}
+        logs = book.end_step(step, {f"train/{k}": v for k, v in book.metrics.reduce(accelerator).items()},
+                             {"micro_step": micro})
+        book.bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}")
+    return book.finish(step, {"micro_step": micro}, lambda m: save_weights(adapter, m, book.out_dir, use_lora))
 
 
-def _step(adapter, model, teacher: EMA, levels: NoiseLevels, batch, gen, cfg: SelfNPOConfig, accelerator):
-    """One micro-batch -> (mean loss, metrics)."""
+def _step(adapter, model, teacher: EMA, levels: NoiseLevels, batch, gens, cfg: SelfNPOConfig, accelerator):
+    """One micro-batch, one generator per sample (its grid point, noise, re-noise level and re-noise draw) ->
+    (mean loss, metrics)."""
     n = cfg.npo
     x0 = batch["latents"]  # [B, C, h, w]
     b = x0.shape[0]
@@ -367,9 +341,9 @@ def _step(adapter, model, teacher: EMA, levels: NoiseLevels, batch, gen, cfg: Se
 
     # 2. a point of the DDIM grid, noised
     step = levels.T // n.ddim_grid
-    i = torch.randint(0, n.ddim_grid, (b,), generator=gen)
+    i = torch.cat([torch.randint(0, n.ddim_grid, (1,), generator=g) for g in gens])
     k = (i + 1) * step - 1  # [B] start levels
-    eps = torch.randn(x0.shape, generator=gen).to(dev)
+    eps = randn_per_sample(x0.shape[1:], gens).to(dev)
     a, s = levels.coef(k, x0)
     x = a * x0 + s * eps
 
@@ -400,9 +374,9 @@ def _step(adapter, model, teacher: EMA, levels: NoiseLevels, batch, gen, cfg: Se
         x0_hat, _ = levels.to_x0_eps(teacher_pred(x, k), x, k)  # the target: the teacher's clean estimate
 
     # 4. re-noise to a higher level s ~ U{k+1..T-1}
-    u = torch.rand(b, generator=gen)
+    u = rand_per_sample(gens)
     k_s = (k + 1 + (u * (levels.T - 1 - k)).long()).clamp_max(levels.T - 1)
-    z = torch.randn(x0.shape, generator=gen).to(dev)
+    z = randn_per_sample(x0.shape[1:], gens).to(dev)
     a_t, s_t = levels.coef(k, x)
     a_s, s_s = levels.coef(k_s, x)
     x_s = renoise(x.float(), a_t, s_t, a_s, s_s, z)
@@ -413,12 +387,8 @@ def _step(adapter, model, teacher: EMA, levels: NoiseLevels, batch, gen, cfg: Se
     x0_phi, _ = levels.to_x0_eps(pred.float(), x_s, k_s)
     if n.loss == "huber":
         losses = pseudo_huber(x0_phi, x0_hat, n.huber_c)
-    elif n.loss == "l2":
+    else:  # l2
         losses = (x0_phi - x0_hat.float()).pow(2).flatten(1).mean(1)
-    else:
-        raise ValueError(f"npo.loss must be huber or l2, got {n.loss!r}")
     m = {"loss": losses.mean().detach(), "t_end": k.float().mean(), "t_renoise": k_s.float().mean(),
          "target_norm": x0_hat.float().pow(2).mean().sqrt()}
-    if not math.isfinite(float(m["loss"])):
-        raise FloatingPointError(f"non-finite Self-NPO loss at levels t_end={k.tolist()} s={k_s.tolist()}")
     return losses.mean(), m

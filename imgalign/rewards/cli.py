@@ -13,6 +13,10 @@
   (by extension or ``--format``), and a summary (count/mean/std/min/max per column, images per second) printed and
   written next to it as ``<output>.summary.json``.
 - A pairwise reward (``vlm_judge``) gives each image its win rate against the other images of the same prompt.
+- Images are read by :func:`imgalign.data.images.read_image`: every mode converted to RGB correctly (16-bit
+  scaled, transparency composited on ``--background``), images under ``--min-image-size`` pixels a side or over
+  ``--max-image-pixels`` refused; what was converted is printed and written to the summary. An image (or a
+  symlink) that leads out of ``--images`` / ``--references`` is refused, as manifest paths are.
 """
 
 from __future__ import annotations
@@ -30,6 +34,16 @@ from pathlib import Path
 from typing import Any
 
 import torch
+
+from imgalign.data.errors import not_utf8, utf8_lines
+from imgalign.data.images import (
+    DEFAULT_MAX_PIXELS,
+    DEFAULT_MIN_SIZE,
+    ImageStats,
+    parse_background,
+    read_image,
+)
+from imgalign.errors import UserError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp", ".gif", ".tif", ".tiff")
 _FILE_KEYS = ("file", "image", "file_name", "filename", "path")
@@ -53,21 +67,36 @@ def add_score_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     parser.add_argument("--device", default="cpu", help="torch device for the reward models")
     parser.add_argument("--dtype", default=None, help="model dtype: fp32 (default), fp16 or bf16")
     parser.add_argument("--recursive", action="store_true", help="also score images in sub-folders")
+    parser.add_argument("--min-image-size", type=int, default=DEFAULT_MIN_SIZE, metavar="PX",
+                        help=f"refuse images with fewer pixels on a side (default {DEFAULT_MIN_SIZE}; 0: no limit)")
+    parser.add_argument("--max-image-pixels", type=int, default=DEFAULT_MAX_PIXELS, metavar="N",
+                        help=f"refuse images with more pixels, before decoding (default {DEFAULT_MAX_PIXELS}; "
+                             "0: only Pillow's own limit)")
+    parser.add_argument("--background", default="white",
+                        help="colour transparent pixels are composited on: a name, #rrggbb or r,g,b (default white)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
 
-class ScoreError(ValueError):
+class ScoreError(UserError):
     """Bad command-line input; the message names the file, row or option and the fix."""
 
 
-def list_images(folder: Path, recursive: bool = False) -> list[Path]:
+def list_images(folder: Path, recursive: bool = False, option: str = "--images") -> list[Path]:
+    """The image files of `folder`; a symlink that leads out of it is refused, as manifest paths are."""
     if not folder.is_dir():
-        raise ScoreError(f"--images {folder}: not a folder")
+        raise ScoreError(f"{option} {folder}: not a folder")
+    root = folder.resolve()
     pattern = folder.rglob("*") if recursive else folder.glob("*")
-    images = sorted(p for p in pattern if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
+    images = sorted(p for p in pattern if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file())
+    for path in images:
+        if not path.resolve().is_relative_to(root):
+            raise ScoreError(
+                f"{option} {folder}: {path.relative_to(folder)} leads through a symlink to {path.resolve()}, outside "
+                "the folder (refused: images must stay inside it); copy the image into the folder or remove the link"
+            )
     if not images:
-        raise ScoreError(f"--images {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
+        raise ScoreError(f"{option} {folder}: no images ({', '.join(IMAGE_SUFFIXES)})")
     return images
 
 
@@ -98,7 +127,7 @@ def read_prompts(prompts: str | None, folder: Path, images: list[Path]) -> tuple
     if suffix in (".jsonl", ".csv"):
         rows: list[tuple[str, dict[str, Any]]] = []
         if suffix == ".jsonl":
-            for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+            for number, line in _text_lines(path):
                 if not line.strip():
                     continue
                 try:
@@ -109,9 +138,11 @@ def read_prompts(prompts: str | None, folder: Path, images: list[Path]) -> tuple
                     raise ScoreError(f"{path}:{number}: expected a JSON object per line")
                 rows.append((f"{path}:{number}", row))
         else:
-            with path.open(newline="", encoding="utf-8") as handle:
-                for number, row in enumerate(csv.DictReader(handle), 2):
-                    rows.append((f"{path}:{number}", row))
+            reader = csv.DictReader(line for _, line in _text_lines(path))
+            start = 2
+            for row in reader:
+                rows.append((f"{path}:{start}", row))
+                start = reader.line_num + 1
         if not rows:
             raise ScoreError(f"--prompts {path}: no rows")
         chosen, texts = [], []
@@ -119,7 +150,7 @@ def read_prompts(prompts: str | None, folder: Path, images: list[Path]) -> tuple
             chosen.append(_inside(folder, _pick(row, _FILE_KEYS, "image file", where), where))
             texts.append(_pick(row, _PROMPT_KEYS, "prompt", where))
         return chosen, texts
-    lines = [line.strip() for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    lines = [line.strip() for _, line in _text_lines(path) if line.strip()]
     if not lines:
         raise ScoreError(f"--prompts {path}: empty")
     if len(lines) == 1:
@@ -130,6 +161,14 @@ def read_prompts(prompts: str | None, folder: Path, images: list[Path]) -> tuple
             "file-name order), a single line for all, or a .jsonl/.csv manifest with file and prompt columns"
         )
     return images, lines
+
+
+def _text_lines(path: Path):
+    """(line number, text) of a UTF-8 file; a line that is not UTF-8 is a ScoreError naming the file and line."""
+    for number, line, bad in utf8_lines(path):
+        if bad is not None:
+            raise ScoreError(not_utf8(f"--prompts {path} line {number}", bad))
+        yield number, line
 
 
 def parse_reward_args(items: Sequence[str]) -> dict[str, dict[str, Any]]:
@@ -145,22 +184,22 @@ def parse_reward_args(items: Sequence[str]) -> dict[str, dict[str, Any]]:
     return kwargs
 
 
-def _load_batch(paths: Sequence[Path]) -> list:
-    from PIL import Image
-
-    images = []
-    for path in paths:
-        try:
-            with Image.open(path) as image:
-                images.append(image.convert("RGB"))
-        except OSError as exc:
-            raise ScoreError(f"{path}: cannot read image ({exc})") from None
-    return images
+def _image_options(args: argparse.Namespace) -> dict[str, Any]:
+    """read_image's limits and background from the command line (0 turns a limit off)."""
+    return {"min_size": getattr(args, "min_image_size", DEFAULT_MIN_SIZE) or None,
+            "max_pixels": getattr(args, "max_image_pixels", DEFAULT_MAX_PIXELS) or None,
+            "background": parse_background(getattr(args, "background", "white")),
+            "limit_names": ("--min-image-size", "--max-image-pixels")}
 
 
-def _build(args: argparse.Namespace):
+def _load_batch(paths: Sequence[Path], options: dict[str, Any] | None = None, stats: ImageStats | None = None) -> list:
+    """RGB PIL images by read_image; a DataError (a UserError) names the file and the fix."""
+    return [read_image(path, stats=stats, **(options or {})) for path in paths]
+
+
+def _build(args: argparse.Namespace, stats: ImageStats | None = None):
     from .base import _as_dtype
-    from .registry import RewardSpec, WeightedReward, _resolve
+    from .registry import RewardArgumentError, RewardSpec, WeightedReward, _resolve, unknown_argument_error
 
     reward_kwargs = parse_reward_args(args.reward_arg)
     specs = [RewardSpec.parse(text) for text in args.reward]
@@ -169,7 +208,8 @@ def _build(args: argparse.Namespace):
         raise ScoreError(f"--reward-arg for {sorted(unknown)}, which is not among --reward {[s.name for s in specs]}")
     references = None
     if args.references:
-        references = _load_batch(list_images(Path(args.references)))
+        references = _load_batch(list_images(Path(args.references), option="--references"), _image_options(args),
+                                 stats)
     rewards = []
     for spec in specs:
         kwargs = {"device": args.device, **reward_kwargs.get(spec.name, {})}
@@ -179,19 +219,25 @@ def _build(args: argparse.Namespace):
         parameters = inspect.signature(factory).parameters
         if references is not None and _REFERENCE_REWARDS_PARAM in parameters:
             kwargs.setdefault("references", references)
-        rewards.append(RewardSpec(spec.name, spec.weight, kwargs).build())
+        try:
+            rewards.append(RewardSpec(spec.name, spec.weight, kwargs).build())
+        except RewardArgumentError as exc:  # name the option as typed
+            if exc.key not in reward_kwargs.get(spec.name, {}):
+                raise
+            raise unknown_argument_error(spec.name, exc.key, where=f"--reward-arg {spec.name}.{exc.key}") from None
     if len(rewards) == 1 and specs[0].weight == 1.0:
         return rewards[0], [specs[0].name]
     combined = WeightedReward(rewards, [s.weight for s in specs])
     return combined, combined.names
 
 
-def _score_pointwise(reward, names, paths, prompts, batch_size, progress) -> dict[str, list[float]]:
+def _score_pointwise(reward, names, paths, prompts, batch_size, progress, options=None,
+                     stats=None) -> dict[str, list[float]]:
     from .registry import WeightedReward
 
     columns: dict[str, list[float]] = {}
     for start in range(0, len(paths), batch_size):
-        images = _load_batch(paths[start : start + batch_size])
+        images = _load_batch(paths[start : start + batch_size], options, stats)
         chunk_prompts = prompts[start : start + batch_size] if prompts is not None else None
         if isinstance(reward, WeightedReward):
             parts = reward.score_components(images, chunk_prompts)
@@ -204,7 +250,7 @@ def _score_pointwise(reward, names, paths, prompts, batch_size, progress) -> dic
     return columns
 
 
-def _score_groups(reward, names, paths, prompts, progress) -> dict[str, list[float]]:
+def _score_groups(reward, names, paths, prompts, progress, options=None, stats=None) -> dict[str, list[float]]:
     """Pairwise rewards: each image's win rate among the images that share its prompt."""
     if prompts is None:
         raise ScoreError("a pairwise reward needs --prompts (images are compared within each prompt)")
@@ -213,7 +259,7 @@ def _score_groups(reward, names, paths, prompts, progress) -> dict[str, list[flo
         groups.setdefault(prompt, []).append(index)
     values = [math.nan] * len(paths)
     for prompt, indices in groups.items():
-        images = _load_batch([paths[i] for i in indices])
+        images = _load_batch([paths[i] for i in indices], options, stats)
         rates = reward.group_win_rates(images, prompt) if len(indices) > 1 else torch.tensor([0.5])
         for i, rate in zip(indices, rates):
             values[i] = float(rate)
@@ -251,7 +297,7 @@ def run_score(args: argparse.Namespace) -> int:
     """Run ``imgalign score``; returns the exit code (0 ok, 2 bad input)."""
     try:
         return _run(args)
-    except ScoreError as exc:
+    except UserError as exc:  # ScoreError, DataError (an image, a prompts file), a bad reward argument or weight
         print(f"imgalign score: error: {exc}", file=sys.stderr)
         return 2
     except (KeyError, ValueError, FileNotFoundError, ImportError, RuntimeError) as exc:
@@ -267,8 +313,10 @@ def _run(args: argparse.Namespace) -> int:
     fmt = args.format or ("jsonl" if output.suffix.lower() == ".jsonl" else "csv")
     if args.batch_size < 1:
         raise ScoreError(f"--batch-size must be >= 1, got {args.batch_size}")
+    options = _image_options(args)
+    reference_stats, image_stats = ImageStats(), ImageStats()
     started = time.perf_counter()
-    reward, names = _build(args)
+    reward, names = _build(args, reference_stats)
     if reward.needs_prompts and prompts is None:
         raise ScoreError(f"reward '{reward.name}' needs prompts: pass --prompts FILE")
     load_seconds = time.perf_counter() - started
@@ -279,9 +327,9 @@ def _run(args: argparse.Namespace) -> int:
     with tqdm(total=len(paths), unit="img", desc="score", disable=args.no_progress or len(paths) <= args.batch_size,
               file=sys.stderr) as progress:
         if reward.pairwise:
-            columns = _score_groups(reward, names, paths, prompts, progress)
+            columns = _score_groups(reward, names, paths, prompts, progress, options, image_stats)
         else:
-            columns = _score_pointwise(reward, names, paths, prompts, args.batch_size, progress)
+            columns = _score_pointwise(reward, names, paths, prompts, args.batch_size, progress, options, image_stats)
     seconds = time.perf_counter() - started
 
     rows = []
@@ -300,10 +348,17 @@ def _run(args: argparse.Namespace) -> int:
         "score_seconds": round(seconds, 3),
         "images_per_second": round(len(paths) / seconds, 3) if seconds > 0 else None,
         "columns": _summary(columns),
+        "image_conversions": image_stats.conversions,
     }
+    if args.references:
+        summary["reference_conversions"] = reference_stats.conversions
     summary_path = Path(args.summary) if args.summary else output.with_name(output.name + ".summary.json")
     summary_path.write_text(json.dumps(summary, indent=2))
     print(f"scored {len(paths)} images with {', '.join(args.reward)} in {seconds:.1f}s -> {output}")
+    if image_stats.n_converted:
+        print(f"  images: {image_stats.summary()}")
+    if reference_stats.n_converted:
+        print(f"  references: {reference_stats.summary()}")
     for key, stats in summary["columns"].items():
         print(f"  {key:>24s}: mean {stats['mean']:.4f}  std {stats['std']:.4f}  "
               f"min {stats['min']:.4f}  max {stats['max']:.4f}  (n={stats['count']})")

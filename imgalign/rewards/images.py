@@ -2,7 +2,8 @@
 
 Every reward accepts the same image inputs and turns them into float tensors in [0, 1] first:
 
-- a list of PIL images (any size and mode; converted to RGB), or a single PIL image;
+- a list of PIL images (any size and mode; converted to RGB by :func:`imgalign.data.images.to_rgb`: 16-bit and
+  float images scaled, transparency composited on white), or a single PIL image;
 - a ``uint8`` tensor ``[B, 3, H, W]`` holding 0-255 pixels (``value_range`` must be left unset or be ``(0, 255)``);
 - a float tensor ``[B, 3, H, W]`` with an explicit ``value_range``: ``(0, 1)`` (the default for float tensors),
   ``(-1, 1)`` (what diffusion VAEs decode to) or ``(0, 255)``;
@@ -45,10 +46,14 @@ def _is_pil(x: Any) -> bool:
 
 
 def pil_to_tensor(image) -> torch.Tensor:
-    """PIL image (any mode) -> float tensor [3, H, W] in [0, 1]."""
+    """PIL image (any mode, converted by :func:`imgalign.data.images.to_rgb`) -> float tensor [3, H, W] in [0, 1]."""
     import numpy as np
 
-    array = np.asarray(image.convert("RGB"), dtype=np.uint8).copy()  # [H, W, 3]
+    if image.mode != "RGB" or "transparency" in image.info:
+        from imgalign.data.images import to_rgb
+
+        image = to_rgb(image)
+    array = np.asarray(image, dtype=np.uint8).copy()  # [H, W, 3]
     return torch.from_numpy(array).permute(2, 0, 1).float().div_(255.0)
 
 

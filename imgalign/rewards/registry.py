@@ -8,12 +8,18 @@ from __future__ import annotations
 
 import difflib
 import importlib
+import inspect
 import json
+import math
+import re
+import typing
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+
+from imgalign.errors import UserError
 
 from .base import Prompts, Reward, broadcast_prompts
 from .images import ImageInput, batch_size_of, images_require_grad, to_unit_range
@@ -70,9 +76,74 @@ def _resolve(name: str) -> Callable[..., Reward]:
     return target
 
 
+class RewardArgumentError(UserError, TypeError):
+    """A keyword argument the reward does not take (a TypeError too, which is what Python raised before).
+
+    `name` is the reward, `key` the argument.
+    """
+
+    def __init__(self, message: str, name: str = "", key: str = ""):
+        super().__init__(message)
+        self.name, self.key = name, key
+
+
+_KEYWORD_KINDS = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+_UNEXPECTED = re.compile(r"unexpected keyword argument '([^']+)'")
+
+
+def _keyword_names(factory: Callable[..., Any], _depth: int = 0) -> set[str]:
+    """Keyword arguments `factory` accepts, following ``**kwargs`` into the base classes (a class; most rewards
+    pass them to ``super().__init__``) or into the annotated return class (a function)."""
+    try:
+        params = list(inspect.signature(factory).parameters.values())
+    except (TypeError, ValueError):
+        return set()
+    names = {p.name for p in params if p.kind in _KEYWORD_KINDS}
+    if _depth > 8 or not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return names
+    if isinstance(factory, type):
+        base = next((b for b in factory.__mro__[1:] if "__init__" in vars(b)), object)
+        return names if base is object else names | _keyword_names(base, _depth + 1)
+    try:
+        target = typing.get_type_hints(factory).get("return")
+    except Exception:
+        return names
+    if isinstance(target, type) and target is not factory:
+        return names | _keyword_names(target, _depth + 1)
+    return names
+
+
+def reward_arguments(name: str) -> list[str]:
+    """The keyword arguments reward `name` accepts, sorted (as far as its signatures say)."""
+    return sorted(_keyword_names(_resolve(name)))
+
+
+def unknown_argument_error(name: str, key: str, where: str = "") -> RewardArgumentError:
+    """The error for argument `key` that reward `name` does not take: names the key, the closest and the valid ones."""
+    valid = reward_arguments(name)
+    close = difflib.get_close_matches(key, valid, n=1)
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return RewardArgumentError(
+        f"{where or f'reward {name!r}'}: reward '{name}' has no argument '{key}'{hint}; "
+        f"its arguments are: {', '.join(valid)}",
+        name,
+        key,
+    )
+
+
 def build_reward(name: str, **kwargs: Any) -> Reward:
-    """Build a reward by registry name, e.g. ``build_reward("clip", model="ViT-B-32", pretrained="/x.pt")``."""
-    reward = _resolve(name)(**kwargs)
+    """Build a reward by registry name, e.g. ``build_reward("clip", model="ViT-B-32", pretrained="/x.pt")``.
+
+    An argument the reward does not take raises RewardArgumentError naming it and the valid ones.
+    """
+    factory = _resolve(name)
+    try:
+        reward = factory(**kwargs)
+    except TypeError as e:
+        match = _UNEXPECTED.search(str(e))
+        if match is None or match.group(1) not in kwargs or isinstance(e, RewardArgumentError):
+            raise
+        raise unknown_argument_error(name, match.group(1)) from e
     if not isinstance(reward, Reward):
         raise TypeError(f"reward factory for '{name}' returned {type(reward).__name__}, not a Reward")
     reward.name = name
@@ -86,6 +157,9 @@ class RewardSpec:
     name: str
     weight: float = 1.0
     kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        _check_weight(self.weight, f"reward spec '{self.name}:{self.weight}'")
 
     @classmethod
     def parse(cls, text: str, kwargs: Mapping[str, Any] | None = None) -> RewardSpec:
@@ -150,6 +224,8 @@ class WeightedReward(Reward):
         if not rewards:
             raise ValueError("WeightedReward needs at least one reward")
         weights = [1.0] * len(rewards) if weights is None else [float(w) for w in weights]
+        for reward, weight in zip(rewards, weights):
+            _check_weight(weight, f"weight of reward '{reward.name}'")
         if len(weights) != len(rewards):
             raise ValueError(f"got {len(rewards)} rewards but {len(weights)} weights")
         if normalize not in (None, "batch"):
@@ -222,6 +298,11 @@ class WeightedReward(Reward):
             w = weight * reward.group_win_rates(images, prompts, hard=hard, value_range=value_range).float().cpu()
             out = w if out is None else out + w
         return out / total_weight
+
+
+def _check_weight(weight: float, where: str) -> None:
+    if not math.isfinite(float(weight)):
+        raise UserError(f"{where}: the weight {weight} is not a finite number; give a number like 1.0 or 0.5")
 
 
 def _unique_names(names: list[str]) -> list[str]:

@@ -158,13 +158,18 @@ def to_uint8_array(image: Any) -> np.ndarray:
     """Convert one image to a (H, W, 3) uint8 RGB array.
 
     Accepted inputs:
-        * a PIL image (any mode; converted to RGB);
+        * a PIL image (any mode; converted to RGB by `imgalign.data.images.to_rgb`: 16-bit and float images
+          scaled, transparency composited on white);
         * a numpy array (H, W, 3): uint8 in [0, 255], or float in [0, 1];
         * a torch tensor (3, H, W) or (1, 3, H, W): float in [0, 1] (diffusers' ``output_type="pt"``),
           or uint8 in [0, 255] (torchvision's convention).
     """
     if isinstance(image, Image.Image):
-        return np.asarray(image.convert("RGB"))
+        if image.mode != "RGB" or "transparency" in image.info:
+            from imgalign.data.images import to_rgb  # only here: it imports the data package (and torch)
+
+            image = to_rgb(image)
+        return np.asarray(image)
     if hasattr(image, "detach"):  # a torch tensor; duck-typed so the evaluator does not import torch
         tensor = image.detach().cpu()
         if tensor.ndim == 4 and tensor.shape[0] == 1:

@@ -6,6 +6,7 @@ import logging
 import math
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 import torch
 from torch import Tensor
@@ -15,34 +16,48 @@ from imgalign.config import cfg_field
 log = logging.getLogger("imgalign")
 
 
+SchedulerName = Literal["constant", "constant_with_warmup", "linear", "cosine", "cosine_with_restarts", "polynomial"]
+
+
 @dataclass
 class OptimConfig:
-    lr: float = cfg_field(1e-4, "peak learning rate")
-    lr_scheduler: str = cfg_field("constant_with_warmup", "diffusers/transformers schedule name: constant, "
-                                  "constant_with_warmup, linear, cosine, ...")
-    warmup_steps: int = cfg_field(0, "linear warm-up steps")
-    adam_beta1: float = cfg_field(0.9, "AdamW beta1")
-    adam_beta2: float = cfg_field(0.999, "AdamW beta2")
-    weight_decay: float = cfg_field(1e-2, "AdamW weight decay")
-    adam_eps: float = cfg_field(1e-8, "AdamW epsilon")
-    max_grad_norm: float = cfg_field(1.0, "gradient clipping norm (0 disables)")
+    lr: float = cfg_field(1e-4, "peak learning rate", gt=0)
+    lr_scheduler: SchedulerName = cfg_field("constant_with_warmup", "diffusers/transformers schedule name")
+    warmup_steps: int = cfg_field(0, "linear warm-up steps", ge=0)
+    adam_beta1: float = cfg_field(0.9, "AdamW beta1", ge=0, lt=1)
+    adam_beta2: float = cfg_field(0.999, "AdamW beta2", ge=0, lt=1)
+    weight_decay: float = cfg_field(1e-2, "AdamW weight decay", ge=0)
+    adam_eps: float = cfg_field(1e-8, "AdamW epsilon", gt=0)
+    max_grad_norm: float = cfg_field(1.0, "gradient clipping norm (0 disables clipping; the norm is still logged "
+                                     "and checked for NaN/inf)", ge=0)
 
 
 @dataclass
 class RunConfig:
     output_dir: str = cfg_field("outputs/run", "folder for checkpoints, logs, validation images and the run record")
-    seed: int = cfg_field(0, "seed of noise, timesteps, data order and augmentation")
-    max_steps: int = cfg_field(1000, "optimizer steps")
-    batch_size: int = cfg_field(1, "examples per device per micro-step")
-    grad_accum: int = cfg_field(1, "gradient accumulation micro-steps per optimizer step")
-    mixed_precision: str = cfg_field("no", "no | fp16 | bf16 (frozen weights in this dtype; trainable params fp32)")
+    seed: int = cfg_field(0, "seed of noise, timesteps, data order and augmentation (per sample, so a run does not "
+                          "depend on how the effective batch is split over processes and micro-steps)", ge=0)
+    max_steps: int = cfg_field(1000, "optimizer steps (pref-grpo: iterations, see its banner)", ge=1)
+    batch_size: int = cfg_field(1, "examples per device per micro-step", ge=1)
+    grad_accum: int = cfg_field(1, "gradient accumulation micro-steps per optimizer step", ge=1)
+    mixed_precision: Literal["no", "fp16", "bf16"] = cfg_field(
+        "no", "frozen weights in this dtype; trainable params stay fp32")
     gradient_checkpointing: bool = cfg_field(False, "trade compute for activation memory in the denoiser")
-    checkpoint_every: int = cfg_field(500, "write checkpoint-N every this many optimizer steps (0: only at the end)")
-    keep_last: int = cfg_field(3, "keep the newest K checkpoints (0 keeps all)")
-    resume_from: str | None = cfg_field(None, "'latest', a checkpoint folder, or null for a fresh run")
-    log_with: str = cfg_field("tensorboard", "tensorboard | wandb | none")
-    log_every: int = cfg_field(1, "log metrics every N optimizer steps")
+    checkpoint_every: int = cfg_field(500, "write checkpoint-N every this many optimizer steps (0: only at the end)",
+                                      ge=0)
+    keep_last: int = cfg_field(3, "keep the newest K checkpoints (0 keeps all; the newest is never removed)", ge=0)
+    resume_from: str | None = cfg_field(None, "'latest' (newest checkpoint in output_dir, or a fresh run if none), "
+                                        "a checkpoint folder, or null for a fresh run")
+    max_nonfinite_steps: int = cfg_field(3, "a step whose loss or gradient norm is NaN/inf is skipped (no update), "
+                                         "counted and logged; this many in a row stop the run with an error", ge=1)
+    log_with: Literal["tensorboard", "wandb", "none"] = cfg_field("tensorboard", "metrics logger")
+    log_every: int = cfg_field(1, "log metrics every N optimizer steps", ge=1)
     progress: bool = cfg_field(True, "show a progress bar on the main process")
+
+    def __post_init__(self):
+        if self.resume_from not in (None, "", "latest") and not (Path(self.resume_from) / "trainer_state.json").is_file():
+            raise ValueError(f"run.resume_from={self.resume_from!r} is not a checkpoint folder (no trainer_state.json); "
+                             f"pass 'latest' or a folder like {Path(self.output_dir) / 'checkpoint-100'}")
 
 
 def make_accelerator(run: RunConfig, project: str):

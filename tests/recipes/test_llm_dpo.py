@@ -53,7 +53,7 @@ def initial_lora(assets, rank: int = 4) -> dict[str, torch.Tensor]:
 def test_heldout_accuracy_rises_and_every_lora_param_changes(sort_assets, tmp_path):
     out = tmp_path / "run"
     result = llm_dpo.train(make_cfg(sort_assets, out, "run.max_steps=60", "eval.every=20", "run.log_with=tensorboard"))
-    hist, evals = result["history"], result["evals"]
+    hist, evals = result["history"], result["validation"]
     assert [e["step"] for e in evals] == [0, 20, 40, 60]
 
     # before any update the LoRA is zero: policy == reference, loss log 2, every held-out margin exactly 0
@@ -154,7 +154,7 @@ def test_every_loss_family_trains(losses, sort_assets, tmp_path):
         extra += ["loss.loss_weights=[1.0,0.1]"]
     result = llm_dpo.train(make_cfg(sort_assets, tmp_path / "r", *extra))
     assert all(math.isfinite(h["train/loss"]) for h in result["history"])
-    assert result["evals"][-1]["eval/margin"] > 0
+    assert result["validation"][-1]["eval/margin"] > 0
     if len(losses) > 1:
         assert {f"train/loss_{n}" for n in losses} <= set(result["history"][-1])
 
@@ -201,7 +201,7 @@ def test_listwise_data_with_pro_lipo_and_a_pairwise_loss(sort_assets, tmp_path):
     result = llm_dpo.train(cfg)
     last = result["history"][-1]
     assert {"train/loss_pro", "train/loss_lipo", "train/loss_sigmoid"} <= set(last)
-    assert math.isfinite(last["train/loss"]) and result["evals"][0]["eval/pref_acc"] == 0.5
+    assert math.isfinite(last["train/loss"]) and result["validation"][0]["eval/pref_acc"] == 0.5
 
 
 def test_unknown_loss_name_and_parameter_errors(sort_assets, tmp_path):

@@ -23,7 +23,7 @@ from imgalign.data import (
 RED, BLUE, GREEN = (255, 0, 0), (0, 0, 255), (0, 255, 0)
 
 
-def solid(color, size=(8, 6)) -> Image.Image:
+def solid(color, size=(10, 8)) -> Image.Image:  # read_image refuses images under 8 px a side
     return Image.new("RGB", size, color)
 
 
@@ -53,7 +53,7 @@ def check_default_rows(pairs):
     assert color(swapped["winner"]) == BLUE and color(swapped["loser"]) == RED
     assert swapped["winner_is_jpg_0"] is False
     assert last["caption"] == "p3"
-    assert first["winner"].mode == "RGB" and first["winner"].size == (8, 6)
+    assert first["winner"].mode == "RGB" and first["winner"].size == (10, 8)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -213,7 +213,7 @@ def test_dataloader_with_transform_and_collate(tmp_path):
     assert batch["pixels_w"].shape == (3, 3, 4, 4) and batch["pixels_l"].shape == (3, 3, 4, 4)
     assert batch["captions"] == ["p0", "p1", "p3"]
     assert batch["labels"].tolist() == [1.0, 1.0, 1.0]
-    assert batch["original_sizes"].tolist() == [[6, 8]] * 3
+    assert batch["original_sizes"].tolist() == [[8, 10]] * 3
     # winner of p1 is blue: channel 2 at +1, channel 0 at -1
     assert batch["pixels_w"][1, 2].min() == 1.0 and batch["pixels_w"][1, 0].max() == -1.0
 
@@ -333,3 +333,114 @@ def test_jsonl_missing_file_bad_json_and_missing_field(tmp_path):
         "line 4" in m and "label_0" in m and "fields are caption, jpg_0, jpg_1" in m
         for m in pairs.stats.examples
     )
+
+
+# ----------------------------------------------------------------------------------------------------
+# duplicates, boolean labels, text that is not UTF-8, image conversion and limits
+# ----------------------------------------------------------------------------------------------------
+
+
+def test_duplicate_pairs_counted_and_reported(tmp_path):
+    for name, colour in (("a.png", RED), ("b.png", BLUE), ("c.png", GREEN)):
+        solid(colour).save(tmp_path / name)
+    records = [
+        {"caption": "x", "jpg_0": "a.png", "jpg_1": "b.png", "label_0": 1},
+        {"caption": "x", "jpg_0": "a.png", "jpg_1": "b.png", "label_0": 1},  # duplicate
+        {"caption": "x", "jpg_0": "./b.png", "jpg_1": "a.png", "label_0": 0},  # same pair swapped, same winner a
+        {"caption": "x", "jpg_0": "b.png", "jpg_1": "a.png", "label_0": 1},  # same pair, the other winner
+        {"caption": "y", "jpg_0": "a.png", "jpg_1": "b.png", "label_0": 1},  # another caption: not a duplicate
+        {"caption": "x", "jpg_0": "a.png", "jpg_1": "c.png", "label_0": 1},  # another image: not a duplicate
+    ]
+    pairs = load_preference_pairs(write_jsonl(tmp_path / "p.jsonl", records))
+    assert len(pairs) == 6  # kept: repeated judgements are data, but the summary says so
+    assert pairs.stats.n_duplicates == 3 and pairs.stats.n_conflicting == 1
+    assert "3 duplicate pairs (same caption and images; 1 with another winner)" in pairs.stats.summary()
+    assert load_preference_pairs(tmp_path / "p.jsonl", count_duplicates=False).stats.n_duplicates == 0
+
+
+def test_duplicate_image_bytes_counted_in_parquet(tmp_path):
+    path = write_preference_parquet(tmp_path / "p.parquet", rows((1.0, 1.0, 0.0)) + [("p0", solid(RED), solid(BLUE), 1.0)])
+    pairs = load_preference_pairs(path)
+    assert pairs.stats.n_duplicates == 1 and pairs.stats.n_conflicting == 0  # row 3 repeats row 0
+    assert "1 duplicate pairs (same caption and images)" in pairs.stats.summary()
+
+
+def test_boolean_label_refused_naming_file_row_and_fix(tmp_path):
+    solid(RED).save(tmp_path / "a.png")
+    good = {"caption": "good", "jpg_0": "a.png", "jpg_1": "a.png", "label_0": 1.0}
+    path = write_jsonl(tmp_path / "p.jsonl", [good, {**good, "caption": "bool", "label_0": True}])
+    with pytest.raises(DataError, match=r"p\.jsonl line 2 \(caption 'bool'\): label_0 is true; a boolean does not "
+                                        r"say which image won: write 1\.0 .* 0\.0") as e:
+        load_preference_pairs(path)
+    assert e.value.reason == "bool_label"
+    pairs = load_preference_pairs(path, on_error="skip")
+    assert len(pairs) == 1 and pairs.stats.skipped == {"bool_label": 1} and pairs.stats.n_rows == 2
+
+    table = pa.table({"caption": ["a", "b"], "jpg_0": [png(solid(RED))] * 2, "jpg_1": [png(solid(BLUE))] * 2,
+                      "label_0": pa.array([True, False], pa.bool_())})
+    pq.write_table(table, tmp_path / "b.parquet")
+    with pytest.raises(DataError, match=r"b\.parquet row 0 \(caption 'a'\): label_0 is the boolean true.*"
+                                        r"write 1\.0 if jpg_0 is preferred, 0\.0 if jpg_1.*Cast the column"):
+        load_preference_pairs(tmp_path / "b.parquet")
+
+
+def test_non_utf8_caption_named_and_skippable(tmp_path):
+    solid(RED).save(tmp_path / "a.png")
+    good = json.dumps({"caption": "good", "jpg_0": "a.png", "jpg_1": "a.png", "label_0": 1}).encode()
+    bad = good.replace(b"good", b"caf\xe9")
+    (tmp_path / "p.jsonl").write_bytes(good + b"\n" + bad + b"\n" + good + b"\n")
+    with pytest.raises(DataError, match=r"p\.jsonl line 2: not UTF-8 \(byte 0xe9 at position \d+\); re-save"):
+        load_preference_pairs(tmp_path / "p.jsonl")
+    pairs = load_preference_pairs(tmp_path / "p.jsonl", on_error="skip")
+    assert len(pairs) == 2 and pairs.stats.skipped == {"bad_encoding": 1} and pairs.stats.n_rows == 3
+
+    captions = pa.array([b"good", b"caf\xe9", b"good"], pa.binary()).view(pa.string())  # parquet does not check
+    table = pa.table({"caption": captions, "jpg_0": [png(solid(RED))] * 3, "jpg_1": [png(solid(BLUE))] * 3,
+                      "label_0": [1.0, 1.0, 0.0]})
+    pq.write_table(table, tmp_path / "c.parquet")
+    with pytest.raises(DataError, match=r"c\.parquet row 1, column caption: not UTF-8 \(byte 0xe9"):
+        load_preference_pairs(tmp_path / "c.parquet")
+    pairs = load_preference_pairs(tmp_path / "c.parquet", on_error="skip")
+    assert len(pairs) == 2 and pairs.stats.skipped == {"bad_encoding": 1}
+    assert [pairs[i]["caption"] for i in range(2)] == ["good", "good"]
+
+
+def test_images_converted_by_mode_and_counted(tmp_path):
+    import numpy as np
+
+    sixteen = Image.fromarray(np.full((8, 10), 32768, np.uint16))  # mid grey in 16 bits
+    clear = Image.new("RGBA", (10, 8), (0, 0, 0, 0))
+    path = write_preference_parquet(tmp_path / "p.parquet", [("a", sixteen, clear, 1.0), ("b", sixteen, solid(RED), 0.0)])
+    pairs = load_preference_pairs(path, on_error="skip")
+    assert color(pairs[0]["winner"]) == (128, 128, 128)  # not 255: convert("RGB") clips 16-bit values
+    assert color(pairs[0]["loser"]) == (255, 255, 255)  # transparent on white, not the black it holds
+    assert pairs.stats.images.summary() == "2 images converted from I;16, 1 RGBA composited on white"
+    assert "images: 2 images converted from I;16, 1 RGBA composited on white" in pairs.stats.summary()
+    black = load_preference_pairs(path, background="black")
+    assert color(black[0]["loser"]) == (0, 0, 0)
+
+
+def test_too_small_and_too_large_images_refused_or_skipped(tmp_path):
+    path = write_preference_parquet(
+        tmp_path / "p.parquet",
+        [("ok", solid(RED), solid(BLUE), 1.0), ("dot", solid(RED, (1, 1)), solid(BLUE), 1.0),
+         ("big", solid(RED, (200, 100)), solid(BLUE), 1.0)],
+    )
+    with pytest.raises(DataError, match=r"row 1 \(caption 'dot'\), column jpg_0: the image is 1x1 pixels.*"
+                                        r"lower min_image_size") as e:
+        load_preference_pairs(path, validate_images=True, max_image_pixels=10_000)
+    assert e.value.reason == "image_too_small"
+    pairs = load_preference_pairs(path, on_error="skip", max_image_pixels=10_000)
+    assert len(pairs) == 1 and pairs.stats.skipped == {"image_too_small": 1, "image_too_large": 1}
+    assert any("200x100" in m and "max_image_pixels=10000" in m for m in pairs.stats.examples)
+    assert len(load_preference_pairs(path, on_error="skip", min_image_size=1, max_image_pixels=None)) == 3
+
+
+def test_lone_surrogate_escape_in_jsonl_caption_named(tmp_path):
+    solid(RED).save(tmp_path / "a.png")
+    good = '{"caption": "good", "jpg_0": "a.png", "jpg_1": "a.png", "label_0": 1}'
+    (tmp_path / "p.jsonl").write_text(good + "\n" + good.replace("good", "bad \\ud800") + "\n")
+    with pytest.raises(DataError, match=r"p\.jsonl line 2: the caption holds '\\ud800', a lone surrogate"):
+        load_preference_pairs(tmp_path / "p.jsonl")
+    pairs = load_preference_pairs(tmp_path / "p.jsonl", on_error="skip")
+    assert len(pairs) == 1 and pairs.stats.skipped == {"bad_encoding": 1}

@@ -93,3 +93,46 @@ def test_real_unigenbench_files():
     )
     train = load_prompt_file(UNIGENBENCH / "train_prompt.txt")
     assert len(train) == 10000 and all(train)
+
+
+@pytest.mark.parametrize(
+    "name, content, line",
+    [
+        ("p.txt", b"a red cube\nbad \xff byte\nthree\n", 2),
+        ("p.jsonl", b'{"prompt": "a"}\n{"prompt": "caf\xe9"}\n{"prompt": "c"}\n', 2),
+        ("p.csv", b'id,prompt\n1,a\n2,"caf\xe9\nau lait"\n3,c\n', 3),
+    ],
+)
+def test_non_utf8_line_named_or_skipped_and_counted(tmp_path, name, content, line):
+    from imgalign.data import PromptStats
+
+    p = tmp_path / name
+    p.write_bytes(content)
+    with pytest.raises(DataError, match=rf"{name} line {line}: not UTF-8 \(byte 0x(ff|e9) at position \d+\); "
+                                        r"re-save the file as UTF-8.*on_error=\"skip\""):
+        load_prompt_file(p)
+    stats = PromptStats()
+    assert len(load_prompt_file(p, on_error="skip", stats=stats)) == 2
+    assert stats.n_skipped == 1 and stats.skipped == {"bad_encoding": 1}
+    assert f"line {line}" in stats.examples[0] and "2 prompts, 1 lines skipped (bad_encoding: 1)" in stats.summary()
+    with pytest.warns(UserWarning, match="1 lines skipped"):  # without stats, a warning tells
+        load_prompt_file(p, on_error="skip")
+
+
+def test_skip_counts_bad_jsonl_lines_and_keeps_line_numbers(tmp_path):
+    from imgalign.data import PromptStats
+
+    p = tmp_path / "p.jsonl"
+    p.write_text('{"prompt": "a"}\nnot json\n{"text": "b"}\n{"prompt": ""}\n{"prompt": "e"}\n')
+    stats = PromptStats()
+    records = load_prompt_records(p, on_error="skip", stats=stats)
+    assert [(r.prompt, r.line) for r in records] == [("a", 1), ("e", 5)]
+    assert stats.skipped == {"bad_json": 1, "missing_prompt": 1, "empty_prompt": 1}
+    with pytest.raises(ValueError, match="on_error"):
+        load_prompt_file(p, on_error="ignore")
+
+
+def test_bom_still_dropped(tmp_path):
+    p = tmp_path / "p.txt"
+    p.write_bytes("\ufeffa cat\nb\n".encode())
+    assert load_prompt_file(p) == ["a cat", "b"]

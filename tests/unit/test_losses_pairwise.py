@@ -102,9 +102,9 @@ def test_a3_reference_values(name, params, expected):
     apo_down     sigma(0.1) + 1 - sigma(0.2) = 0.524979 + 0.450166 = 0.9751452
     discopop     m = sigma(0.2/0.05) = sigma(4) = 0.982014; (1-m)*0.598139 + m*e^-0.2 = 0.010758 + 0.804005
     sigmoid_norm -logsig(0.1 * (1/4 + 1/5)) = -logsig(0.045) = 0.6709003
-    forward_kl   s = -e^-r: Delta = e^1 - e^-1 = 2.350402; -logsig(0.2350402) = 0.5825167
-    js           s = logsig(r): Delta = logsig(1) - logsig(-1) = 1 (exactly); -logsig(0.1) = 0.6443967
-    alpha 0.5    s = e^(-r/2)/(-1/2): Delta = 2(e^0.5 - e^-0.5) = 2.084381; -logsig(0.2084381) = 0.5943491
+    forward_kl   s = 1 - e^-r: Delta = e^1 - e^-1 = 2.350402; -logsig(0.2350402) = 0.5825167
+    js           s = log 2 + logsig(r): Delta = logsig(1) - logsig(-1) = 1 (exactly); -logsig(0.1) = 0.6443967
+    alpha 0.5    s = (e^(-r/2) - 1)/(-1/2): Delta = 2(e^0.5 - e^-0.5) = 2.084381; -logsig(0.2084381) = 0.5943491
     """
     x = ref_inputs()
     out = preference_loss(name, x, BETA, **params)

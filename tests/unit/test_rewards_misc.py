@@ -196,3 +196,62 @@ def test_group_win_rates_use_g_encodings_for_embedding_rewards(hf_clip):
     p = torch.sigmoid(reward.compare_scale * diff)
     assert torch.allclose(rates, (p.sum(1) - 0.5) / 5, atol=1e-5)
     assert F.l1_loss(rates.mean(), torch.tensor(0.5)) < 1e-5
+
+
+def test_score_command_refuses_symlinks_nan_weights_and_unknown_reward_args(tmp_path, capsys):
+    from imgalign.rewards.cli import run_score
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.new("RGB", (8, 8)).save(folder / "0.png")
+    secret = tmp_path / "secret.png"
+    Image.new("RGB", (8, 8), (9, 9, 9)).save(secret)
+    (folder / "1.png").symlink_to(secret)
+    assert run_score(_score_args(reward="compressibility", images=folder)) == 2
+    err = capsys.readouterr().err
+    assert "1.png leads through a symlink to" in err and "outside the folder" in err and "copy the image" in err
+    (folder / "1.png").unlink()
+    (folder / "2.png").symlink_to(folder / "0.png")  # a link that stays inside is fine
+    assert run_score(_score_args(reward="compressibility", images=folder, no_progress=True)) == 0
+    capsys.readouterr()
+
+    assert run_score(_score_args(reward="compressibility:nan", images=folder)) == 2
+    assert "the weight nan is not a finite number" in capsys.readouterr().err
+    assert run_score(_score_args(reward=["compressibility:inf", "incompressibility"], images=folder)) == 2
+    assert "not a finite number" in capsys.readouterr().err
+
+    assert run_score(_score_args(reward="compressibility", reward_arg="compressibility.qualty=80", images=folder)) == 2
+    err = capsys.readouterr().err
+    assert ("--reward-arg compressibility.qualty: reward 'compressibility' has no argument 'qualty' (did you mean "
+            "'quality'?); its arguments are: batch_size, compare_scale, device, dtype, quality") in err
+    assert "Traceback" not in err
+
+
+def test_score_command_reads_every_mode_and_names_bad_files(tmp_path, capsys):
+    from imgalign.rewards.cli import run_score
+
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(np.full((8, 8), 32768, np.uint16)).save(folder / "a16.png")
+    Image.new("RGBA", (8, 8), (0, 0, 0, 0)).save(folder / "b_alpha.png")
+    Image.new("RGB", (8, 8), (128, 128, 128)).save(folder / "c_rgb.png")
+    out = tmp_path / "s.csv"
+    assert run_score(_score_args(reward="compressibility", images=folder, output=out, no_progress=True)) == 0
+    assert "images: 1 image converted from I;16, 1 RGBA composited on white" in capsys.readouterr().out
+    summary = json.loads((tmp_path / "s.csv.summary.json").read_text())
+    assert summary["image_conversions"] == {"converted from I;16": 1, "RGBA composited on white": 1}
+    scores = [float(r["compressibility"]) for r in csv.DictReader(out.open())]
+    assert scores[0] == pytest.approx(scores[2], abs=1e-6)  # the 16-bit image is the same mid grey, not white
+
+    Image.new("RGB", (1, 1)).save(folder / "d_dot.png")
+    assert run_score(_score_args(reward="compressibility", images=folder)) == 2
+    assert "d_dot.png: the image is 1x1 pixels, smaller than --min-image-size=8" in capsys.readouterr().err
+    assert run_score(_score_args(reward="compressibility", images=folder, min_image_size=1, output=out,
+                                 no_progress=True)) == 0
+    assert run_score(_score_args(reward="compressibility", images=folder, min_image_size=1, max_image_pixels=32)) == 2
+    assert "8x8 = 6.4e-05 MP is more than --max-image-pixels=32" in capsys.readouterr().err
+
+    (tmp_path / "p.txt").write_bytes(b"one\ntwo\nthr\xe9e\nfour\n")
+    assert run_score(_score_args(reward="compressibility", images=folder, min_image_size=1,
+                                 prompts=tmp_path / "p.txt")) == 2
+    assert "p.txt line 3: not UTF-8 (byte 0xe9" in capsys.readouterr().err

@@ -145,3 +145,27 @@ def test_group_win_rates_cost_g_encodings():
     assert torch.allclose(soft, expected)
     assert soft.mean().item() == pytest.approx(0.5)
     assert win_rates_from_scores(torch.tensor([3.0])).tolist() == [0.5]
+
+
+def test_spec_weights_must_be_finite():
+    from imgalign.errors import UserError
+
+    for text in ("clip:nan", "clip:inf", "clip:-inf"):
+        with pytest.raises(UserError, match="not a finite number"):
+            RewardSpec.parse(text)
+    with pytest.raises(ValueError, match="not a finite number"):
+        RewardSpec.from_config({"name": "clip", "weight": float("nan")})
+
+
+def test_unknown_reward_argument_named_with_the_valid_ones():
+    from imgalign.errors import UserError
+    from imgalign.rewards.registry import RewardArgumentError, reward_arguments
+
+    with pytest.raises(RewardArgumentError, match=r"reward 'compressibility' has no argument 'qualty' \(did you mean "
+                                                  r"'quality'\?\); its arguments are: batch_size, .*quality") as e:
+        build_reward("compressibility", qualty=80)
+    assert isinstance(e.value, TypeError) and isinstance(e.value, UserError)  # TypeError is what it was before
+    # **kwargs is followed into the base classes and into the class a factory function returns
+    assert {"criterion", "device", "batch_size"} <= set(reward_arguments("toy"))
+    assert {"model", "scale", "device"} <= set(reward_arguments("toy_clip"))
+    assert {"version", "checkpoint", "device"} <= set(reward_arguments("hpsv2.1"))

@@ -1,0 +1,214 @@
+"""The bookkeeping of a training run, shared by every recipe; the loop itself stays in the recipe.
+
+A recipe reads top to bottom as
+
+    book = Run(cfg, "diffusion-dpo")                        # accelerator, dtype, output folder, run record
+    ... load the model, make it trainable ...
+    model, optimizer, scheduler = book.prepare(net, cfg.optim, layout, save_weights, load_weights)
+    state = book.resume()                                   # {} for a fresh run
+    book.banner("imgalign diffusion-dpo", {...})
+    book.start(validate)                                    # step-0 validation, progress bar
+    while step < run.max_steps:
+        with accelerator.accumulate(model):
+            loss, m = _step(...)
+            book.backward(loss)
+            if accelerator.sync_gradients:
+                book.apply_gradients()                      # clip, non-finite guard, step, schedule
+        ... on an optimizer step boundary: step += 1; book.end_step(step, logs, state)
+    return book.finish(step, state, save_final)
+
+What it promises (tested in tests/unit/test_train_loop.py and the recipe tests):
+- Non-finite policy: an optimizer step whose loss (on any rank) or gradient norm is NaN/inf is skipped: no
+  parameter update, the learning-rate schedule moves on, the step is counted (`train/nonfinite_skipped`) and
+  reported; `run.max_nonfinite_steps` skipped steps in a row stop the run with a NonFiniteError that names
+  the step and the last checkpoint. A checkpoint is never written with non-finite trainable weights.
+- Checkpoints on schedule (never at max_steps inside the loop: the final save does that once), the final
+  checkpoint unless a resumed run made no progress, and trainer_state.json with the recipe, the trainable
+  layout and a fingerprint of the trainable parameters, checked on resume.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from imgalign.config import save_run_info
+from imgalign.errors import NonFiniteError
+from imgalign.train.checkpoint import (
+    check_finite_weights,
+    clean_stale,
+    list_checkpoints,
+    load_checkpoint,
+    register_weight_hooks,
+    resolve_resume,
+    save_checkpoint,
+    trainable_fingerprint,
+)
+from imgalign.train.setup import (
+    MeanMetrics,
+    banner,
+    make_accelerator,
+    make_optimizer,
+    progress_bar,
+    weight_dtype,
+)
+
+
+def lora_layout(lora) -> str:
+    """The trainable layout a checkpoint must match: LoRA rank/alpha/targets, or full fine-tuning."""
+    if not lora.enabled:
+        return "full"
+    return f"lora r={lora.rank} alpha={lora.alpha or lora.rank} targets={','.join(sorted(lora.target_modules))}"
+
+
+class Run:
+    """Accelerator, output folder, optimizer step with the non-finite guard, logs, checkpoints, validation."""
+
+    def __init__(self, cfg, recipe: str, unit: str = "steps"):
+        self.cfg, self.run, self.recipe, self.unit = cfg, cfg.run, recipe, unit
+        self.accelerator = make_accelerator(cfg.run, project=recipe.replace("-", "_"))
+        self.dtype = weight_dtype(self.accelerator)
+        self.out_dir = Path(cfg.run.output_dir)
+        if self.accelerator.is_main_process:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            clean_stale(self.out_dir)
+            save_run_info(cfg, self.out_dir)
+        self.metrics = MeanMetrics()
+        self.history: list[dict] = []
+        self.validation: list[dict] = []
+        self.start_step, self.resumed_from = 0, None
+        self.skipped, self.skipped_in_row = 0, 0
+        self._bad_loss, self._step_skipped, self._grad_norm = False, False, math.nan
+        self._validate: Callable[[int], dict] | None = None
+        self._validate_every = 0
+        self.bar = None
+        self.t0 = time.time()
+
+    # ---- set-up ---------------------------------------------------------------------------------------
+    def prepare(self, model: torch.nn.Module, optim_cfg, layout: str, save_weights, load_weights,
+                max_steps: int | None = None):
+        """Weight hooks for checkpoints, AdamW over the trainable parameters and its schedule, accelerate's
+        wrapping -> (model, optimizer, scheduler). `max_steps`: optimizer steps of the schedule (default
+        run.max_steps)."""
+        acc = self.accelerator
+        register_weight_hooks(acc, save_weights, load_weights)
+        optimizer, scheduler = make_optimizer(model.parameters(), optim_cfg, max_steps or self.run.max_steps,
+                                              acc.num_processes)
+        self.identity = {"recipe": self.recipe, "layout": layout, "fingerprint": trainable_fingerprint(model)}
+        self.optim_cfg = optim_cfg
+        self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
+        return self.model, self.optimizer, self.scheduler
+
+    def resume(self) -> dict[str, Any]:
+        """Restore the checkpoint named by run.resume_from -> its trainer state ({} for a fresh run)."""
+        path = resolve_resume(self.out_dir, self.run.resume_from)
+        if path is None:
+            return {}
+        state = load_checkpoint(self.accelerator, path, self.identity)
+        self.start_step, self.resumed_from = state["step"], path
+        self.skipped = state.get("nonfinite_skipped", 0)
+        return state
+
+    def banner(self, title: str, rows: dict[str, str]) -> None:
+        rows = dict(rows)
+        rows[self.unit] = f"{self.start_step} -> {self.run.max_steps}" + (
+            f" (resumed from {self.resumed_from})" if self.resumed_from else "")
+        rows["output"] = str(self.out_dir)
+        banner(self.accelerator, title, rows)
+
+    def start(self, validate: Callable[[int], dict] | None = None, every: int = 0) -> None:
+        """Step-0 validation of a fresh run, and the progress bar."""
+        self._validate, self._validate_every = validate, every
+        if self.start_step == 0 and validate is not None:
+            self.validation.append({"step": 0, **validate(0)})
+        self.bar = progress_bar(self.accelerator, self.run.max_steps, self.start_step, self.run.progress,
+                                self.recipe)
+
+    # ---- the optimizer step ---------------------------------------------------------------------------
+    def backward(self, loss: torch.Tensor) -> None:
+        if not bool(torch.isfinite(loss.detach()).all()):
+            self._bad_loss = True
+        self.accelerator.backward(loss)
+
+    def apply_gradients(self) -> bool:
+        """At an optimizer-step boundary (gradients synchronised): clip, then update unless the loss on any rank
+        or the gradient norm is non-finite. Returns whether the parameters were updated."""
+        acc = self.accelerator
+        max_norm = self.optim_cfg.max_grad_norm
+        norm = acc.clip_grad_norm_(self.model.parameters(), max_norm if max_norm > 0 else math.inf)
+        bad = torch.tensor([float(self._bad_loss)], device=acc.device)
+        bad = acc.reduce(bad, reduction="sum") if acc.num_processes > 1 else bad  # every rank skips together
+        self._grad_norm = float(norm) if norm is not None else math.nan
+        skip = bool(bad.item() > 0) or not math.isfinite(self._grad_norm)
+        if not skip:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._bad_loss = False
+        self._step_skipped = self._step_skipped or skip
+        return not skip
+
+    # ---- after each step ------------------------------------------------------------------------------
+    def end_step(self, step: int, logs: dict[str, float], state: dict[str, Any],
+                 postfix: dict[str, str] | None = None) -> dict[str, float]:
+        """Log, record, advance the bar, then checkpoint and validate on schedule. `logs` are this step's metrics."""
+        run, acc = self.run, self.accelerator
+        if self._step_skipped:
+            self.skipped += 1
+            self.skipped_in_row += 1
+            if acc.is_main_process:
+                from tqdm.auto import tqdm
+
+                tqdm.write(f"warning: step {step}: non-finite loss or gradient norm ({self._grad_norm}); the update "
+                           f"was skipped ({self.skipped_in_row} in a row, {self.skipped} in all)")
+        else:
+            self.skipped_in_row = 0
+        self._step_skipped = False
+        logs = {**logs, "train/lr": self.scheduler.get_last_lr()[0], "train/grad_norm": self._grad_norm,
+                "train/nonfinite_skipped": float(self.skipped)}
+        self.history.append({"step": step, **logs})
+        if step % run.log_every == 0:
+            acc.log(logs, step=step)
+        if self.skipped_in_row >= run.max_nonfinite_steps:
+            last = list_checkpoints(self.out_dir)
+            raise NonFiniteError(
+                f"step {step}: the loss or gradient norm was NaN/inf for {self.skipped_in_row} optimizer steps in a "
+                f"row (run.max_nonfinite_steps={run.max_nonfinite_steps}); the run stopped without saving. "
+                f"Last checkpoint: {last[-1] if last else 'none'}. Lower optim.lr (or the loss's beta), check "
+                "the data, then resume with run.resume_from=latest")
+        self.bar.update(1)
+        if postfix:
+            self.bar.set_postfix(**postfix)
+        if run.checkpoint_every and step % run.checkpoint_every == 0 and step < run.max_steps:
+            self.save(step, state)
+        if self._validate and self._validate_every and step % self._validate_every == 0 and step < run.max_steps:
+            self.validation.append({"step": step, **self._validate(step)})
+        return logs
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        check_finite_weights(self.model, step)
+        return save_checkpoint(self.accelerator, self.out_dir, step,
+                               {**state, **self.identity, "nonfinite_skipped": self.skipped}, self.run.keep_last)
+
+    def finish(self, step: int, state: dict[str, Any], save_final: Callable[[torch.nn.Module], None]) -> dict:
+        """Final checkpoint (unless a resumed run made no progress), final weights via `save_final(unwrapped
+        model)` on the main process, final validation -> the run's result (the same keys for every recipe)."""
+        acc = self.accelerator
+        self.bar.close()
+        if step > self.start_step or self.resumed_from is None:
+            self.save(step, state)
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            model = acc.unwrap_model(self.model)
+            check_finite_weights(model, step)
+            save_final(model)
+            if self._validate is not None:
+                self.validation.append({"step": step, **self._validate(step)})
+        acc.end_training()
+        return {"steps": step, "history": self.history, "validation": self.validation,
+                "seconds": time.time() - self.t0, "output_dir": str(self.out_dir)}
