@@ -109,7 +109,7 @@ def register_saturation_reward() -> None:
 
 @torch.no_grad()
 def evaluate(model_dir: str, lora_dir: str | None, prompts: list[str], args) -> dict:
-    """Per image (seed = prompt index, pipeline sampling as users do): the toy rater's preference (fidelity +
+    """Per image (seed = args.eval_seed + prompt index, pipeline sampling as users do): the toy rater's preference (fidelity +
     taste, scaled by the watermark), fidelity score, taste (NaN where the prompt states a background), saturation
     and the watermark band's coverage."""
     from imgalign.models.adapters import load_adapter
@@ -122,7 +122,7 @@ def evaluate(model_dir: str, lora_dir: str | None, prompts: list[str], args) -> 
     values = {name: [] for name in ("preference", "toy", "taste", "saturation", "watermark")}
     for start in range(0, len(prompts), 25):
         chunk = prompts[start:start + 25]
-        gens = [torch.Generator().manual_seed(10_000 + start + i) for i in range(len(chunk))]
+        gens = [torch.Generator().manual_seed(args.eval_seed + start + i) for i in range(len(chunk))]
         images = adapter.pipe(prompt=chunk, num_inference_steps=args.eval_steps, guidance_scale=args.eval_cfg,
                               height=args.resolution, width=args.resolution, generator=gens,
                               output_type="pt").images.float()
@@ -244,7 +244,10 @@ def main(argv=None) -> int:
     p.add_argument("--eval-prompts", type=int, default=100)
     p.add_argument("--eval-steps", type=int, default=25)
     p.add_argument("--eval-cfg", type=float, default=5.0)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="training seed (run.seed)")
+    p.add_argument("--eval-seed", type=int, default=10_000,
+                   help="first sampling seed of the held-out evaluation (image i of the test prompts uses "
+                        "eval-seed + i); the README's numbers use the default")
     p.add_argument("--runs", nargs="*", default=None, choices=["pref_grpo_toy_judge", "pointwise_toy+saturation"],
                    help="toy: run only these (default: both)")
     p.add_argument("--set", nargs="*", default=[], metavar="KEY=VALUE",

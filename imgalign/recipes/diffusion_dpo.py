@@ -91,7 +91,9 @@ class LossConfig:
             diffusion_preference_loss(self.loss_type, z, z, z, z, beta=self.beta, weights=self.loss_weights,
                                       **self.params)
         except (ValueError, TypeError, KeyError) as err:
-            raise ValueError(f"loss: {err}") from None
+            text = str(err)
+            key = "loss.loss_type" if "loss type" in text else "loss.loss_weights" if "weight" in text else "loss.params"
+            raise ValueError(f"{key}: {text}") from None
 
 
 @dataclass

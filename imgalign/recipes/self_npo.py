@@ -234,14 +234,13 @@ def starting_states(adapter, cfg: SelfNPOConfig, out_dir: Path, is_main: bool, a
     from safetensors.torch import load_file, save_file
 
     path = out_dir / "starting_states.safetensors"
-    if not path.is_file():
-        if is_main:
-            fn = folder_samples if cfg.data.image_dir else self_samples
-            latents, prompts = fn(adapter, cfg.data, cfg.run.seed)
-            save_file({"latents": latents.contiguous()}, str(path.with_suffix(".tmp")),
-                      metadata={"prompts": "\n".join(p.replace("\n", " ") for p in prompts)})
-            path.with_suffix(".tmp").rename(path)
-        accelerator.wait_for_everyone()
+    if is_main and not path.is_file():
+        fn = folder_samples if cfg.data.image_dir else self_samples
+        latents, prompts = fn(adapter, cfg.data, cfg.run.seed)
+        save_file({"latents": latents.contiguous()}, str(path.with_suffix(".tmp")),
+                  metadata={"prompts": "\n".join(p.replace("\n", " ") for p in prompts)})
+        path.with_suffix(".tmp").rename(path)
+    accelerator.wait_for_everyone()  # every rank, always: a rank that saw the file early must not skip the barrier
     from safetensors import safe_open
 
     with safe_open(str(path), "pt") as fh:

@@ -55,7 +55,18 @@ def resolve_resume(output_dir: str | Path, resume_from: str | None) -> Path | No
             f"run.resume_from={resume_from!r} is not a checkpoint folder (no trainer_state.json); "
             f"pass 'latest' or a path like {Path(output_dir) / 'checkpoint-100'}"
         )
+    step = _step_of(p)
+    newer = [c for c in list_checkpoints(output_dir) if step is not None and _step_of(c) > step]
+    if newer:  # the run would write its new history beside a future it abandons; `latest` would pick that future
+        raise CheckpointError(
+            f"run.resume_from={resume_from!r}: {newer[-1]} in run.output_dir is newer than the checkpoint to resume "
+            "from. Resume into another run.output_dir, or delete the newer checkpoint-N folders first")
     return p
+
+
+def _step_of(path: Path) -> int | None:
+    m = _CKPT.match(path.name)
+    return int(m.group(1)) if m else None
 
 
 def trainable_fingerprint(model: torch.nn.Module) -> str:
@@ -113,16 +124,18 @@ def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[
         if final.exists():  # a rerun of the same step (e.g. resumed without progress): replace it
             _delete(final)
         tmp.rename(final)
-        prune_checkpoints(out, keep_last)
+        prune_checkpoints(out, keep_last, final)
     accelerator.wait_for_everyone()
     return final
 
 
-def prune_checkpoints(output_dir: Path, keep_last: int | None) -> None:
+def prune_checkpoints(output_dir: Path, keep_last: int | None, newest: Path | None = None) -> None:
+    """Delete all but the newest `keep_last` checkpoints; `newest` (the one just written) is never deleted."""
     if not keep_last or keep_last < 1:
         return
     for old in list_checkpoints(output_dir)[:-keep_last]:
-        _delete(old)
+        if newest is None or old.resolve() != newest.resolve():
+            _delete(old)
 
 
 def _delete(folder: Path) -> None:
