@@ -19,6 +19,10 @@ def _train(args) -> int:
 
 
 def _generate(args) -> int:
+    """Images as out/{prompt:05d}_{image:02d}.png; each written image's `filename<TAB>prompt` is appended (and
+    flushed) to prompts.tsv at once, so an interrupted run keeps its mapping; a rerun skips the prompts whose images
+    all exist and are listed there. prompts.txt (one prompt per image line, every prompt) is written at the end."""
+    import os
     from pathlib import Path
 
     import torch
@@ -31,25 +35,57 @@ def _generate(args) -> int:
     if not prompts:
         print("error: give --prompt TEXT (repeatable) or --prompts FILE", file=sys.stderr)
         return 2
-    adapter = load_adapter(args.model, device=args.device)
-    if args.lora:
-        adapter.pipe.load_lora_weights(args.lora)
-    sample = prepare_guidance(args, adapter)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    from tqdm.auto import tqdm
+
+    def one_line(text: str) -> str:  # a prompt as it is stored in prompts.tsv
+        return " ".join(str(text).split())
+
+    def names(i: int) -> list[str]:
+        return [f"{i:05d}_{j:02d}.png" for j in range(args.num_images)]
+
+    tsv = out / "prompts.tsv"
+    listed: dict[str, str] = {}  # filename -> prompt; the last line wins
+    if tsv.is_file():
+        for line in tsv.read_text(encoding="utf-8").splitlines():
+            name, sep, text = line.partition("\t")
+            if sep:
+                listed[name] = text
+    done = {i for i, prompt in enumerate(prompts)
+            if all(listed.get(f) == one_line(prompt) and (out / f).is_file() for f in names(i))}
+    todo = [i for i in range(len(prompts)) if i not in done]
+    for i in todo:  # their images are written afresh: drop stale lines so every file is listed once
+        for f in names(i):
+            listed.pop(f, None)
+    if tsv.is_file():
+        tmp = tsv.with_name(tsv.name + ".tmp")
+        tmp.write_text("".join(f"{f}\t{t}\n" for f, t in listed.items() if (out / f).is_file()), encoding="utf-8")
+        os.replace(tmp, tsv)
+    if done:
+        print(f"skipped {len(done)} of {len(prompts)} prompts already generated in {out} (listed in {tsv.name})")
 
     n = 0
-    for i, prompt in enumerate(tqdm(prompts, desc="generate")):
-        gen = torch.Generator("cpu").manual_seed(args.seed + i)
-        kw = {"height": args.size, "width": args.size} if args.size else {}
-        images = sample(prompt=prompt, num_images_per_prompt=args.num_images, num_inference_steps=args.steps,
-                        guidance_scale=args.guidance_scale, generator=gen, **kw).images
-        for j, img in enumerate(images):
-            img.save(out / f"{i:05d}_{j:02d}.png")
-            n += 1
+    if todo:
+        adapter = load_adapter(args.model, device=args.device)
+        if args.lora:
+            adapter.pipe.load_lora_weights(args.lora)
+        sample = prepare_guidance(args, adapter)
+        from tqdm.auto import tqdm
+
+        with tsv.open("a", encoding="utf-8") as mapping:
+            for i in tqdm(todo, desc="generate", unit="prompt"):
+                gen = torch.Generator("cpu").manual_seed(args.seed + i)
+                kw = {"height": args.size, "width": args.size} if args.size else {}
+                images = sample(prompt=prompts[i], num_images_per_prompt=args.num_images,
+                                num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=gen,
+                                **kw).images
+                for name, img in zip(names(i), images):
+                    img.save(out / name)
+                    mapping.write(f"{name}\t{one_line(prompts[i])}\n")
+                    mapping.flush()
+                    n += 1
     (out / "prompts.txt").write_text("\n".join(p for p in prompts for _ in range(args.num_images)) + "\n")
-    print(f"wrote {n} images to {out}")
+    print(f"wrote {n} images to {out}" + (f" ({len(done)} prompts skipped)" if done else ""))
     return 0
 
 

@@ -31,12 +31,14 @@ import torch
 from imgalign.eval.preference import bootstrap_ci, pair_error_margins
 
 
-def _toy_pairs(n: int, seed: int, size: int = 32):
+def _toy_pairs(n: int, seed: int, size: int = 32, desc: str = "rendering toy pairs"):
+    from tqdm.auto import tqdm
+
     from imgalign.toy import parse, perturb_scene, render, sample_scene
 
     rng = np.random.default_rng(seed)
     rows = []
-    for i in range(n):
+    for i in tqdm(range(n), desc=desc, unit="pair"):
         scene = sample_scene(rng, kind="single" if i % 2 == 0 else None)
         bad = perturb_scene(scene, rng)
         win, _ = render(scene, rng, size=size)
@@ -47,6 +49,43 @@ def _toy_pairs(n: int, seed: int, size: int = 32):
     return rows
 
 
+EMA_ALPHA = 0.1  # weight of the newest step in the smoothed curves of training_curves.png
+
+
+def _ema(values: list[float], alpha: float = EMA_ALPHA) -> list[float]:
+    """Exponential moving average, bias-corrected (the first points are not pulled towards 0)."""
+    out, avg, weight = [], 0.0, 0.0
+    for v in values:
+        avg, weight = (1 - alpha) * avg + alpha * v, (1 - alpha) * weight + alpha
+        out.append(avg / weight)
+    return out
+
+
+def _raw_and_smoothed(ax, steps: list[int], values: list[float], name: str) -> None:
+    """The raw per-step curve (faint) and its EMA (solid), both in the legend."""
+    line, = ax.plot(steps, values, lw=0.8, alpha=0.35, label=f"{name} (per step)")
+    ax.plot(steps, _ema(values), lw=1.8, c=line.get_color(), label=f"{name}, EMA (alpha={EMA_ALPHA})")
+
+
+def _loss_panel(ax, steps: list[int], losses: list[float]) -> None:
+    _raw_and_smoothed(ax, steps, losses, "loss")
+    ax.axhline(np.log(2), ls="--", c="gray", lw=0.8, label="log 2: no preference learned")
+    ax.set_title("DPO loss")
+    ax.set_ylabel("DPO loss (nats)")
+    ax.legend(fontsize=7)
+
+
+def _finish_plot(fig, axes, path: Path) -> None:
+    import matplotlib.pyplot as plt
+
+    for ax in axes:
+        ax.set_xlabel("optimizer step")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def _plot(history: list[dict], path: Path) -> None:
     import matplotlib
 
@@ -54,16 +93,16 @@ def _plot(history: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     steps = [h["step"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    for ax, key, title in zip(axes, ["train/loss", "train/implicit_acc", "train/reward_margin"],
-                              ["DPO loss", "implicit accuracy", "implicit reward margin"]):
-        ax.plot(steps, [h[key] for h in history])
-        ax.set_title(title)
-        ax.set_xlabel("step")
-    axes[0].axhline(np.log(2), ls="--", c="gray", lw=0.8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    _loss_panel(axes[0], steps, [h["train/loss"] for h in history])
+    _raw_and_smoothed(axes[1], steps, [h["train/implicit_acc"] for h in history], "accuracy")
+    axes[1].axhline(0.5, ls="--", c="gray", lw=0.8, label="0.5: chance")
+    axes[1].set(title="implicit accuracy", ylabel="fraction of pairs, winner favoured")
+    _raw_and_smoothed(axes[2], steps, [h["train/reward_margin"] for h in history], "margin")
+    axes[2].set(title="implicit reward margin", ylabel="reward(winner) - reward(loser)")
+    for ax in axes[1:]:
+        ax.legend(fontsize=7)
+    _finish_plot(fig, axes, path)
 
 
 TOY_PIPELINE = Path(__file__).resolve().parent.parent / "assets" / "toy" / "sd"
@@ -76,19 +115,33 @@ def _plot_toy(history: list[dict], validation: list[dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     steps = [h["step"] for h in history]
-    fig, axes = plt.subplots(1, 3, figsize=(12, 3.2))
-    axes[0].plot(steps, [h["train/loss"] for h in history])
-    axes[0].axhline(np.log(2), ls="--", c="gray", lw=0.8)
-    axes[0].set_title("DPO loss")
-    axes[1].plot(steps, [h["train/implicit_acc"] for h in history])
-    axes[1].set_title("implicit accuracy")
-    axes[2].plot([v["step"] for v in validation], [v["val/toy_preference"] for v in validation], marker="o")
-    axes[2].set_title("validation toy preference score")
-    for ax in axes:
-        ax.set_xlabel("step")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
+    _loss_panel(axes[0], steps, [h["train/loss"] for h in history])
+    _raw_and_smoothed(axes[1], steps, [h["train/implicit_acc"] for h in history], "accuracy")
+    axes[1].axhline(0.5, ls="--", c="gray", lw=0.8, label="0.5: chance")
+    axes[1].set(title="implicit accuracy", ylabel="fraction of pairs, winner favoured")
+    axes[1].legend(fontsize=7)
+    by_step = {v["step"]: v["val/toy_preference"] for v in validation if "val/toy_preference" in v}  # once per step
+    val_steps = sorted(by_step)
+    axes[2].plot(val_steps, [by_step[s] for s in val_steps], marker="o")
+    axes[2].set(title="validation toy preference score", ylabel="mean toy preference (validation prompts)")
+    _finish_plot(fig, axes, path)
+
+
+def _before_after(before, after, n: int, path: Path) -> None:
+    """before_after.png: the first `n` held-out images before (row 1) and after (row 2) at the same seeds, rows
+    labelled, each prompt wrapped under its column, "watermark" in red under the tiles whose band is detected."""
+    from imgalign.toy.evaluator import DEFAULT_CONFIG
+    from imgalign.train.setup import captioned_grid
+
+    threshold = DEFAULT_CONFIG.watermark_detected
+    marks = [[(r.get("watermark") or 0.0) >= threshold for r in res.per_image[:n]] for res in (before, after)]
+    rows = [f"before (base)\n{sum(marks[0])}/{n} watermarked", f"after (DPO LoRA)\n{sum(marks[1])}/{n} watermarked"]
+    images = torch.cat([before.images[:n], after.images[:n]]) * 2 - 1
+    title = (f"held-out test prompts, same seeds before and after; red \"watermark\": band coverage >= {threshold:g} "
+             "(toy evaluator)")
+    captioned_grid(images, rows, col_labels=before.prompts[:n], title=title,
+                   tile_captions=["watermark" if m else None for m in marks[0] + marks[1]]).save(path)
 
 
 @dataclass
@@ -128,14 +181,14 @@ def run_toy_demo(out: Path, settings: ToyDemoSettings | None = None) -> int:
     from imgalign.recipes import diffusion_dpo
     from imgalign.toy.pairs import generate_toy_pairs
     from imgalign.toy.prompts import PROMPT_DIR, load_prompts
-    from imgalign.train.setup import image_grid
 
     st = settings or ToyDemoSettings()
     start = time.time()
     train_prompts = load_prompts(PROMPT_DIR / "train.txt")
     test_prompts = load_prompts(PROMPT_DIR / "test.txt")[:st.eval_prompts]
     sampling = dict(num_inference_steps=st.sampler_steps, guidance_scale=st.cfg)
-    print(f"[demo] sampling toy preference pairs from {st.pipeline}", flush=True)
+    print(f"[demo] 1/4 sampling {st.pairs} toy preference pairs ({st.images_per_pair} images each) from "
+          f"{st.pipeline} and labelling them with the toy evaluator", flush=True)
     stats = generate_toy_pairs(st.pipeline, train_prompts, out / "pairs_train.parquet", n_pairs=st.pairs, seed=1,
                                images_per_prompt=st.images_per_pair, **sampling)
     print(f"[demo] {stats['n_pairs']} pairs, {stats['n_ties']} ties (dropped), {stats['seconds']:.0f} s", flush=True)
@@ -144,6 +197,8 @@ def run_toy_demo(out: Path, settings: ToyDemoSettings | None = None) -> int:
         return generate_and_score(load_pipeline(st.pipeline, lora), test_prompts, st.eval_images_per_prompt,
                                   seed=7, **sampling)
 
+    n_eval = len(test_prompts) * st.eval_images_per_prompt
+    print(f"[demo] 2/4 sampling and scoring {n_eval} held-out test images with the base model (before)", flush=True)
     before = bench()
     val_prompts = load_prompts(PROMPT_DIR / "validation.txt")[:st.validation_prompts]
     (out / "val_prompts.txt").write_text("\n".join(val_prompts) + "\n")
@@ -153,7 +208,10 @@ def run_toy_demo(out: Path, settings: ToyDemoSettings | None = None) -> int:
         "validation.images_per_prompt=1", "validation.reward=toy_preference", f"validation.num_inference_steps={st.sampler_steps}",
         f"validation.guidance_scale={st.cfg}",
     ])
+    print(f"[demo] 3/4 training Diffusion-DPO (LoRA) for {st.dpo_steps} steps, validating every "
+          f"{max(st.dpo_steps // 4, 1)}", flush=True)
     result = diffusion_dpo.train(cfg)
+    print(f"[demo] 4/4 sampling and scoring {n_eval} held-out test images with the DPO LoRA (after)", flush=True)
     after = bench(out / "dpo")
     total = time.time() - start
 
@@ -176,9 +234,7 @@ def run_toy_demo(out: Path, settings: ToyDemoSettings | None = None) -> int:
     lines.append(f"outputs: {out / 'before_after.png'}, {out / 'training_curves.png'}, {out / 'dpo'}")
     print("\n".join(lines))
     (out / "report.txt").write_text("\n".join(lines) + "\n")
-    n = min(16, len(before.images))
-    grid = torch.cat([before.images[:n], after.images[:n]]) * 2 - 1  # row 1: before, row 2: after
-    image_grid(grid, nrow=n).save(out / "before_after.png")
+    _before_after(before, after, min(16, len(before.images)), out / "before_after.png")
     _plot_toy(result["history"], result["validation"], out / "training_curves.png")
     return 0
 
@@ -197,8 +253,8 @@ def run_demo(args) -> int:
     steps = args.steps or 150
     print(f"[demo] building a tiny SD pipeline and toy preference pairs in {out}", flush=True)
     base = save_tiny_pipeline("sd15", out / "base_pipeline", seed=0)
-    write_preference_parquet(out / "pairs_train.parquet", _toy_pairs(256, seed=1))
-    write_preference_parquet(out / "pairs_heldout.parquet", _toy_pairs(128, seed=2))
+    write_preference_parquet(out / "pairs_train.parquet", _toy_pairs(256, seed=1, desc="training pairs"))
+    write_preference_parquet(out / "pairs_heldout.parquet", _toy_pairs(128, seed=2, desc="held-out pairs"))
 
     heldout = load_preference_pairs(out / "pairs_heldout.parquet")
     transform = PairTransform(32, hflip=False)
@@ -206,10 +262,13 @@ def run_demo(args) -> int:
                for i in range(0, len(heldout), 16)]
 
     def margins(lora_dir=None):
+        from tqdm.auto import tqdm
+
         adapter = load_adapter(str(base))
         if lora_dir:
             adapter.pipe.load_lora_weights(str(lora_dir))
-        return pair_error_margins(adapter, adapter.denoiser, batches, n_draws=8, seed=3).numpy()
+        bar = tqdm(batches, desc=f"held-out margins ({'after' if lora_dir else 'before'})", unit="batch")
+        return pair_error_margins(adapter, adapter.denoiser, bar, n_draws=8, seed=3).numpy()
 
     before = margins()
     cfg = load_config(diffusion_dpo.Config, None, [

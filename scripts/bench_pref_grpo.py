@@ -34,7 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------------------
 def bench_cost(args) -> dict:
     from imgalign.models.adapters import load_adapter
-    from imgalign.recipes.pref_grpo import SampleConfig, make_sampler, rollout
+    from imgalign.recipes.pref_grpo import SampleConfig
+    from imgalign.sampling.rollout import make_sampler, rollout
 
     model = args.model
     if model is None:

@@ -12,7 +12,7 @@ import torch
 
 from imgalign.config import MISSING, cfg_field
 from imgalign.models.adapters import DEFAULT_LORA_TARGETS, ModelAdapter, load_adapter
-from imgalign.train.setup import image_grid
+from imgalign.train.setup import captioned_grid
 
 
 @dataclass
@@ -162,10 +162,13 @@ def make_validator(accelerator, adapter: ModelAdapter, cfg: ValidationConfig, re
 
 def run_validation(adapter: ModelAdapter, cfg: ValidationConfig, resolution: int, out_dir: Path, step: int,
                    reward=None) -> dict[str, float]:
-    """Write validation/step-N.png (one row per prompt) and, with a reward, return {"val/<name>": mean score}."""
+    """Write validation/step-N.png (one row per prompt, captioned with it; tiles upscaled nearest-neighbour to at
+    least 128 px) and, with a reward, return {"val/<name>": mean score}."""
     images, prompts = validation_images(adapter, cfg, resolution)
     (out_dir / "validation").mkdir(parents=True, exist_ok=True)
-    image_grid(images * 2 - 1, nrow=cfg.images_per_prompt).save(out_dir / "validation" / f"step-{step:06d}.png")
+    k = cfg.images_per_prompt
+    captioned_grid(images * 2 - 1, row_labels=prompts[::k], title=f"validation, step {step}").save(
+        out_dir / "validation" / f"step-{step:06d}.png")
     if reward is None:
         return {}
     return {f"val/{cfg.reward}": float(reward.score(images, prompts).mean())}

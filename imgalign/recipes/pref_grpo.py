@@ -41,9 +41,7 @@ from imgalign.losses.policy import (
     clipped_surrogate,
     combine_advantages,
     gaussian_mean_kl,
-    preference_matrix,
     ratio_norm_log_ratio,
-    win_rates,
     zero_std_groups,
 )
 from imgalign.models.adapters import adapters_disabled
@@ -57,6 +55,8 @@ from imgalign.recipes.common import (
     make_validator,
     save_weights,
 )
+from imgalign.rewards.online import build_reward_list, compute_rewards, reward_logs
+from imgalign.sampling.rollout import make_predict, make_sampler, rollout, step_dt
 from imgalign.train.ema import EMA
 from imgalign.train.loop import Run, lora_layout
 from imgalign.train.seeding import derive_seed, sample_generators
@@ -157,176 +157,6 @@ class PrefGRPOConfig:
 
 
 Config = PrefGRPOConfig
-
-
-# ------------------------------------------------------------------------------------------------
-# Sampler and rollout
-# ------------------------------------------------------------------------------------------------
-def make_sampler(adapter, sample: SampleConfig):
-    """The stochastic sampler of the rollout, built from the pipeline's own scheduler config."""
-    from imgalign.sampling import DDIMSampler, FlowSampler, ddim_schedule, flow_schedule
-
-    method = sample.sampler
-    if method == "auto":
-        method = "sde" if adapter.is_flow else "ddim"
-    if not adapter.is_flow:
-        if method != "ddim":
-            raise ValueError(f"sample.sampler={method!r}: SD-type models use 'ddim' (or 'auto')")
-        return DDIMSampler(ddim_schedule(adapter.pipe.scheduler, sample.num_steps), eta=sample.eta)
-    if method not in ("sde", "cps", "dance"):
-        raise ValueError(f"sample.sampler={method!r}: flow models use sde | cps | dance (or 'auto')")
-    config = adapter.pipe.scheduler.config
-    dynamic = bool(config.get("use_dynamic_shifting"))
-    spacing = sample.flow_spacing if sample.flow_spacing != "auto" else ("uniform" if dynamic else "diffusers")
-    mu = None
-    if dynamic:  # FLUX: the resolution-dependent shift, as the pipeline computes it
-        from diffusers.pipelines.flux.pipeline_flux import calculate_shift
-
-        side = sample.resolution // adapter.pipe.vae_scale_factor // 2
-        mu = calculate_shift(side * side, config.get("base_image_seq_len", 256), config.get("max_image_seq_len", 4096),
-                             config.get("base_shift", 0.5), config.get("max_shift", 1.15))
-    schedule = flow_schedule(adapter.pipe.scheduler, sample.num_steps, mu=mu, spacing=spacing)
-    return FlowSampler(schedule, method=method, noise_level=sample.noise_level)
-
-
-def step_dt(sampler, j: torch.Tensor) -> torch.Tensor:
-    """Fraction of the trajectory covered by step j [B]: sigma_j - sigma_{j+1} (flow) or (t_j - t_prev_j) / T (DDIM)."""
-    s = sampler.schedule
-    if hasattr(s, "sigmas"):
-        sig = s.sigmas.to(j.device)
-        return (sig[j] - sig[j + 1]).float()
-    return ((s.timesteps.to(j.device)[j] - s.prev_timesteps.to(j.device)[j]).float() / s.num_train_timesteps)
-
-
-def make_predict(adapter, model, cond, uncond, guidance_scale: float):
-    """predict(x, sampler_timestep) for the sampler: flow samplers hand sigma * 1000, adapters take sigma."""
-
-    def predict(x, t):
-        t = t / 1000.0 if adapter.is_flow else t
-        return adapter.predict_cfg(model, x, t, cond, uncond, guidance_scale)
-
-    return predict
-
-
-def latent_shape(adapter, resolution: int) -> tuple[int, int, int]:
-    f = adapter.pipe.vae_scale_factor
-    return adapter.vae.config.latent_channels, resolution // f, resolution // f
-
-
-@torch.no_grad()
-def rollout(adapter, model, sampler, prompts: list[str], seeds: list[int], sample: SampleConfig, dtype,
-            sde_window=None, decode: bool = True, noise_seeds: list[int] | None = None):
-    """Sample prompts [B] -> (trajectory, images in [-1, 1] or None, cond, uncond).
-
-    seeds: one per sample, for the sampler's step noise; noise_seeds: for the initial noise (default: seeds; equal
-    within a group for `same_latent`). Each sample has its own generators, so it does not depend on the batch split.
-    """
-    from imgalign.sampling import sample_trajectory
-
-    device = adapter.device
-    shape = latent_shape(adapter, sample.resolution)
-    init = [torch.Generator().manual_seed(s) for s in (noise_seeds or seeds)]
-    x_T = torch.stack([torch.randn(shape, generator=g) for g in init]).to(device, dtype)
-    step_gens = [torch.Generator(device).manual_seed(s + 1) for s in seeds]
-    cond = adapter.encode_prompts(prompts)
-    uncond = adapter.encode_prompts([""] * len(prompts)) if sample.guidance_scale != 1.0 else None
-    traj = sample_trajectory(make_predict(adapter, model, cond, uncond, sample.guidance_scale), x_T, sampler,
-                             sde_window=sde_window, generator=step_gens)
-    images = adapter.decode_latents(traj.sample) if decode else None
-    return traj, images, cond, uncond
-
-
-# ------------------------------------------------------------------------------------------------
-# Rewards
-# ------------------------------------------------------------------------------------------------
-def build_reward_list(cfg: RewardConfig, device):
-    from imgalign.rewards import RewardSpec
-
-    if cfg.mode not in ("pairwise", "pointwise"):
-        raise ValueError(f"reward.mode must be pairwise or pointwise, got {cfg.mode!r}")
-    unknown = set(cfg.kwargs) - {RewardSpec.parse(s).name for s in cfg.rewards}
-    if unknown:
-        raise ValueError(f"reward.kwargs names {sorted(unknown)}, which are not in reward.rewards={cfg.rewards}")
-    specs = [RewardSpec.parse(s, dict(cfg.kwargs.get(RewardSpec.parse(s).name, {}))) for s in cfg.rewards]
-    rewards = [s.build() for s in specs]
-    for spec, reward in zip(specs, rewards):
-        if cfg.mode == "pointwise" and reward.pairwise:
-            raise ValueError(f"reward '{spec.name}' is pairwise: use reward.mode=pairwise")
-        if hasattr(reward, "to") and device.type != "cpu":
-            reward.to(device)
-    return specs, rewards
-
-
-def judge_group(reward, images, prompt: str, *, swap_order: bool, hard: bool) -> tuple[torch.Tensor, int]:
-    """Win rates [G] of one group's images [G, 3, H, W] in [-1, 1], and the number of failed judge calls.
-
-    A pointwise reward's P(i beats j) comes from its G scores (its `compare`, without re-scoring); a pairwise judge
-    sees all G(G-1)/2 pairs in one `compare` call (twice with swap_order). A failed call counts as ties (0.5).
-    """
-    g = images.shape[0]
-    pairs = [(i, j) for i in range(g) for j in range(i + 1, g)]
-    failures = 0
-    if not reward.pairwise:
-        scores = reward.score(images, [prompt] * g, value_range=(-1, 1)).float().cpu()
-        probs = torch.stack([torch.sigmoid(reward.compare_scale * (scores[i] - scores[j])) for i, j in pairs])
-        return win_rates(preference_matrix(g, pairs, probs), hard=hard), 0
-
-    def ask(order):
-        nonlocal failures
-        a = images[[p[order] for p in pairs]]
-        b = images[[p[1 - order] for p in pairs]]
-        try:
-            return reward.compare(a, b, [prompt] * len(pairs), value_range=(-1, 1)).float().cpu()
-        except Exception:  # judge server down, unparsable answer...: ties, counted and logged
-            failures += 1
-            return torch.full((len(pairs),), float("nan"))
-
-    probs = ask(0)
-    swapped = ask(1) if swap_order else None
-    return win_rates(preference_matrix(g, pairs, probs, swapped), hard=hard), failures
-
-
-def compute_rewards(specs, rewards, cfg: RewardConfig, images, prompts: list[str], groups: torch.Tensor,
-                    accelerator) -> tuple[torch.Tensor, dict]:
-    """Images [L, 3, H, W] of this process (global group ids `groups` [L]) -> per-reward values [K, N] of all N
-    samples of the iteration (identical on every process) and the raw pointwise scores [K, N] (NaN if pairwise)."""
-    world, rank = accelerator.num_processes, accelerator.process_index
-    all_groups = accelerator.gather(groups.to(accelerator.device)).cpu()  # [N]
-    if cfg.mode == "pointwise":
-        local = torch.stack([r.score(images, prompts, value_range=(-1, 1)).float().to(accelerator.device)
-                             for r in rewards])  # [K, L]
-        values = accelerator.gather(local.T.contiguous()).T.cpu()  # [K, N]
-        return values, {"scores": values, "failures": 0.0}
-    # pairwise: every process sees all images (uint8), and judges the groups g with g % world == rank
-    pixels = ((images.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).to(accelerator.device)
-    all_images = accelerator.gather(pixels).cpu().float() / 127.5 - 1.0  # [N, 3, H, W]
-    all_prompts = _gather_strings(prompts, accelerator)
-    values = torch.zeros(len(rewards), all_groups.shape[0])
-    scores = torch.full((len(rewards), all_groups.shape[0]), float("nan"))
-    failures = 0
-    for g in all_groups.unique().tolist():
-        if g % world != rank:
-            continue
-        idx = torch.nonzero(all_groups == g).flatten()
-        for k, reward in enumerate(rewards):
-            w, f = judge_group(reward, all_images[idx], all_prompts[int(idx[0])], swap_order=cfg.swap_order,
-                               hard=cfg.hard_wins)
-            values[k, idx], failures = w, failures + f
-            if not reward.pairwise:
-                scores[k, idx] = reward.score(all_images[idx], [all_prompts[int(idx[0])]] * len(idx),
-                                              value_range=(-1, 1)).float().cpu()
-    if world > 1:
-        values = accelerator.reduce(values.to(accelerator.device), reduction="sum").cpu()
-        scores = accelerator.reduce(torch.nan_to_num(scores, nan=0.0).to(accelerator.device), reduction="sum").cpu()
-    return values, {"scores": scores, "failures": float(failures)}
-
-
-def _gather_strings(items: list[str], accelerator) -> list[str]:
-    if accelerator.num_processes == 1:
-        return list(items)
-    from accelerate.utils import gather_object
-
-    return list(gather_object(list(items)))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -494,7 +324,7 @@ def _iteration(it, opt_step, cfg, adapter, model, reference, sampler, specs, rew
     adv_local = adv[rank * n_local:(rank + 1) * n_local].to(accelerator.device)
     keep_local = keep[rank * n_local:(rank + 1) * n_local].to(accelerator.device)
 
-    logs = _reward_logs(specs, values, extra, all_groups, zero, adv, keep, cfg.reward.mode)
+    logs = reward_logs(specs, values, extra, all_groups, zero, adv, keep, cfg.reward.mode)
     if tcfg.sample_grid_every and it % tcfg.sample_grid_every == 0 and accelerator.is_main_process:
         (out_dir / "samples").mkdir(parents=True, exist_ok=True)
         image_grid(images[: 4 * k].float(), nrow=k).save(out_dir / "samples" / f"iter-{it:06d}.png")
@@ -556,31 +386,6 @@ def advantages(values: torch.Tensor, weights: list[float], groups: torch.Tensor,
                              unbiased=acfg.unbiased)
     adv = torch.where(zero, torch.zeros_like(adv), adv)
     return adv, zero, ~zero if acfg.filter_zero_std else torch.ones_like(zero)
-
-
-def _reward_logs(specs, values, extra, groups, zero, adv, keep, mode) -> dict:
-    logs = {}
-    combined = sum(w * v for w, v in zip([s.weight for s in specs], values))
-    logs["train/reward_mean"] = float(combined.mean())
-    logs["train/reward_std"] = float(combined.std(unbiased=False))
-    n_groups = int(groups.unique().numel())
-    logs["train/zero_std_ratio"] = len(groups[zero].unique()) / n_groups
-    logs["train/kept_fraction"] = float(keep.float().mean())
-    logs["train/adv_abs_mean"] = float(adv.abs().mean())
-    for spec, v, s in zip(specs, values, extra["scores"]):
-        name = spec.name
-        if mode == "pairwise":
-            logs[f"train/win_rate/{name}"] = float(v.mean())  # 0.5 by construction; the spread is what matters
-            logs[f"train/win_rate_std/{name}"] = float(v.std(unbiased=False))
-            best = [float(v[groups == g].max()) for g in groups.unique()]
-            logs[f"train/win_rate_best/{name}"] = sum(best) / len(best)
-            if not torch.isnan(s).all():
-                logs[f"train/score/{name}"] = float(s.mean())
-        else:
-            logs[f"train/score/{name}"] = float(v.mean())
-    if mode == "pairwise":
-        logs["train/judge_failures"] = extra["failures"]
-    return logs
 
 
 def _policy_step(adapter, model, reference, sampler, chunk, j, adv, keep, n_terms, cfg, accelerator):

@@ -154,11 +154,13 @@ class Reward(ABC):
         *,
         hard: bool = False,
         value_range: tuple[float, float] | None = None,
+        swap_order: bool = False,
     ) -> torch.Tensor:
         """Win rate of each image of one group against the other G-1, float32 ``[G]``.
 
         Pointwise rewards score the G images once (G image encodings) and compare all pairs from the scores:
         ``soft`` (default) averages Bradley-Terry probabilities, ``hard=True`` counts wins (ties count 1/2).
+        ``swap_order`` matters only to pairwise judges (scores have no position bias).
         """
         scores = self.score(images, prompts, value_range=value_range)
         return win_rates_from_scores(scores, self.compare_scale, hard=hard)
@@ -205,8 +207,14 @@ class PairwiseReward(Reward):
         *,
         hard: bool = False,
         value_range: tuple[float, float] | None = None,
+        swap_order: bool = False,
     ) -> torch.Tensor:
-        """All G(G-1)/2 pairs in one ``compare`` call; P(j beats i) = 1 - P(i beats j)."""
+        """All G(G-1)/2 pairs in one ``compare`` call; P(j beats i) = 1 - P(i beats j).
+
+        ``swap_order``: a second call shows every pair the other way round and the two are averaged,
+        P(i beats j) = (p + 1 - p_swapped) / 2, which cancels a judge's position bias. An unparsable verdict
+        (NaN) counts as a tie (0.5).
+        """
         unit = to_unit_range(images, value_range)
         group = batch_size_of(unit)
         prompt_list = broadcast_prompts(prompts, group, required=self.needs_prompts, reward=self.name)
@@ -217,7 +225,10 @@ class PairwiseReward(Reward):
         second = [unit[j] for _, j in pairs]
         pair_prompts = [prompt_list[i] for i, _ in pairs] if prompt_list is not None else None
         with torch.no_grad():
-            probs = self._compare(first, second, pair_prompts).reshape(-1).float().cpu()
+            probs = torch.nan_to_num(self._compare(first, second, pair_prompts).reshape(-1).float().cpu(), nan=0.5)
+            if swap_order:
+                swapped = self._compare(second, first, pair_prompts).reshape(-1).float().cpu()
+                probs = 0.5 * (probs + 1.0 - torch.nan_to_num(swapped, nan=0.5))
         matrix = torch.zeros(group, group)
         for (i, j), p in zip(pairs, probs):
             matrix[i, j], matrix[j, i] = p, 1.0 - p

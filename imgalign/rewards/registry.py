@@ -289,13 +289,14 @@ class WeightedReward(Reward):
             out = p if out is None else out + p
         return out / total_weight
 
-    def group_win_rates(self, images, prompts=None, *, hard=False, value_range=None) -> torch.Tensor:
+    def group_win_rates(self, images, prompts=None, *, hard=False, value_range=None, swap_order=False) -> torch.Tensor:
         if not self.pairwise:
             return super().group_win_rates(images, prompts, hard=hard, value_range=value_range)
         total_weight = sum(self.weights)
         out = None
         for reward, weight in zip(self.rewards, self.weights):
-            w = weight * reward.group_win_rates(images, prompts, hard=hard, value_range=value_range).float().cpu()
+            w = weight * reward.group_win_rates(images, prompts, hard=hard, value_range=value_range,
+                                                swap_order=swap_order).float().cpu()
             out = w if out is None else out + w
         return out / total_weight
 

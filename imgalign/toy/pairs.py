@@ -44,7 +44,8 @@ def online_rl_prompt_files() -> dict[str, Path]:
 def generate_toy_pairs(pipeline_dir: str | Path, prompts: list[str], out_path: str | Path, n_pairs: int,
                        num_inference_steps: int = 10, guidance_scale: float = 5.0, seed: int = 0,
                        label_noise: float = 0.0, lora: str | Path | None = None, batch_size: int = 32,
-                       device: str = "cpu", images_per_prompt: int = 2, criterion: str = "preference") -> dict:
+                       device: str = "cpu", images_per_prompt: int = 2, criterion: str = "preference",
+                       progress: bool = True) -> dict:
     """Sample ``n_pairs`` preference pairs and write them as Pick-a-Pic parquet to ``out_path``.
 
     Args:
@@ -61,10 +62,14 @@ def generate_toy_pairs(pipeline_dir: str | Path, prompts: list[str], out_path: s
             larger k gives fewer ties and wider margins at k/2 times the sampling cost.
         criterion: the `ToyScore` field that ranks images: ``preference`` (the rater: fidelity, taste, watermark),
             ``score`` (fidelity only) or ``overall``.
+        progress: show progress bars with an ETA (tqdm, to stderr): one for sampling, counted in images, one for
+            labelling, counted in pairs (the per-step bar of the pipeline stays off).
 
     Returns:
         stats: n_pairs, n_ties, n_flipped, mean score of jpg_0 / jpg_1, mean |score difference|, seconds.
     """
+    from tqdm.auto import tqdm
+
     from imgalign.data import write_preference_parquet
     from imgalign.models.adapters import load_adapter
     from imgalign.toy.evaluator import evaluate
@@ -84,12 +89,15 @@ def generate_toy_pairs(pipeline_dir: str | Path, prompts: list[str], out_path: s
     pipe.set_progress_bar_config(disable=True)
     noise_rng = np.random.default_rng([seed, 1])
     rows, scores, n_ties, n_flipped = [], [], 0, 0
+    k = images_per_prompt
+    sample_bar = tqdm(total=n_pairs * k, desc="sampling pair images", unit="img", disable=not progress, position=0)
+    label_bar = tqdm(total=n_pairs, desc="labelling pairs", unit="pair", disable=not progress, position=1)
     for begin in range(0, n_pairs, batch_size):
         batch = [prompts[i % len(prompts)] for i in range(begin, min(begin + batch_size, n_pairs))]
         generator = torch.Generator(device=device).manual_seed(seed * 1_000_003 + begin)
-        k = images_per_prompt
         images = pipe(batch, num_images_per_prompt=k, num_inference_steps=num_inference_steps,
                       guidance_scale=guidance_scale, generator=generator, output_type="pil").images
+        sample_bar.update(len(images))
         for j, prompt in enumerate(batch):  # diffusers orders images prompt-major: p0 x k, p1 x k, ...
             group = images[k * j:k * (j + 1)]
             group_scores = [getattr(evaluate(im, prompt), criterion) for im in group]
@@ -103,6 +111,10 @@ def generate_toy_pairs(pipeline_dir: str | Path, prompts: list[str], out_path: s
                 label, n_flipped = 1.0 - label, n_flipped + 1
             rows.append((prompt, im_0, im_1, label))
             scores.append((s_0, s_1))
+            label_bar.update(1)
+        label_bar.set_postfix(ties=n_ties, refresh=False)
+    sample_bar.close()
+    label_bar.close()
     write_preference_parquet(out_path, rows)
     s = np.array(scores, dtype=np.float64).reshape(-1, 2)
     return {"path": str(out_path), "n_pairs": len(rows), "n_ties": n_ties, "n_flipped": n_flipped,

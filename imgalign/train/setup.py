@@ -139,6 +139,108 @@ def image_grid(images: Tensor, nrow: int | None = None):
     return Image.fromarray(arr)
 
 
+def grid_font(size: int):
+    """PIL's bundled font at `size` px (Pillow >= 10.1 with FreeType); the fixed bitmap font on older Pillow."""
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size=size)
+    except TypeError:  # Pillow < 10.1: no size argument
+        return ImageFont.load_default()
+
+
+def wrap_text(text: str, font, width: int, max_lines: int | None = None) -> list[str]:
+    """Greedy word wrap of `text` to lines at most `width` px wide in `font` (explicit newlines kept; a word
+    longer than a line is broken); beyond `max_lines` the last kept line ends with an ellipsis."""
+    lines: list[str] = []
+    for para in str(text).split("\n"):
+        line = ""
+        for word in para.split():
+            candidate = f"{line} {word}" if line else word
+            if font.getlength(candidate) <= width:
+                line = candidate
+                continue
+            if line:
+                lines.append(line)
+            while font.getlength(word) > width and len(word) > 1:  # break a word wider than the line
+                cut = 1
+                while cut < len(word) and font.getlength(word[:cut + 1]) <= width:
+                    cut += 1
+                lines.append(word[:cut])
+                word = word[cut:]
+            line = word
+        lines.append(line)
+    if max_lines is not None and len(lines) > max_lines:
+        lines = lines[:max(max_lines, 1)]
+        last = lines[-1]
+        while last and font.getlength(last + "…") > width:
+            last = last[:-1]
+        lines[-1] = last.rstrip() + "…"
+    return lines
+
+
+def captioned_grid(images: Tensor, row_labels: list[str], col_labels: list[str] | None = None, tile: int = 128,
+                   tile_captions: list[str | None] | None = None, title: str | None = None,
+                   label_width: int | None = None, font_size: int | None = None, gap: int = 4):
+    """A grid to look at: images [N, 3, H, W] in [-1, 1] (as `image_grid`), one row per entry of `row_labels`
+    (N / len(row_labels) images per row, row-major), upscaled nearest-neighbour by an integer factor to tiles of at
+    least `tile` px, with the row labels wrapped left of each row, optional `col_labels` wrapped under each column,
+    optional `tile_captions` (one per image; None or "" for none, drawn in red under the tile) and a `title` line.
+
+    Layout (all px): a `label_width` column (default 1.5 tiles) then the columns, each tile plus `gap`; each row is
+    the tile height plus `gap`, plus one caption line where any tile of the grid has a caption.
+    """
+    from PIL import Image, ImageDraw
+
+    n, _, h, w = images.shape
+    rows = len(row_labels)
+    if rows < 1 or n % rows:
+        raise ValueError(f"captioned_grid: {n} images do not fill {rows} rows")
+    ncol = n // rows
+    if col_labels is not None and len(col_labels) != ncol:
+        raise ValueError(f"captioned_grid: {len(col_labels)} column labels for {ncol} columns")
+    if tile_captions is not None and len(tile_captions) != n:
+        raise ValueError(f"captioned_grid: {len(tile_captions)} tile captions for {n} images")
+    scale = max(1, math.ceil(tile / max(h, w)))
+    th, tw = h * scale, w * scale
+    font = grid_font(font_size or max(10, min(th, tw) // 9))
+    ascent, descent = font.getmetrics() if hasattr(font, "getmetrics") else (font.getbbox("Ag")[3], 0)
+    line_h = ascent + descent + 2
+    label_w = label_width if label_width is not None else (tw * 3) // 2
+    has_captions = tile_captions is not None and any(tile_captions)
+    row_h = th + gap + (line_h if has_captions else 0)
+    title_lines = wrap_text(title, font, label_w + ncol * (tw + gap) - 2 * gap) if title else []
+    top = len(title_lines) * line_h + (gap if title_lines else 0)
+    col_lines = [wrap_text(c, font, tw - 2) for c in col_labels] if col_labels is not None else []
+    bottom = max((len(c) for c in col_lines), default=0) * line_h + (gap if col_lines else 0)
+    width, height = label_w + ncol * (tw + gap), top + rows * row_h + bottom
+
+    pixels = ((images.float().cpu() + 1) / 2).clamp(0, 1).mul(255).round().byte()
+    pixels = pixels.repeat_interleave(scale, dim=2).repeat_interleave(scale, dim=3).permute(0, 2, 3, 1).numpy()
+    canvas = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(canvas)
+    for k, line in enumerate(title_lines):
+        draw.text((gap, k * line_h), line, fill="black", font=font)
+    max_label_lines = max(1, th // line_h)
+    for r, label in enumerate(row_labels):
+        y = top + r * row_h
+        lines = wrap_text(label, font, label_w - 2 * gap, max_lines=max_label_lines)
+        y_text = y + max(0, (th - len(lines) * line_h) // 2)
+        for k, line in enumerate(lines):
+            draw.text((gap, y_text + k * line_h), line, fill="black", font=font)
+        for c in range(ncol):
+            i, x = r * ncol + c, label_w + c * (tw + gap)
+            canvas.paste(Image.fromarray(pixels[i]), (x, y))
+            if has_captions and tile_captions[i]:
+                (line,) = wrap_text(tile_captions[i], font, tw, max_lines=1)
+                draw.text((x, y + th + 1), line, fill=(200, 0, 0), font=font)
+    y0 = top + rows * row_h
+    for c, lines in enumerate(col_lines):
+        for k, line in enumerate(lines):
+            draw.text((label_w + c * (tw + gap) + 1, y0 + k * line_h), line, fill="black", font=font)
+    return canvas
+
+
 class MeanMetrics:
     """Averages scalar metrics over the micro-steps of one optimizer step (and across processes)."""
 

@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 
 from imgalign.config import load_config
 from imgalign.recipes import pref_grpo
+from imgalign.rewards.base import PairwiseReward
 
 
 @pytest.fixture(autouse=True)
@@ -154,33 +155,39 @@ def test_full_finetuning_with_frozen_reference(tiny_pipelines, tmp_path):
     assert sum(changed) / len(changed) > 0.5
 
 
-class _BrightnessJudge:
+class _BrightnessJudge(PairwiseReward):
     """A pairwise judge stub: prefers the brighter image; `first_bias` always prefers the first; `fail` raises."""
 
-    pairwise, compare_scale = True, 1.0
+    name = "brightness_judge"
 
     def __init__(self, mode="fair"):
+        super().__init__()
         self.mode, self.calls = mode, 0
 
-    def compare(self, a, b, prompts, value_range=None):
+    def _compare(self, a, b, prompts, **kwargs):
         self.calls += 1
         if self.mode == "fail":
             raise RuntimeError("judge server unreachable")
         if self.mode == "first_bias":
-            return torch.ones(a.shape[0])
-        return (a.mean(dim=(1, 2, 3)) > b.mean(dim=(1, 2, 3))).float()
+            return torch.ones(len(a))
+        return (torch.stack(a).mean(dim=(1, 2, 3)) > torch.stack(b).mean(dim=(1, 2, 3))).float()
 
 
 def test_pairwise_judge_win_rates_swap_and_failures():
+    """Through the reward layer (rewards.group.judge_group): all pairs in one call, both orders with swap_order,
+    position bias cancelled, a failed call counted and turned into ties."""
+    from imgalign.rewards.group import judge_group
+
     images = torch.stack([torch.full((3, 4, 4), v) for v in (-0.5, 0.5, 0.0)])  # brightness order 1 > 2 > 0
     judge = _BrightnessJudge()
-    w, failures = pref_grpo.judge_group(judge, images, "p", swap_order=False, hard=True)
+    w, failures = judge_group(judge, images, "p", swap_order=False, hard=True, value_range=(-1, 1))
     assert w.tolist() == [0.0, 1.0, 0.5] and failures == 0 and judge.calls == 1  # all 3 pairs in one call
-    w, _ = pref_grpo.judge_group(judge, images, "p", swap_order=True, hard=True)
+    w, _ = judge_group(judge, images, "p", swap_order=True, hard=True, value_range=(-1, 1))
     assert w.tolist() == [0.0, 1.0, 0.5] and judge.calls == 3
-    w, _ = pref_grpo.judge_group(_BrightnessJudge("first_bias"), images, "p", swap_order=True, hard=True)
+    w, _ = judge_group(_BrightnessJudge("first_bias"), images, "p", swap_order=True, hard=True, value_range=(-1, 1))
     assert w.tolist() == [0.5, 0.5, 0.5]  # position bias cancels out
-    w, failures = pref_grpo.judge_group(_BrightnessJudge("fail"), images, "p", swap_order=False, hard=True)
+    w, failures = judge_group(_BrightnessJudge("fail"), images, "p", swap_order=False, hard=True,
+                              value_range=(-1, 1))
     assert w.tolist() == [0.5, 0.5, 0.5] and failures == 1  # failures are ties
 
 
