@@ -121,11 +121,20 @@ def _plot_toy(history: list[dict], validation: list[dict], path: Path) -> None:
     axes[1].axhline(0.5, ls="--", c="gray", lw=0.8, label="0.5: chance")
     axes[1].set(title="implicit accuracy", ylabel="fraction of pairs, winner favoured")
     axes[1].legend(fontsize=7)
-    by_step = {v["step"]: v["val/toy_preference"] for v in validation if "val/toy_preference" in v}  # once per step
-    val_steps = sorted(by_step)
+    val_steps, by_step = _validation_points(validation, "val/toy_preference")
     axes[2].plot(val_steps, [by_step[s] for s in val_steps], marker="o")
     axes[2].set(title="validation toy preference score", ylabel="mean toy preference (validation prompts)")
     _finish_plot(fig, axes, path)
+
+
+def _validation_points(validation: list[dict], key: str) -> tuple[list[int], dict[int, float]]:
+    """Validation steps to plot, each once: the last record of a step wins, and a scheduled validation just before
+    the final one (e.g. every 62 of 250 steps: 248 and 250) is left out, so the end of training is one point."""
+    by_step = {v["step"]: v[key] for v in validation if key in v}
+    steps = sorted(by_step)
+    if len(steps) >= 3 and steps[-1] - steps[-2] < (steps[-2] - steps[-3]) / 2:
+        del by_step[steps.pop(-2)]
+    return steps, by_step
 
 
 def _before_after(before, after, n: int, path: Path) -> None:

@@ -211,23 +211,17 @@ def train(cfg: PrefGRPOConfig) -> dict:
     tracker = PromptStatTracker(acfg.buffer_size, acfg.min_count, eps=acfg.eps, unbiased=acfg.unbiased) \
         if acfg.buffer_size > 0 else None
 
-    def save_all(m, folder):
-        save_weights(adapter, m, folder, use_lora)
-        if ema is not None:
-            ema.save(folder)
-        if tracker is not None:
-            (Path(folder) / "prompt_stats.json").write_text(json.dumps(tracker.state_dict()))
-
-    def load_all(m, folder):
-        load_weights(adapter, m, folder, use_lora)
-        if ema is not None:
-            ema.load(folder)
-        if tracker is not None:
-            tracker.load_state_dict(json.loads((Path(folder) / "prompt_stats.json").read_text()))
-
     opt_steps = run.max_steps * tcfg.num_inner_epochs * tcfg.updates_per_iteration
-    model, optimizer, scheduler = book.prepare(adapter.denoiser, cfg.optim, lora_layout(cfg.lora), save_all,
-                                               load_all, max_steps=opt_steps)
+    model, optimizer, scheduler = book.prepare(adapter.denoiser, cfg.optim, lora_layout(cfg.lora),
+                                               lambda m, d: save_weights(adapter, m, d, use_lora),
+                                               lambda m, d: load_weights(adapter, m, d, use_lora),
+                                               max_steps=opt_steps)
+    if ema is not None:
+        book.add_state("ema", ema.save, ema.load)
+    if tracker is not None:
+        stats = "prompt_stats.json"
+        book.add_state("prompt_stats", lambda d: (d / stats).write_text(json.dumps(tracker.state_dict())),
+                       lambda d: tracker.load_state_dict(json.loads((d / stats).read_text())))
     book.resume()
     start = book.start_step
 

@@ -78,26 +78,6 @@ def trainable_fingerprint(model: torch.nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def register_weight_hooks(accelerator, save_weights, load_weights) -> None:
-    """Make `accelerator.save_state/load_state` write our weight formats instead of its own full dump.
-
-    save_weights(model, folder) and load_weights(model, folder) handle one unwrapped trainable network.
-    """
-
-    def save_hook(models, weights, output_dir):
-        if accelerator.is_main_process:
-            for model in models:
-                save_weights(accelerator.unwrap_model(model), Path(output_dir))
-        weights.clear()  # accelerate writes no model file of its own
-
-    def load_hook(models, input_dir):
-        while models:
-            load_weights(accelerator.unwrap_model(models.pop()), Path(input_dir))
-
-    accelerator.register_save_state_pre_hook(save_hook)
-    accelerator.register_load_state_pre_hook(load_hook)
-
-
 def check_finite_weights(model: torch.nn.Module, step: int) -> None:
     """Refuse to save non-finite trainable weights (a checkpoint must never poison a resume)."""
     bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p.detach()).all()]

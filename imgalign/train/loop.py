@@ -32,6 +32,7 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +45,6 @@ from imgalign.train.checkpoint import (
     clean_stale,
     list_checkpoints,
     load_checkpoint,
-    register_weight_hooks,
     resolve_resume,
     save_checkpoint,
     trainable_fingerprint,
@@ -57,6 +57,28 @@ from imgalign.train.setup import (
     progress_bar,
     weight_dtype,
 )
+
+
+@dataclass
+class _Network:
+    """A trained network of a run, with its own optimizer and schedule."""
+
+    name: str
+    module: torch.nn.Module  # as accelerate prepared it
+    optimizer: Any
+    scheduler: Any
+    optim_cfg: Any
+    layout: str
+    fingerprint: str
+    save: Callable[[torch.nn.Module, Path], None]
+    load: Callable[[torch.nn.Module, Path], None]
+    folder: str  # "" for the first network (the checkpoint folder itself), else its name
+
+
+def trainable_fingerprint_of(parts) -> str:
+    import hashlib
+
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]
 
 
 def lora_layout(lora) -> str:
@@ -78,6 +100,8 @@ class Run:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             clean_stale(self.out_dir)
             save_run_info(cfg, self.out_dir)
+        self.networks: dict[str, _Network] = {}
+        self.states: dict[str, tuple[Callable[[Path], None], Callable[[Path], None]]] = {}
         self.metrics = MeanMetrics()
         self.history: list[dict] = []
         self.validation: list[dict] = []
@@ -91,18 +115,65 @@ class Run:
 
     # ---- set-up ---------------------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, optim_cfg, layout: str, save_weights, load_weights,
-                max_steps: int | None = None):
-        """Weight hooks for checkpoints, AdamW over the trainable parameters and its schedule, accelerate's
-        wrapping -> (model, optimizer, scheduler). `max_steps`: optimizer steps of the schedule (default
-        run.max_steps)."""
+                max_steps: int | None = None, name: str = "model"):
+        """Register a trained network: its AdamW over the trainable parameters and schedule, accelerate's wrapping,
+        and how its weights are saved -> (model, optimizer, scheduler). `max_steps`: optimizer steps of the
+        schedule (default run.max_steps).
+
+        Call once per trained network, in the same order in every run (accelerate restores optimizers by order).
+        The first network's weights go to the checkpoint folder itself (`pipe.load_lora_weights(checkpoint-N)`
+        works as before); every further network to a subfolder named `name`, each loadable on its own.
+        """
         acc = self.accelerator
-        register_weight_hooks(acc, save_weights, load_weights)
+        if name in self.networks:
+            raise ValueError(f"a network named {name!r} is already registered")
+        if not self.networks:
+            acc.register_save_state_pre_hook(self._save_hook)
+            acc.register_load_state_pre_hook(self._load_hook)
         optimizer, scheduler = make_optimizer(model.parameters(), optim_cfg, max_steps or self.run.max_steps,
                                               acc.num_processes)
-        self.identity = {"recipe": self.recipe, "layout": layout, "fingerprint": trainable_fingerprint(model)}
-        self.optim_cfg = optim_cfg
-        self.model, self.optimizer, self.scheduler = acc.prepare(model, optimizer, scheduler)
-        return self.model, self.optimizer, self.scheduler
+        fingerprint = trainable_fingerprint(model)
+        prepared, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+        self.networks[name] = _Network(name, prepared, optimizer, scheduler, optim_cfg, layout, fingerprint,
+                                       save_weights, load_weights, folder="" if not self.networks else name)
+        if len(self.networks) == 1:
+            self.model, self.optimizer, self.scheduler, self.optim_cfg = prepared, optimizer, scheduler, optim_cfg
+        return prepared, optimizer, scheduler
+
+    def add_state(self, name: str, save: Callable[[Path], None], load: Callable[[Path], None]) -> None:
+        """Extra state saved in every checkpoint and restored on resume (an EMA, a reward tracker, a replay
+        buffer): save(folder) / load(folder) write and read their own files in the checkpoint folder."""
+        if name in self.states:
+            raise ValueError(f"a state named {name!r} is already registered")
+        self.states[name] = (save, load)
+
+    @property
+    def identity(self) -> dict[str, str]:
+        """What a checkpoint must match to be resumed by this run."""
+        nets = list(self.networks.values())
+        if len(nets) == 1:
+            layout, fingerprint = nets[0].layout, nets[0].fingerprint
+        else:
+            layout = "; ".join(f"{n.name}: {n.layout}" for n in nets)
+            fingerprint = trainable_fingerprint_of(n.fingerprint for n in nets)
+        return {"recipe": self.recipe, "layout": layout, "fingerprint": fingerprint}
+
+    def _save_hook(self, models, weights, output_dir) -> None:
+        if self.accelerator.is_main_process:
+            for net in self.networks.values():
+                folder = Path(output_dir) / net.folder
+                folder.mkdir(parents=True, exist_ok=True)
+                net.save(self.accelerator.unwrap_model(net.module), folder)
+            for save, _ in self.states.values():
+                save(Path(output_dir))
+        weights.clear()  # accelerate writes no model file of its own
+
+    def _load_hook(self, models, input_dir) -> None:
+        for net in self.networks.values():
+            net.load(self.accelerator.unwrap_model(net.module), Path(input_dir) / net.folder)
+        for _, load in self.states.values():
+            load(Path(input_dir))
+        models.clear()
 
     def resume(self) -> dict[str, Any]:
         """Restore the checkpoint named by run.resume_from -> its trainer state ({} for a fresh run)."""
@@ -135,20 +206,21 @@ class Run:
             self._bad_loss = True
         self.accelerator.backward(loss)
 
-    def apply_gradients(self) -> bool:
-        """At an optimizer-step boundary (gradients synchronised): clip, then update unless the loss on any rank
-        or the gradient norm is non-finite. Returns whether the parameters were updated."""
+    def apply_gradients(self, name: str | None = None) -> bool:
+        """At an optimizer-step boundary (gradients synchronised): clip, then update network `name` (default: the
+        first) unless the loss on any rank or the gradient norm is non-finite. Returns whether it was updated."""
         acc = self.accelerator
-        max_norm = self.optim_cfg.max_grad_norm
-        norm = acc.clip_grad_norm_(self.model.parameters(), max_norm if max_norm > 0 else math.inf)
+        net = self.networks[name] if name is not None else next(iter(self.networks.values()))
+        max_norm = net.optim_cfg.max_grad_norm
+        norm = acc.clip_grad_norm_(net.module.parameters(), max_norm if max_norm > 0 else math.inf)
         bad = torch.tensor([float(self._bad_loss)], device=acc.device)
         bad = acc.reduce(bad, reduction="sum") if acc.num_processes > 1 else bad  # every rank skips together
         self._grad_norm = float(norm) if norm is not None else math.nan
         skip = bool(bad.item() > 0) or not math.isfinite(self._grad_norm)
         if not skip:
-            self.optimizer.step()
-        self.scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
+            net.optimizer.step()
+        net.scheduler.step()
+        net.optimizer.zero_grad(set_to_none=True)
         self._bad_loss = False
         self._step_skipped = self._step_skipped or skip
         return not skip
@@ -191,7 +263,8 @@ class Run:
         return logs
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
-        check_finite_weights(self.model, step)
+        for net in self.networks.values():
+            check_finite_weights(net.module, step)
         return save_checkpoint(self.accelerator, self.out_dir, step,
                                {**state, **self.identity, "nonfinite_skipped": self.skipped}, self.run.keep_last)
 
@@ -204,9 +277,9 @@ class Run:
             self.save(step, state)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            model = acc.unwrap_model(self.model)
-            check_finite_weights(model, step)
-            save_final(model)
+            for net in self.networks.values():
+                check_finite_weights(net.module, step)
+            save_final(acc.unwrap_model(self.model))
             if self._validate is not None:
                 self.validation.append({"step": step, **self._validate(step)})
         acc.end_training()

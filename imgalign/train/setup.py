@@ -231,6 +231,8 @@ def captioned_grid(images: Tensor, row_labels: list[str], col_labels: list[str] 
         for c in range(ncol):
             i, x = r * ncol + c, label_w + c * (tw + gap)
             canvas.paste(Image.fromarray(pixels[i]), (x, y))
+            if gap >= 2:  # a thin frame, so tiles with a white background do not melt into the page
+                draw.rectangle((x - 1, y - 1, x + tw, y + th), outline=(170, 170, 170))
             if has_captions and tile_captions[i]:
                 (line,) = wrap_text(tile_captions[i], font, tw, max_lines=1)
                 draw.text((x, y + th + 1), line, fill=(200, 0, 0), font=font)

@@ -23,6 +23,13 @@ def test_toy_demo_writes_its_report_grid_curves_and_lora(tmp_path):
     assert report.count("(paired bootstrap)") == 4  # ... and the four paired changes
     assert (tmp_path / "dpo" / "pytorch_lora_weights.safetensors").is_file()
     grid = np.asarray(Image.open(tmp_path / "before_after.png")).astype(int)
-    assert grid.shape == (2 * 32, 6 * 32, 3)  # row 1 before, row 2 after, same seeds
-    assert np.abs(grid[:32] - grid[32:]).max() > 0  # the "after" row was drawn with the trained LoRA
+    # labelled grid: 2 rows (before, after) x 6 prompts, 32 px samples shown as 128 px tiles right of a label column
+    assert grid.shape[0] >= 2 * 128 and grid.shape[1] >= 6 * 128
+    # each tile has a grey frame: the left frame of column 0 (one px left of the 1.5-tile label column) gives the
+    # tile tops of the two rows; the "after" row was drawn with the trained LoRA, so its pixels differ
+    frame = np.flatnonzero((grid[:, 192 - 1] == 170).all(axis=1))
+    starts = [int(y) + 1 for k, y in enumerate(frame) if k == 0 or y != frame[k - 1] + 1]
+    assert len(starts) == 2, starts
+    before, after = (grid[y:y + 128, 192:192 + 6 * 128] for y in starts)
+    assert np.abs(before - after).max() > 0
     assert Image.open(tmp_path / "training_curves.png").width > 0

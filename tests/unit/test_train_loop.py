@@ -196,3 +196,81 @@ def test_resume_refuses_a_checkpoint_of_another_recipe(tmp_path):
         _start(_cfg(out, max_steps=2, resume_from="latest"), recipe="test-recipe")
     msg = str(e.value)
     assert "'other'" in msg and "'test-recipe'" in msg and "checkpoint-1" in msg
+
+
+# ---- several trained networks, several optimizers, extra state -----------------------------------------
+
+
+class _Counter:
+    """Extra state with its own file: the number of steps it has seen."""
+
+    def __init__(self):
+        self.n = 0
+
+    def save(self, folder: Path) -> None:
+        (folder / "counter.txt").write_text(str(self.n))
+
+    def load(self, folder: Path) -> None:
+        self.n = int((folder / "counter.txt").read_text())
+
+
+def _two_network_run(out: Path, max_steps: int, die_at: int | None = None, resume: bool = False):
+    """A student and a critic (Flash-DMD's shape): two networks, two optimizers with different learning rates,
+    each updated from its own loss every step, and a counter as extra state. -> (history, student, critic)."""
+    cfg = _cfg(out, max_steps=max_steps, checkpoint_every=2, resume_from="latest" if resume else None)
+    critic_optim = OptimConfig(lr=3e-2, lr_scheduler="constant")
+    torch.manual_seed(0)
+    student, critic = torch.nn.Linear(3, 2), torch.nn.Linear(2, 1)
+    book = Run(cfg, "two-networks")
+    student, _, _ = book.prepare(student, cfg.optim, "full", _save, _load)
+    critic, _, _ = book.prepare(critic, critic_optim, "full", _save, _load, name="critic")
+    counter = _Counter()
+    book.add_state("counter", counter.save, counter.load)
+    book.resume()
+    book.start()
+    step = book.start_step
+    while step < max_steps:
+        if die_at is not None and step + 1 == die_at:
+            raise KeyboardInterrupt
+        x = X * (step + 1)
+        student_loss = (critic(student(x)) ** 2).mean()  # the student moves to lower the critic's output
+        book.backward(student_loss)
+        book.apply_gradients()
+        critic.zero_grad(set_to_none=True)
+        critic_loss = ((critic(student(x).detach()) - 1) ** 2).mean()  # the critic fits 1 on the student's output
+        book.backward(critic_loss)
+        book.apply_gradients("critic")
+        counter.n += 1
+        step += 1
+        book.end_step(step, {"train/loss": float(student_loss), "train/critic_loss": float(critic_loss)}, {})
+    book.finish(step, {}, lambda m: _save(m, out))
+    return book.history, _weights(student), _weights(critic), counter.n
+
+
+def test_two_networks_two_optimizers_kill_and_resume_equal_the_uninterrupted_run(tmp_path):
+    """Killed during step 4 (after checkpoint-2), resumed from latest: the same losses, both networks' weights and
+    the extra state as the run that was never interrupted. The critic lives in checkpoint-N/critic/."""
+    full_hist, full_student, full_critic, full_n = _two_network_run(tmp_path / "full", 5)
+    with pytest.raises(KeyboardInterrupt):
+        _two_network_run(tmp_path / "killed", 5, die_at=4)
+    assert [p.name for p in list_checkpoints(tmp_path / "killed")] == ["checkpoint-2"]
+    ckpt = tmp_path / "killed" / "checkpoint-2"
+    assert (ckpt / WEIGHTS).is_file() and (ckpt / "critic" / WEIGHTS).is_file() and (ckpt / "counter.txt").is_file()
+    assert (ckpt / "optimizer.bin").is_file() and (ckpt / "optimizer_1.bin").is_file()
+    hist, student, critic, n = _two_network_run(tmp_path / "killed", 5, resume=True)
+    assert [h["step"] for h in hist] == [3, 4, 5]
+    for a, b in zip(full_hist[2:], hist):
+        assert a["train/loss"] == b["train/loss"] and a["train/critic_loss"] == b["train/critic_loss"]
+    assert _same(full_student, student) and _same(full_critic, critic) and n == full_n == 5
+    # the two networks really trained separately (different parameters, both moved)
+    state = read_trainer_state(tmp_path / "full" / "checkpoint-5")
+    assert state["layout"] == "model: full; critic: full" and state["recipe"] == "two-networks"
+
+
+def test_a_checkpoint_with_another_set_of_networks_is_refused(tmp_path):
+    _two_network_run(tmp_path / "run", 2)
+    cfg = _cfg(tmp_path / "run", max_steps=4, resume_from="latest")
+    book = Run(cfg, "two-networks")
+    book.prepare(torch.nn.Linear(3, 2), cfg.optim, "full", _save, _load)  # the critic is missing
+    with pytest.raises(CheckpointError, match="layout"):
+        book.resume()
