@@ -95,10 +95,10 @@ def _plot(history: list[dict], path: Path) -> None:
     steps = [h["step"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     _loss_panel(axes[0], steps, [h["train/loss"] for h in history])
-    _raw_and_smoothed(axes[1], steps, [h["train/implicit_acc"] for h in history], "accuracy")
+    _raw_and_smoothed(axes[1], steps, [h["train/rewards/accuracies"] for h in history], "accuracy")
     axes[1].axhline(0.5, ls="--", c="gray", lw=0.8, label="0.5: chance")
     axes[1].set(title="implicit accuracy", ylabel="fraction of pairs, winner favoured")
-    _raw_and_smoothed(axes[2], steps, [h["train/reward_margin"] for h in history], "margin")
+    _raw_and_smoothed(axes[2], steps, [h["train/rewards/margins"] for h in history], "margin")
     axes[2].set(title="implicit reward margin", ylabel="reward(winner) - reward(loser)")
     for ax in axes[1:]:
         ax.legend(fontsize=7)
@@ -117,7 +117,7 @@ def _plot_toy(history: list[dict], validation: list[dict], path: Path) -> None:
     steps = [h["step"] for h in history]
     fig, axes = plt.subplots(1, 3, figsize=(13, 3.6))
     _loss_panel(axes[0], steps, [h["train/loss"] for h in history])
-    _raw_and_smoothed(axes[1], steps, [h["train/implicit_acc"] for h in history], "accuracy")
+    _raw_and_smoothed(axes[1], steps, [h["train/rewards/accuracies"] for h in history], "accuracy")
     axes[1].axhline(0.5, ls="--", c="gray", lw=0.8, label="0.5: chance")
     axes[1].set(title="implicit accuracy", ylabel="fraction of pairs, winner favoured")
     axes[1].legend(fontsize=7)

@@ -2,10 +2,12 @@
 
 Methods never branch on the family. They ask the adapter to
   encode prompts            -> a conditioning dict of batch-first tensors (`Cond`)
+  encode the unconditional  -> the `Cond` of CFG's unconditional branch, as the family's pipeline builds it
   encode / decode images    -> latents in the space the denoiser sees
   sample training times     -> the family's own time variable `t`
   noise a batch             -> (noisy latents, the training target of this family's prediction type)
   predict                   -> the denoiser's output for (noisy, t, cond), with or without CFG
+  convert a prediction      -> (clean estimate x0, noise estimate eps), by the family's prediction type
 and get the family's diffusers pipeline back for generation.
 
 Time variable `t`: integer DDPM timesteps in [0, T) for SD-type models (epsilon or v-prediction);
@@ -24,6 +26,8 @@ from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
+
+from imgalign.sampling.noise import to_x0_eps
 
 Cond = dict[str, Tensor]
 DEFAULT_LORA_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
@@ -122,6 +126,13 @@ class ModelAdapter:
     def encode_prompts(self, prompts: list[str], **micro) -> Cond:
         raise NotImplementedError
 
+    def encode_uncond(self, n: int, cond: Cond | None = None) -> Cond:
+        """CFG's unconditional branch for n samples, as the family's pipeline builds its negative embeddings when
+        no negative prompt is given: the encoded empty prompt "" (SD1.x/2.x, SD3 with all its encoders, FLUX);
+        SDXL overrides this. ``cond``, the positive branch of the same n samples, lends its micro-conditioning
+        (SDXL time ids) where the family has one."""
+        return self.encode_prompts([""] * n)
+
     # ---- training -----------------------------------------------------------------------------
     def sample_timesteps(self, n: int, generator: torch.Generator | None = None,
                          noise_range: tuple[float, float] = (0.0, 1.0)) -> Tensor:
@@ -134,6 +145,12 @@ class ModelAdapter:
 
     def predict(self, model: nn.Module, noisy: Tensor, t: Tensor, cond: Cond) -> Tensor:
         raise NotImplementedError
+
+    def to_x0_eps(self, pred: Tensor, x: Tensor, alpha: Tensor | float, sigma: Tensor | float) -> tuple[Tensor, Tensor]:
+        """The denoiser's output at x = alpha x0 + sigma eps -> (clean estimate x0, noise estimate eps), by this
+        family's `prediction_type` (epsilon, v_prediction, flow velocity; formulas in `imgalign.sampling.noise`).
+        alpha, sigma broadcast against x; flow families use alpha = 1 - sigma."""
+        return to_x0_eps(pred, x, alpha, sigma, self.prediction_type)
 
     def predict_cfg(self, model: nn.Module, noisy: Tensor, t: Tensor, cond: Cond, uncond: Cond, scale: float) -> Tensor:
         """Classifier-free guidance in one batched forward: uncond + scale * (cond - uncond)."""
@@ -251,6 +268,24 @@ class SDXLAdapter(_DDPMAdapter):
         time_ids = torch.cat([orig, crop, target], dim=1).to(self.device)  # [B, 6]
         return {"encoder_hidden_states": embeds, "text_embeds": pooled, "time_ids": time_ids.to(embeds.dtype)}
 
+    @torch.no_grad()
+    def encode_uncond(self, n, cond=None):
+        """As `StableDiffusionXLPipeline.encode_prompt` without a negative prompt: zero embeddings (sequence and
+        pooled) when the pipeline's `force_zeros_for_empty_prompt` is set (SDXL base's default), else the encoded
+        "". The time ids are the positive branch's (the pipeline's negative_add_time_ids = add_time_ids), the
+        default ones of `encode_prompts` when ``cond`` is None."""
+        if cond is not None and len(cond["time_ids"]) != n:
+            raise ValueError(f"encode_uncond(n={n}) got a positive branch of {len(cond['time_ids'])} samples")
+        if self.pipe.config.get("force_zeros_for_empty_prompt", False):
+            ref = cond if cond is not None else self.encode_prompts([""] * n)
+            out = {k: torch.zeros_like(v) for k, v in ref.items() if k != "time_ids"}
+            out["time_ids"] = ref["time_ids"]
+            return out
+        out = self.encode_prompts([""] * n)
+        if cond is not None:
+            out["time_ids"] = cond["time_ids"]
+        return out
+
     def predict(self, model, noisy, t, cond):
         added = {"text_embeds": cond["text_embeds"], "time_ids": cond["time_ids"]}
         return model(noisy, t, encoder_hidden_states=cond["encoder_hidden_states"], added_cond_kwargs=added).sample
@@ -321,6 +356,12 @@ class FluxAdapter(_FlowAdapter):
         embeds, pooled, _ = self.pipe.encode_prompt(prompts, prompts, device=self.device,
                                                     max_sequence_length=self.max_sequence_length)
         return {"encoder_hidden_states": embeds, "pooled_projections": pooled}
+
+    def encode_uncond(self, n, cond=None):
+        """FluxPipeline has no default negative embeddings: it runs CFG only as "true CFG" (true_cfg_scale > 1 and
+        a negative prompt given), which encodes the negative prompt with `encode_prompt` like a positive one. So
+        the unconditional branch here is what true CFG does with negative_prompt="": encode_prompts([""] * n)."""
+        return self.encode_prompts([""] * n)
 
     def predict(self, model, noisy, t, cond):
         from diffusers import FluxPipeline

@@ -191,7 +191,7 @@ def train(cfg: DiffusionDPOConfig) -> dict:
         step += 1
         logs = book.end_step(step, {f"train/{k}": v for k, v in book.metrics.reduce(accelerator).items()},
                              {"micro_step": micro})
-        book.bar.set_postfix(loss=f"{logs['train/loss']:.4f}", acc=f"{logs['train/implicit_acc']:.2f}",
+        book.bar.set_postfix(loss=f"{logs['train/loss']:.4f}", acc=f"{logs['train/rewards/accuracies']:.2f}",
                              lr=f"{logs['train/lr']:.2e}")
     return book.finish(step, {"micro_step": micro}, lambda m: save_weights(adapter, m, book.out_dir, use_lora))
 
@@ -233,10 +233,10 @@ def _step(adapter, model, reference, batch, gens, cfg: DiffusionDPOConfig, accel
     decided = labels == 1
     m = {
         "loss": losses.mean().detach(),
-        "implicit_acc": implicit_accuracy(chosen[decided], rejected[decided]) if decided.any() else torch.tensor(math.nan),
-        "reward_margin": (chosen - rejected).mean(),
-        "reward_chosen": chosen.mean(),
-        "reward_rejected": rejected.mean(),
+        "rewards/accuracies": implicit_accuracy(chosen[decided], rejected[decided]) if decided.any() else torch.tensor(math.nan),
+        "rewards/margins": (chosen - rejected).mean(),
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
         "model_err_w": model_err[:b].mean().detach(),
         "model_err_l": model_err[b:].mean().detach(),
         "ref_err_w": ref_err[:b].mean(),

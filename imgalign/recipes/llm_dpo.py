@@ -335,7 +335,7 @@ def train(cfg: LLMDPOConfig) -> dict:
         if (cfg.eval.every and step % cfg.eval.every == 0) or step == run.max_steps:
             logs.update(evaluate(step))
         logs = book.end_step(step, logs, {"micro_step": micro})
-        book.bar.set_postfix(loss=f"{logs['train/loss']:.4f}", acc=f"{logs['train/implicit_acc']:.2f}",
+        book.bar.set_postfix(loss=f"{logs['train/loss']:.4f}", acc=f"{logs['train/rewards/accuracies']:.2f}",
                              **({"eval_acc": f"{book.validation[-1]['eval/pref_acc']:.2f}"} if book.validation else {}))
 
     def save_final(m):
@@ -355,10 +355,10 @@ def _step(model, reference, batch, cfg: LLMDPOConfig, accelerator, reference_fre
     l_w, l_l = best_worst(logps.detach(), rewards)
     m = {
         "loss": losses.mean().detach(),
-        "implicit_acc": implicit_accuracy(chosen, rejected),
-        "reward_chosen": chosen.mean(),
-        "reward_rejected": rejected.mean(),
-        "reward_margin": (chosen - rejected).mean(),
+        "rewards/accuracies": implicit_accuracy(chosen, rejected),
+        "rewards/chosen": chosen.mean(),
+        "rewards/rejected": rejected.mean(),
+        "rewards/margins": (chosen - rejected).mean(),
         "logps_chosen": l_w.mean(),
         "logps_rejected": l_l.mean(),
     }

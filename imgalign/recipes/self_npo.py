@@ -35,6 +35,7 @@ import torch
 from torch import Tensor
 
 from imgalign.config import cfg_field
+from imgalign.losses.distill import pseudo_huber
 from imgalign.recipes.common import (
     LoraConfig,
     ModelConfig,
@@ -45,6 +46,7 @@ from imgalign.recipes.common import (
     make_validator,
     save_weights,
 )
+from imgalign.sampling.noise import renoise, to_x0_eps
 from imgalign.train.ema import EMA
 from imgalign.train.loop import Run, lora_layout
 from imgalign.train.seeding import global_positions, rand_per_sample, randn_per_sample, sample_generators
@@ -112,7 +114,8 @@ Config = SelfNPOConfig
 
 
 # ------------------------------------------------------------------------------------------------
-# noise levels, conversions, the re-noising jump (pure tensor math, unit-tested)
+# noise levels of the family's schedule (the conversions, the re-noising jump `renoise` and the loss
+# `pseudo_huber` are pure tensor math in imgalign.sampling.noise and imgalign.losses.distill)
 # ------------------------------------------------------------------------------------------------
 class NoiseLevels:
     """alpha_k, sigma_k for k = 0..T-1 and the time value the family adapter's `predict` expects."""
@@ -139,27 +142,10 @@ class NoiseLevels:
                 self.sigma[k.cpu()].view(shape).to(like.device, like.dtype))
 
     def to_x0_eps(self, pred: Tensor, x: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """The network's prediction at (x, k) -> (clean estimate x0, noise estimate eps)."""
+        """The network's prediction at (x, k) -> (clean estimate x0, noise estimate eps), by the family's
+        prediction type (the one conversion every family and sampler shares: `imgalign.sampling.noise.to_x0_eps`)."""
         a, s = self.coef(k, x)
-        if self.prediction_type == "epsilon":
-            return (x - s * pred) / a, pred
-        if self.prediction_type == "v_prediction":  # v = a eps - s x0
-            return a * x - s * pred, s * x + a * pred
-        if self.prediction_type == "flow":  # v = eps - x0, x = (1 - s) x0 + s eps
-            return x - s * pred, x + (1 - s) * pred
-        raise ValueError(f"unsupported prediction type {self.prediction_type!r}")
-
-
-def renoise(x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor, alpha_s: Tensor, sigma_s: Tensor, z: Tensor) -> Tensor:
-    """Exact forward jump from noise level t to a higher level s: if x_t ~ N(alpha_t x0, sigma_t^2) then
-    x_s ~ N(alpha_s x0, sigma_s^2).  x_s = (alpha_s / alpha_t) x_t + sqrt(sigma_s^2 - (alpha_s sigma_t / alpha_t)^2) z."""
-    ratio = alpha_s / alpha_t
-    return ratio * x_t + (sigma_s**2 - (ratio * sigma_t) ** 2).clamp_min(0).sqrt() * z
-
-
-def pseudo_huber(pred: Tensor, target: Tensor, c: float) -> Tensor:
-    """Per-sample mean of sqrt((pred - target)^2 + c^2) - c  -> [B]."""
-    return ((pred.float() - target.float()) ** 2 + c * c).sqrt().sub(c).flatten(1).mean(1)
+        return to_x0_eps(pred, x, a, s, self.prediction_type)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -251,16 +237,6 @@ def starting_states(adapter, cfg: SelfNPOConfig, out_dir: Path, is_main: bool, a
 # ------------------------------------------------------------------------------------------------
 # training
 # ------------------------------------------------------------------------------------------------
-def _uncond(adapter, cond: dict[str, Tensor], n: int) -> dict[str, Tensor]:
-    """The unconditional branch as the pipeline builds it: zeros where the pipeline forces zeros (SDXL)."""
-    if adapter.pipe.config.get("force_zeros_for_empty_prompt", False):
-        out = {k: torch.zeros_like(v) for k, v in cond.items()}
-        if "time_ids" in cond:
-            out["time_ids"] = cond["time_ids"]
-        return out
-    return adapter.encode_prompts([""] * n)
-
-
 def train(cfg: SelfNPOConfig) -> dict:
     run = cfg.run
     book = Run(cfg, "self-npo")
@@ -274,15 +250,10 @@ def train(cfg: SelfNPOConfig) -> dict:
     teacher = EMA(net, cfg.npo.ema_decay, name="ema_teacher")  # swapped into the student for teacher forwards
     levels = NoiseLevels(adapter, cfg.npo.num_levels)
 
-    def save_all(model, folder):
-        save_weights(adapter, model, folder, use_lora)
-        teacher.save(folder)
-
-    def load_all(model, folder):
-        load_weights(adapter, model, folder, use_lora)
-        teacher.load(folder)
-
-    model, optimizer, scheduler = book.prepare(net, cfg.optim, lora_layout(cfg.lora), save_all, load_all)
+    model, optimizer, scheduler = book.prepare(net, cfg.optim, lora_layout(cfg.lora),
+                                               lambda m, d: save_weights(adapter, m, d, use_lora),
+                                               lambda m, d: load_weights(adapter, m, d, use_lora))
+    book.add_state("ema_teacher", teacher.save, teacher.load)
     book.resume()
     start_step = book.start_step
     rank, world = accelerator.process_index, accelerator.num_processes
@@ -336,7 +307,7 @@ def _step(adapter, model, teacher: EMA, levels: NoiseLevels, batch, gens, cfg: S
     dev = x0.device
     cond = adapter.encode_prompts(batch["prompts"])
     w = n.teacher_guidance
-    uncond = _uncond(adapter, cond, b) if w != 0 else None
+    uncond = adapter.encode_uncond(b, cond) if w != 0 else None  # as the pipeline builds it (SDXL: zeros)
 
     # 2. a point of the DDIM grid, noised
     step = levels.T // n.ddim_grid

@@ -1,7 +1,8 @@
 """DDIM step with a log-probability (DDPO's policy step, arXiv 2305.13301; DDIM, arXiv 2010.02502 eq. 12, 16).
 
 Variance-preserving diffusion: x_t = sqrt(abar_t) x0 + sqrt(1 - abar_t) eps. From the network output we form
-the predicted clean sample x0_hat and predicted noise eps_hat (either one determines the other given x_t):
+the predicted clean sample x0_hat and predicted noise eps_hat (either one determines the other given x_t;
+`imgalign.sampling.noise.to_x0_eps` with alpha = sqrt(abar_t), sigma = sqrt(1 - abar_t)):
 
     epsilon:       eps_hat = pred,                               x0_hat = (x_t - sqrt(1-abar_t) eps_hat) / sqrt(abar_t)
     sample:        x0_hat  = pred,                               eps_hat = (x_t - sqrt(abar_t) x0_hat) / sqrt(1-abar_t)
@@ -25,6 +26,7 @@ import torch
 from torch import Tensor
 
 from imgalign.sampling.gaussian import Generator, Reduce, StepOutput, finish_step, per_sample
+from imgalign.sampling.noise import to_x0_eps
 
 PredictionType = Literal["epsilon", "v_prediction", "sample"]
 
@@ -55,17 +57,9 @@ def _ddim_mean_and_std(
     abar_prev = _alpha_cumprod(t_prev, alphas_cumprod, final_alpha_cumprod, x)
     beta_t = 1 - abar_t
 
-    if prediction_type == "epsilon":
-        eps_hat = pred
-        x0_hat = (x - beta_t**0.5 * eps_hat) / abar_t**0.5
-    elif prediction_type == "sample":
-        x0_hat = pred
-        eps_hat = (x - abar_t**0.5 * x0_hat) / beta_t**0.5
-    elif prediction_type == "v_prediction":
-        x0_hat = abar_t**0.5 * x - beta_t**0.5 * pred
-        eps_hat = abar_t**0.5 * pred + beta_t**0.5 * x
-    else:
+    if prediction_type not in ("epsilon", "v_prediction", "sample"):
         raise ValueError(f"prediction_type must be 'epsilon', 'v_prediction' or 'sample', got {prediction_type!r}")
+    x0_hat, eps_hat = to_x0_eps(pred, x, abar_t**0.5, beta_t**0.5, prediction_type)
     if clip_sample_range is not None:
         # Like diffusers' `clip_sample` (and DDPO): clip x0_hat only; eps_hat stays the model's.
         x0_hat = x0_hat.clamp(-clip_sample_range, clip_sample_range)

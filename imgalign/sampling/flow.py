@@ -2,7 +2,7 @@
 
 Conventions (diffusers' FlowMatchEulerDiscreteScheduler, SD3, FLUX): x_sigma = (1 - sigma) x0 + sigma eps,
 sigma in [0, 1] with sigma = 1 pure noise, velocity v = eps - x0; a step goes sigma -> sigma_next < sigma,
-dt = sigma_next - sigma < 0. From the velocity at x:
+dt = sigma_next - sigma < 0. From the velocity at x (`imgalign.sampling.noise.to_x0_eps`, "flow"):
 
     x0_hat  = x - sigma v            (predicted clean sample)
     eps_hat = x + (1 - sigma) v      (predicted noise; both are posterior means when v = E[eps - x0 | x])
@@ -53,6 +53,7 @@ from imgalign.sampling.gaussian import (
     per_sample,
     reduce_latent,
 )
+from imgalign.sampling.noise import to_x0_eps
 
 CPSLogProbForm = Literal["squared_error", "gaussian"]
 
@@ -81,7 +82,7 @@ def _reverse_sde_step(
     """Euler-Maruyama step of the marginal-preserving reverse SDE with diffusion g ([B, 1, ...] fp32)."""
     x, v = x_t.float(), velocity.float()
     dt = sigma_next - sigma  # < 0
-    eps_hat = x + (1 - sigma) * v
+    _, eps_hat = to_x0_eps(v, x, 1 - sigma, sigma, "flow")
     mean = x + v * dt + (g**2 / (2 * sigma)) * eps_hat * dt
     std = g * (-dt).clamp(min=0).sqrt()
     return finish_step(mean, std, x_t, prev_sample, generator, reduce)
@@ -172,8 +173,7 @@ def flow_cps_step_with_logprob(
     sigma_ = per_sample(sigma, x)
     sigma_next_ = per_sample(sigma_next, x)
     std = sigma_next_ * math.sin(noise_level * math.pi / 2)
-    x0_hat = x - sigma_ * v
-    eps_hat = x + (1 - sigma_) * v
+    x0_hat, eps_hat = to_x0_eps(v, x, 1 - sigma_, sigma_, "flow")
     mean = (1 - sigma_next_) * x0_hat + (sigma_next_**2 - std**2).clamp(min=0).sqrt() * eps_hat
     if log_prob_form == "squared_error":
         log_prob_fn = _squared_error_log_prob

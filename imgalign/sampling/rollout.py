@@ -79,7 +79,8 @@ def rollout(adapter, model, sampler, prompts: list[str], seeds: list[int], sampl
     x_T = torch.stack([torch.randn(shape, generator=g) for g in init]).to(device, dtype)
     step_gens = [torch.Generator(device).manual_seed(s + 1) for s in seeds]
     cond = adapter.encode_prompts(prompts)
-    uncond = adapter.encode_prompts([""] * len(prompts)) if sample.guidance_scale != 1.0 else None
+    # the pipeline's own unconditional branch (SDXL: zeros when force_zeros_for_empty_prompt, else "")
+    uncond = adapter.encode_uncond(len(prompts), cond) if sample.guidance_scale != 1.0 else None
     traj = sample_trajectory(make_predict(adapter, model, cond, uncond, sample.guidance_scale), x_T, sampler,
                              sde_window=sde_window, generator=step_gens)
     images = adapter.decode_latents(traj.sample) if decode else None

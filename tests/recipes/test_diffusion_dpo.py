@@ -43,9 +43,9 @@ def test_dpo_steps_train_every_lora_param_log_checkpoint_and_load(family, tiny_p
     # step 1 is measured before any update: a fresh LoRA (B = 0) makes policy == reference, so the
     # sigmoid loss is exactly log 2 and every pair's implicit margin is 0 (ties count one half)
     assert hist[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert hist[0]["train/implicit_acc"] == pytest.approx(0.5)
-    assert hist[0]["train/reward_margin"] == pytest.approx(0.0, abs=1e-6)
-    for key in ("model_err_w", "model_err_l", "ref_err_w", "ref_err_l", "reward_chosen", "reward_rejected", "lr"):
+    assert hist[0]["train/rewards/accuracies"] == pytest.approx(0.5)
+    assert hist[0]["train/rewards/margins"] == pytest.approx(0.0, abs=1e-6)
+    for key in ("model_err_w", "model_err_l", "ref_err_w", "ref_err_l", "rewards/chosen", "rewards/rejected", "lr"):
         assert math.isfinite(hist[-1][f"train/{key}"])
 
     # checkpoints every step, pruned to the newest 2; run record; TensorBoard events; validation grids
@@ -137,7 +137,7 @@ def test_dpo_gradient_step_moves_toward_the_winner(tiny_pipelines, tiny_pairs):
         return diffusion_dpo._step(adapter, adapter.denoiser, None, batch, gens, cfg, acc)
 
     loss0, m0 = loss_and_margin()
-    assert float(loss0.detach()) == pytest.approx(math.log(2), abs=1e-6) and float(m0["reward_margin"]) == 0
+    assert float(loss0.detach()) == pytest.approx(math.log(2), abs=1e-6) and float(m0["rewards/margins"]) == 0
     loss0.backward()
     params = [p for p in adapter.denoiser.parameters() if p.requires_grad]
     norm = torch.sqrt(sum((p.grad ** 2).sum() for p in params))
@@ -147,7 +147,7 @@ def test_dpo_gradient_step_moves_toward_the_winner(tiny_pipelines, tiny_pairs):
     with torch.no_grad():
         loss1, m1 = loss_and_margin()
     assert float(loss1) < math.log(2)
-    assert float(m1["reward_margin"]) > 0
+    assert float(m1["rewards/margins"]) > 0
 
 
 def test_full_finetuning_uses_a_frozen_reference(tiny_pipelines, tiny_pairs, tmp_path):

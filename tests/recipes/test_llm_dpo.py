@@ -59,13 +59,13 @@ def test_heldout_accuracy_rises_and_every_lora_param_changes(sort_assets, tmp_pa
     # before any update the LoRA is zero: policy == reference, loss log 2, every held-out margin exactly 0
     assert evals[0]["eval/pref_acc"] == 0.5 and evals[0]["eval/margin"] == 0.0
     assert hist[0]["train/loss"] == pytest.approx(math.log(2), abs=1e-6)
-    assert hist[0]["train/reward_margin"] == pytest.approx(0.0, abs=1e-7)
+    assert hist[0]["train/rewards/margins"] == pytest.approx(0.0, abs=1e-7)
     # the known truth is learned on held-out prompts: sorted beats swapped
     assert evals[-1]["eval/pref_acc"] >= 0.8, evals
     assert evals[-1]["eval/margin"] > 0.3
     late = hist[-10:]
     assert sum(h["train/loss"] for h in late) / len(late) < math.log(2) - 0.02
-    for key in ("reward_chosen", "reward_rejected", "implicit_acc", "logps_chosen", "logps_rejected", "lr"):
+    for key in ("rewards/chosen", "rewards/rejected", "rewards/accuracies", "logps_chosen", "logps_rejected", "lr"):
         assert math.isfinite(hist[-1][f"train/{key}"])
 
     # every LoRA parameter changed (B starts at 0, A at a seeded draw)
@@ -114,7 +114,7 @@ def test_kill_and_resume_equals_uninterrupted(lora, sort_assets, tmp_path, monke
     resumed = llm_dpo.train(make_cfg(sort_assets, tmp_path / "killed", *extra, "run.resume_from=latest"))
     assert [h["step"] for h in resumed["history"]] == [3, 4]
     for a, b in zip(full["history"][2:], resumed["history"]):
-        for key in ("train/loss", "train/reward_margin", "eval/pref_acc", "eval/margin"):
+        for key in ("train/loss", "train/rewards/margins", "eval/pref_acc", "eval/margin"):
             assert a.get(key) == pytest.approx(b.get(key), abs=1e-6), key
         assert a["train/lr"] == pytest.approx(b["train/lr"], rel=1e-9)
     if lora:

@@ -69,7 +69,7 @@ ADAM_EPS = "optim.adam_eps=1e-4"
 
 # Diffusion-DPO's loss multiplies error differences by beta / 2 = 2500, so fp32 rounding in the weights shows in
 # the loss at 1e-4; the errors themselves are the exact comparison.
-DPO_KEYS = ("train/model_err_w", "train/model_err_l", "train/ref_err_w", "train/ref_err_l", "train/implicit_acc")
+DPO_KEYS = ("train/model_err_w", "train/model_err_l", "train/ref_err_w", "train/ref_err_l", "train/rewards/accuracies")
 
 
 def assert_complete_checkpoints(out: Path) -> None:

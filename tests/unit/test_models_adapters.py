@@ -113,3 +113,52 @@ def test_sdxl_time_ids_use_true_original_size_and_crop(tiny_pipelines):
 def test_missing_model_error_names_id_and_local_path_fix(tmp_path):
     with pytest.raises(OSError, match="pass the local directory"):
         load_adapter("no-such-org/no-such-model-xyz", local_files_only=True)
+
+
+# x = alpha x0 + sigma eps with x0 = 1, eps = 2, written out by hand:
+#   VP (alpha = 0.6, sigma = 0.8, alpha^2 + sigma^2 = 1):  x = 0.6 + 1.6 = 2.2
+#     epsilon  pred = eps = 2;                x0 = (2.2 - 0.8 * 2) / 0.6 = 1
+#     sample   pred = x0 = 1;                 eps = (2.2 - 0.6 * 1) / 0.8 = 2
+#     v        pred = 0.6 * 2 - 0.8 * 1 = 0.4; x0 = 0.6 * 2.2 - 0.8 * 0.4 = 1,  eps = 0.8 * 2.2 + 0.6 * 0.4 = 2
+#   flow (sigma = 0.25, alpha = 0.75):        x = 0.75 + 0.5 = 1.25
+#     flow     pred = eps - x0 = 1;           x0 = 1.25 - 0.25 * 1 = 1,       eps = 1.25 + 0.75 * 1 = 2
+HAND = {  # prediction type -> (alpha, sigma, x, pred)
+    "epsilon": (0.6, 0.8, 2.2, 2.0),
+    "sample": (0.6, 0.8, 2.2, 1.0),
+    "v_prediction": (0.6, 0.8, 2.2, 0.4),
+    "flow": (0.75, 0.25, 1.25, 1.0),
+}
+
+
+@pytest.mark.parametrize("ptype", list(HAND))
+def test_to_x0_eps_hand_computed(ptype):
+    from imgalign.sampling.noise import to_x0_eps
+
+    alpha, sigma, x, pred = (torch.tensor(v, dtype=torch.float64) for v in HAND[ptype])
+    x0, eps = to_x0_eps(pred, x, alpha, sigma, ptype)
+    assert_close = torch.testing.assert_close
+    assert_close(x0, torch.tensor(1.0, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    assert_close(eps, torch.tensor(2.0, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="prediction_type must be one of"):
+        to_x0_eps(pred, x, alpha, sigma, "velocity")
+
+
+def test_adapter_to_x0_eps_round_trip(adapter):
+    """The family's own conversion inverts its prediction: build x from known x0, eps at per-sample (alpha, sigma)
+    of the family's schedule, form the exact prediction (epsilon: eps; v: alpha eps - sigma x0; flow: eps - x0)
+    and convert back."""
+    name, a = adapter
+    g = torch.Generator().manual_seed(4)
+    x0, eps = torch.randn(3, 4, 8, 8, generator=g, dtype=torch.float64), torch.randn(3, 4, 8, 8, generator=g,
+                                                                                      dtype=torch.float64)
+    if a.is_flow:
+        sigma = torch.tensor([0.05, 0.5, 0.97], dtype=torch.float64).view(-1, 1, 1, 1)
+        alpha = 1 - sigma
+    else:
+        ab = a.noise_scheduler.alphas_cumprod[torch.tensor([0, 400, 999])].double().view(-1, 1, 1, 1)
+        alpha, sigma = ab.sqrt(), (1 - ab).sqrt()
+    x = alpha * x0 + sigma * eps
+    pred = {"epsilon": eps, "v_prediction": alpha * eps - sigma * x0, "flow": eps - x0}[PREDICTION[name]]
+    got_x0, got_eps = a.to_x0_eps(pred, x, alpha, sigma)
+    torch.testing.assert_close(got_x0, x0, rtol=0, atol=1e-9)
+    torch.testing.assert_close(got_eps, eps, rtol=0, atol=1e-9)

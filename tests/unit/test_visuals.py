@@ -119,7 +119,7 @@ def test_training_curves_have_axis_labels_legend_smoothing_and_one_last_validati
 
     figures = []
     monkeypatch.setattr(plt, "close", lambda fig=None: figures.append(fig))
-    history = [{"step": s, "train/loss": 0.69 - 0.01 * s + 0.02 * (-1) ** s, "train/implicit_acc": 0.5 + 0.01 * s}
+    history = [{"step": s, "train/loss": 0.69 - 0.01 * s + 0.02 * (-1) ** s, "train/rewards/accuracies": 0.5 + 0.01 * s}
                for s in range(1, 21)]
     validation = [{"step": 0, "val/toy_preference": 0.4}, {"step": 10, "val/toy_preference": 0.5},
                   {"step": 20, "val/toy_preference": 0.55}, {"step": 20, "val/toy_preference": 0.55}]
