@@ -20,6 +20,7 @@ accelerate-wrapped network, the same network with its LoRA adapter disabled (ref
 
 from __future__ import annotations
 
+import contextlib
 from contextlib import contextmanager
 from pathlib import Path
 from typing import ClassVar
@@ -162,34 +163,65 @@ class ModelAdapter:
 
     # ---- LoRA ---------------------------------------------------------------------------------
     def add_lora(self, rank: int = 8, alpha: float | None = None, target_modules=DEFAULT_LORA_TARGETS,
-                 init: str | bool = "gaussian", dropout: float = 0.0) -> None:
-        """Attach a peft LoRA adapter to the denoiser; only its parameters require grad, kept in fp32."""
+                 init: str | bool = "gaussian", dropout: float = 0.0, adapter_name: str = "default") -> None:
+        """Attach a peft LoRA adapter to the denoiser; only its parameters require grad, kept in fp32.
+
+        Several named adapters can share one base network (Diffusion-DRO's lagged sampler, Flash-DMD's fake
+        score): `adapter_active(name)` selects the one the forward uses, and each is saved and loaded on its own
+        (`save_lora(..., adapter_name=)`). The first adapter stays active after adding others. peft makes the
+        active adapter's parameters the ones that require grad: an optimizer of another adapter takes that
+        adapter's parameters by name (`lora_parameters(name)`) and trains inside `adapter_active(name)`.
+        """
         from peft import LoraConfig
 
-        self.denoiser.requires_grad_(False)
+        if not getattr(self.denoiser, "_hf_peft_config_loaded", False):
+            self.denoiser.requires_grad_(False)
         config = LoraConfig(r=rank, lora_alpha=alpha if alpha is not None else rank, lora_dropout=dropout,
                             init_lora_weights=init, target_modules=list(target_modules))
-        self.denoiser.add_adapter(config)
-        for p in self.denoiser.parameters():
-            if p.requires_grad:
+        active = self.adapter_names()
+        self.denoiser.add_adapter(config, adapter_name=adapter_name)
+        for name, p in self.denoiser.named_parameters():
+            if f".{adapter_name}." in name and "lora_" in name:
+                p.requires_grad_(True)
                 p.data = p.data.float()  # trainable params in fp32 under mixed precision
+        if active:  # add_adapter activates the new adapter: keep the first one active
+            self.denoiser.set_adapter(active[0])
 
-    def lora_state_dict(self, model: nn.Module | None = None) -> dict[str, Tensor]:
+    def lora_parameters(self, adapter_name: str = "default") -> list[nn.Parameter]:
+        """The parameters of one LoRA adapter (whether or not it is the active one)."""
+        return [p for n, p in self.denoiser.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
+
+    def adapter_names(self) -> list[str]:
+        config = getattr(self.denoiser, "peft_config", None) or {}
+        return list(config)
+
+    @contextlib.contextmanager
+    def adapter_active(self, name: str):
+        """Forwards inside the block use LoRA adapter `name`; the adapter active before is restored after."""
+        net = self.denoiser
+        before = net.active_adapters() if hasattr(net, "active_adapters") else ["default"]
+        net.set_adapter(name)
+        try:
+            yield
+        finally:
+            net.set_adapter(before[0] if len(before) == 1 else before)
+
+    def lora_state_dict(self, model: nn.Module | None = None, adapter_name: str = "default") -> dict[str, Tensor]:
         from diffusers.utils import convert_state_dict_to_diffusers
         from peft.utils import get_peft_model_state_dict
 
         model = getattr(model, "module", model) or self.denoiser
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model))
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=adapter_name))
 
-    def save_lora(self, out_dir: str | Path, model: nn.Module | None = None) -> Path:
+    def save_lora(self, out_dir: str | Path, model: nn.Module | None = None, adapter_name: str = "default") -> Path:
         """diffusers-format `pytorch_lora_weights.safetensors`, loadable with `pipe.load_lora_weights(out_dir)`."""
         out = Path(out_dir)
-        type(self.pipe).save_lora_weights(out, **{self.lora_layers_kwarg: self.lora_state_dict(model)},
+        type(self.pipe).save_lora_weights(out, **{self.lora_layers_kwarg: self.lora_state_dict(model, adapter_name)},
                                           safe_serialization=True)
         return out
 
-    def load_lora_into_denoiser(self, lora_dir: str | Path) -> None:
-        """Load a saved adapter's weights into the attached (trainable) adapter, for resume."""
+    def load_lora_into_denoiser(self, lora_dir: str | Path, adapter_name: str = "default") -> None:
+        """Load a saved adapter's weights into the attached (trainable) adapter `adapter_name`, for resume."""
         from peft import set_peft_model_state_dict
         from safetensors.torch import load_file
 
@@ -198,7 +230,8 @@ class ModelAdapter:
         sd = {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
         from diffusers.utils import convert_unet_state_dict_to_peft
 
-        result = set_peft_model_state_dict(self.denoiser, convert_unet_state_dict_to_peft(sd), adapter_name="default")
+        result = set_peft_model_state_dict(self.denoiser, convert_unet_state_dict_to_peft(sd),
+                                           adapter_name=adapter_name)
         if result is not None and getattr(result, "unexpected_keys", None):
             raise RuntimeError(f"unexpected LoRA keys in {lora_dir}: {result.unexpected_keys[:5]}")
 

@@ -162,3 +162,44 @@ def test_adapter_to_x0_eps_round_trip(adapter):
     got_x0, got_eps = a.to_x0_eps(pred, x, alpha, sigma)
     torch.testing.assert_close(got_x0, x0, rtol=0, atol=1e-9)
     torch.testing.assert_close(got_eps, eps, rtol=0, atol=1e-9)
+
+
+def test_two_named_lora_adapters_share_one_base_and_save_separately(tmp_path):
+    """A second adapter ("lagged") on the same UNet: the first stays active, each adapter's forward equals diffusers
+    loading that adapter's saved file into a fresh pipeline, and the two files differ."""
+    import torch
+    from diffusers import DiffusionPipeline
+
+    from imgalign.models.adapters import load_adapter
+    from imgalign.models.tiny import save_tiny_pipeline
+
+    base = save_tiny_pipeline("sd15", tmp_path / "sd15")
+    adapter = load_adapter(base)
+    adapter.freeze_all()
+    adapter.add_lora(rank=4)
+    adapter.add_lora(rank=4, adapter_name="lagged")
+    assert adapter.adapter_names() == ["default", "lagged"]
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for name in ("default", "lagged"):
+            for p in adapter.lora_parameters(name):
+                p.add_(0.05 * torch.randn_like(p))
+    assert adapter.denoiser.active_adapters() == ["default"]
+    adapter.save_lora(tmp_path / "default")
+    adapter.save_lora(tmp_path / "lagged", adapter_name="lagged")
+
+    x = torch.randn(1, 4, 4, 4)
+    cond = adapter.encode_prompts(["a red circle"])
+    t = torch.tensor([500])
+    with torch.no_grad():
+        out_default = adapter.predict(adapter.denoiser, x, t, cond)
+        with adapter.adapter_active("lagged"):
+            out_lagged = adapter.predict(adapter.denoiser, x, t, cond)
+        assert torch.equal(adapter.predict(adapter.denoiser, x, t, cond), out_default)  # restored after the block
+    assert (out_default - out_lagged).abs().max() > 1e-4
+    for name, expected in (("default", out_default), ("lagged", out_lagged)):
+        pipe = DiffusionPipeline.from_pretrained(base)
+        pipe.load_lora_weights(str(tmp_path / name))
+        with torch.no_grad():
+            got = adapter.predict(pipe.unet, x, t, cond)  # the adapter's forward, on diffusers' loaded UNet
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
