@@ -114,8 +114,11 @@ def build_parser() -> argparse.ArgumentParser:
                                 epilog="--debug (anywhere): show the traceback of a user error")
     sub = p.add_subparsers(dest="command", required=True)
 
-    t = sub.add_parser("train", help="train with one method: imgalign train diffusion-dpo --config FILE key=value ...")
-    t.add_argument("method", help="diffusion-dpo, ...")
+    from imgalign.recipes import RECIPES, describe
+
+    t = sub.add_parser("train", help="train with one method: imgalign train diffusion-dpo --config FILE key=value ...",
+                       description="Methods:\n" + describe(), formatter_class=argparse.RawDescriptionHelpFormatter)
+    t.add_argument("method", help="one of: " + ", ".join(RECIPES))
     t.add_argument("--config", help="YAML config file (configs/<method>/<family>.yaml)")
     t.add_argument("--help-config", action="store_true", help="list every config key with its type, default and help")
     t.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-5 run.max_steps=100")

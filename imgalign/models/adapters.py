@@ -28,6 +28,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
+from imgalign.errors import UserError
 from imgalign.sampling.noise import to_x0_eps
 
 Cond = dict[str, Tensor]
@@ -433,6 +434,41 @@ def adapter_for_pipeline(pipe, **kw) -> ModelAdapter:
     return ADAPTERS[name](pipe, **kw)
 
 
+class ModelLoadError(UserError, OSError):
+    """A model that is neither a local folder nor reachable on the hub (or in its cache)."""
+
+
+def _hub_reachable_or_cached(model: str) -> bool:
+    """-> local_files_only for a hub id: True when it is in the local cache; False when the hub answers. Fails
+    at once (no minute of download retries) when the id is neither cached nor reachable."""
+    import os
+
+    from diffusers import DiffusionPipeline
+
+    try:
+        DiffusionPipeline.load_config(model, local_files_only=True)
+        return True
+    except Exception:  # noqa: BLE001 - not in the cache: ask the hub below
+        pass
+    fix = (f"download it where there is network (`huggingface-cli download {model} --local-dir DIR`) and pass "
+           "DIR instead of the hub id")
+    if os.environ.get("HF_HUB_OFFLINE", "") not in ("", "0"):
+        raise ModelLoadError(f"model {model!r} is not a local folder and not in the Hugging Face cache, and "
+                             f"HF_HUB_OFFLINE is set; {fix}")
+    from huggingface_hub import HfApi
+    from huggingface_hub.errors import RepositoryNotFoundError
+
+    try:
+        HfApi().model_info(model, timeout=10)
+    except RepositoryNotFoundError:
+        raise ModelLoadError(f"model {model!r}: no such local folder, and no such model on the Hugging Face Hub "
+                             "(or it is gated: log in with `huggingface-cli login`); check the path or id") from None
+    except Exception as e:  # noqa: BLE001 - connection refused, DNS, timeout: offline
+        raise ModelLoadError(f"model {model!r} is not a local folder or cached, and the Hugging Face Hub cannot be "
+                             f"reached ({type(e).__name__}); {fix}") from None
+    return False
+
+
 def load_adapter(model: str, dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  variant: str | None = None, drop_t5: bool = False, local_files_only: bool | None = None,
                  **adapter_kw) -> ModelAdapter:
@@ -448,6 +484,8 @@ def load_adapter(model: str, dtype: torch.dtype = torch.float32, device: str | t
         kwargs["variant"] = variant
     if Path(model).exists():
         local_files_only = True
+    elif not local_files_only:
+        local_files_only = _hub_reachable_or_cached(model)
     if local_files_only is not None:
         kwargs["local_files_only"] = local_files_only
     try:
@@ -460,8 +498,8 @@ def load_adapter(model: str, dtype: torch.dtype = torch.float32, device: str | t
             kwargs.update(text_encoder_3=None, tokenizer_3=None)
         pipe = DiffusionPipeline.from_pretrained(model, **kwargs)
     except OSError as e:
-        raise OSError(
-            f"could not load the pipeline {model!r}: {e}\n"
+        raise ModelLoadError(
+            f"could not load the pipeline {model!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}. "
             "If this machine has no network, download the model elsewhere (e.g. `huggingface-cli download "
             f"{model} --local-dir DIR`) and pass the local directory instead of the hub id."
         ) from e

@@ -2,19 +2,31 @@
 
 import importlib
 
+# method -> (module, one line for `imgalign train --help`)
 RECIPES = {
-    "diffusion-dpo": "imgalign.recipes.diffusion_dpo",
-    "llm-dpo": "imgalign.recipes.llm_dpo",
-    "self-npo": "imgalign.recipes.self_npo",
-    "pref-grpo": "imgalign.recipes.pref_grpo",
+    "diffusion-dpo": ("imgalign.recipes.diffusion_dpo",
+                      "Diffusion-DPO on preference pairs, with every loss of the core (IPO, hinge, robust, f-DPO, ...)"),
+    "self-npo": ("imgalign.recipes.self_npo",
+                 "Self-NPO: a negative model from the model's own samples, for NPO guidance at generation"),
+    "pref-grpo": ("imgalign.recipes.pref_grpo",
+                  "Pref-GRPO (pairwise win rates in a group); pointwise Flow-GRPO and DDPO as configurations"),
+    "llm-dpo": ("imgalign.recipes.llm_dpo", "DPO-family losses on a causal language model (the shared loss core)"),
 }
+
+
+def describe() -> str:
+    """Every method with its line, for help texts."""
+    width = max(map(len, RECIPES)) + 2
+    return "\n".join(f"  {name:<{width}}{line}" for name, (_, line) in RECIPES.items())
 
 
 def get_recipe(name: str):
     if name not in RECIPES:
         import difflib
 
+        from imgalign.errors import UserError
+
         close = difflib.get_close_matches(name, RECIPES, n=1)
         hint = f"; did you mean '{close[0]}'?" if close else ""
-        raise SystemExit(f"unknown method '{name}'{hint} Available: {', '.join(RECIPES)}")
-    return importlib.import_module(RECIPES[name])
+        raise UserError(f"unknown method '{name}'{hint} Available:\n{describe()}")
+    return importlib.import_module(RECIPES[name][0])

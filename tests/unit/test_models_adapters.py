@@ -203,3 +203,32 @@ def test_two_named_lora_adapters_share_one_base_and_save_separately(tmp_path):
         with torch.no_grad():
             got = adapter.predict(pipe.unet, x, t, cond)  # the adapter's forward, on diffusers' loaded UNet
         torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+
+
+def test_offline_hub_id_fails_at_once_with_one_message(monkeypatch):
+    """HF_HUB_OFFLINE set and the id not cached: a ModelLoadError (a user error: exit 2, no traceback) before any
+    download is tried, naming the id and the fix."""
+    from huggingface_hub import HfApi
+
+    from imgalign.errors import UserError
+    from imgalign.models.adapters import ModelLoadError
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(HfApi, "model_info", lambda *a, **k: pytest.fail("the hub was asked while offline"))
+    with pytest.raises(ModelLoadError, match="no-such-org/offline-model.*HF_HUB_OFFLINE.*--local-dir") as err:
+        load_adapter("no-such-org/offline-model")
+    assert isinstance(err.value, UserError)
+
+
+def test_unreachable_hub_fails_at_once_with_one_message(monkeypatch):
+    from huggingface_hub import HfApi
+
+    from imgalign.models.adapters import ModelLoadError
+
+    def refused(*a, **k):
+        raise ConnectionError("connection refused")
+
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setattr(HfApi, "model_info", refused)
+    with pytest.raises(ModelLoadError, match="cannot be reached \\(ConnectionError\\)"):
+        load_adapter("no-such-org/unreachable-model")
