@@ -80,9 +80,23 @@ def make_accelerator(run: RunConfig, project: str):
         project_config=ProjectConfiguration(project_dir=str(out), logging_dir=str(out / "logs")),
     )
     set_seed(run.seed + accelerator.process_index)
+    if _single_process_from_a_multi_process_launch(accelerator):
+        print("warning: accelerate launch was asked for several processes but started one (without GPUs, "
+              "`accelerate launch --cpu --num_processes N` runs a single process); for N CPU processes use "
+              "`torchrun --nproc_per_node N -m imgalign.cli train ...` (gloo)", flush=True)
     if log_with:
         accelerator.init_trackers(project)
     return accelerator
+
+
+def _single_process_from_a_multi_process_launch(accelerator) -> bool:
+    """accelerate's simple launcher sets MASTER_ADDR/MASTER_PORT when it was asked for more than one process, but
+    starts one process (no WORLD_SIZE) when it cannot run them, e.g. `--cpu` without `--multi_cpu` backends."""
+    import os
+
+    env = os.environ
+    return (accelerator.num_processes == 1 and "MASTER_ADDR" in env and "WORLD_SIZE" not in env
+            and "ACCELERATE_MIXED_PRECISION" in env)
 
 
 def weight_dtype(accelerator) -> torch.dtype:

@@ -169,3 +169,18 @@ def test_llm_dpo_two_processes_equal_one_with_accumulation(tmp_path):
     w = "adapter_model.safetensors"
     assert_same_run(h1, h2, load_file(str(tmp_path / "one" / w)), load_file(str(tmp_path / "two" / w)))
     assert_complete_checkpoints(tmp_path / "two")
+
+
+def test_accelerate_launch_cpu_starting_one_process_is_reported(tmp_path):
+    """`accelerate launch --cpu --num_processes 2` starts one process (accelerate's behaviour): the run says so."""
+    from imgalign.llm.synthetic import build_sort_assets
+
+    assets = build_sort_assets(tmp_path / "assets", n_train=16, n_heldout=4, seed=0)
+    cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--cpu", "--num_processes", "2", "-m",
+           "imgalign.cli", "train", "llm-dpo", f"model.pretrained={assets['model']}", f"data.source={assets['train']}",
+           "data.max_length=32", "data.max_prompt_length=16", f"run.output_dir={tmp_path / 'run'}", "run.max_steps=1",
+           "run.batch_size=4", "run.progress=false", "run.log_with=none", "lora.rank=4"]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "x 1 procs" in proc.stdout and "started one" in proc.stdout
