@@ -14,7 +14,9 @@ A recipe declares its schema as plain nested dataclasses whose fields carry a he
     cfg = load_config(DPOConfig, "configs/diffusion_dpo/sd15.yaml", ["train.lr=2e-5"])
 
 `load_config` merges, in order: the schema defaults, the YAML file, the command-line overrides (each
-`dotted.key=value`, the value parsed as YAML). It is strict: an unknown key, a value of the wrong type, a
+`dotted.key=value`, the value parsed as YAML). Relative paths in a YAML file are taken from the current folder,
+or, where they exist only there, from the project folder holding `configs/` (so shipped configs run from
+anywhere); relative paths on the command line are taken from the current folder. It is strict: an unknown key, a value of the wrong type, a
 value outside a `Literal[...]` or a required value left unset (`MISSING`) is a `ConfigError` naming the
 dotted key, where it came from and the fix. OmegaConf does the merging and type conversion (so `${...}`
 interpolations work, `5000` is accepted for a float and `"1e-5"` becomes 1e-05); this module turns its
@@ -292,6 +294,30 @@ def _merge_checked(base: DictConfig, data: Any, schema_cls: type, source: str) -
         raise ConfigError(f"invalid config in {source}: {e}") from None
 
 
+def _project_root(config_path: str) -> Path | None:
+    """The folder holding `configs/` above a config file (the repository of a shipped config), if any."""
+    for folder in Path(config_path).resolve().parents:
+        if (folder / "configs").is_dir() and Path(config_path).resolve().is_relative_to(folder / "configs"):
+            return folder
+    return None
+
+
+def _resolve_relative_paths(data: Any, root: Path | None) -> Any:
+    """Relative paths in a config file are taken from the current folder; one that does not exist there but does
+    under the project root (the folder holding configs/, e.g. `assets/toy/sd` in a shipped config) is made
+    absolute, so a shipped config works from any folder. Other strings (hub ids) are left alone."""
+    if root is None:
+        return data
+    if isinstance(data, dict):
+        return {k: _resolve_relative_paths(v, root) for k, v in data.items()}
+    if isinstance(data, list):
+        return [_resolve_relative_paths(v, root) for v in data]
+    if isinstance(data, str) and data and not data.startswith(("/", "~", "$")) and "/" in data:
+        if not Path(data).exists() and (root / data).exists():
+            return str(root / data)
+    return data
+
+
 def _parse_override(item: str) -> dict:
     if "=" not in item:
         raise ConfigError(
@@ -332,7 +358,7 @@ def load_config(schema_cls: type, path: str | os.PathLike | None = None, overrid
             file_cfg = OmegaConf.load(path)
         except Exception as e:
             raise ConfigError(f"cannot parse YAML config file {path}: {e}") from None
-        data = OmegaConf.to_container(file_cfg, resolve=False)
+        data = _resolve_relative_paths(OmegaConf.to_container(file_cfg, resolve=False), _project_root(path))
         cfg = _merge_checked(cfg, data, schema_cls, path)
     for item in overrides:
         cfg = _merge_checked(cfg, _parse_override(item), schema_cls, f"{COMMAND_LINE} override {item!r}")

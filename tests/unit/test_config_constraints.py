@@ -5,6 +5,7 @@ with the key in the message; the CLI turns that into one `error:` line and exit 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import pytest
@@ -192,3 +193,18 @@ def test_cli_refuses_before_loading_a_model(monkeypatch, capsys, pairs, extra, k
     error_lines = [line for line in err.splitlines() if line.startswith("error:")]
     assert len(error_lines) == 1 and key in error_lines[0]
     assert "Traceback" not in err
+
+
+def test_shipped_config_paths_resolve_from_another_folder(tmp_path, monkeypatch):
+    """configs/pref_grpo/toy.yaml names assets/toy/... relative to the repository: it loads from any folder, and a
+    path that exists in the current folder wins."""
+    from imgalign.recipes import pref_grpo
+
+    repo = Path(__file__).resolve().parents[2]
+    monkeypatch.chdir(tmp_path)
+    cfg = load_config(pref_grpo.Config, repo / "configs" / "pref_grpo" / "toy.yaml")
+    assert Path(cfg.model.pretrained).is_absolute() and Path(cfg.model.pretrained).is_dir()
+    assert Path(cfg.model.pretrained) == repo / "assets" / "toy" / "sd"
+    (tmp_path / "assets" / "toy" / "sd").mkdir(parents=True)  # a local folder of the same name is taken instead
+    cfg = load_config(pref_grpo.Config, repo / "configs" / "pref_grpo" / "toy.yaml")
+    assert cfg.model.pretrained == "assets/toy/sd"
