@@ -37,6 +37,7 @@ def run_mode(mode: str, pipeline: str, pairs: int, steps: int, res: int) -> dict
 
     from imgalign.models.adapters import adapters_disabled, load_adapter, repeat_cond
     from imgalign.recipes import diffusion_dpo
+    from imgalign.train.seeding import sample_generators
 
     torch.manual_seed(0)
     accelerator = Accelerator()
@@ -78,8 +79,9 @@ def run_mode(mode: str, pipeline: str, pairs: int, steps: int, res: int) -> dict
         t0 = clock()
         if mode == "bare":
             bare_step(gen)
-        else:
-            loss, _ = diffusion_dpo._step(adapter, model, None, batch, gen, cfg, accelerator)
+        else:  # the recipe draws per pair, from (seed, step, position) generators
+            gens = sample_generators(0, "dpo", i, list(range(pairs)))
+            loss, _ = diffusion_dpo._step(adapter, model, None, batch, gens, cfg, accelerator)
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)

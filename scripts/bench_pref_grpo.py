@@ -44,16 +44,24 @@ def bench_cost(args) -> dict:
         model = str(save_tiny_pipeline(args.family, Path(tempfile.mkdtemp()) / args.family))
     adapter = load_adapter(model)
     adapter.denoiser.eval()
-    sample = SampleConfig(num_steps=args.steps, guidance_scale=args.guidance, resolution=args.resolution,
-                          batch_size=args.batch)
+    # FLUX's pipeline has no CFG branch (its guidance is an embedding): the rollout then samples without CFG too
+    # (sample.guidance_scale=1, as configs/pref_grpo/flux.yaml), at the adapter's embedded guidance
+    flux = adapter.family == "flux"
+    pipe_guidance = adapter.flux_guidance if flux else args.guidance
+    sample = SampleConfig(num_steps=args.steps, guidance_scale=1.0 if flux else args.guidance,
+                          resolution=args.resolution, batch_size=args.batch)
     sampler = make_sampler(adapter, sample)
     prompts = ["a red circle above a blue square on a white background"] * args.batch
+
+    # the same work on both sides: the rollout encodes prompts with the adapter's T5 length (SD3/FLUX), so the
+    # pipeline call gets the same max_sequence_length (its default, 256, would encode twice the tokens)
+    extra = {"max_sequence_length": adapter.max_sequence_length} if adapter.is_flow else {}
 
     def plain():
         gen = torch.Generator().manual_seed(0)
         with torch.no_grad():
-            adapter.pipe(prompt=prompts, num_inference_steps=args.steps, guidance_scale=args.guidance,
-                         height=args.resolution, width=args.resolution, generator=gen, output_type="pt")
+            adapter.pipe(prompt=prompts, num_inference_steps=args.steps, guidance_scale=pipe_guidance,
+                         height=args.resolution, width=args.resolution, generator=gen, output_type="pt", **extra)
 
     def with_logprobs():
         rollout(adapter, adapter.denoiser, sampler, prompts, list(range(args.batch)), sample, torch.float32)
@@ -61,19 +69,21 @@ def bench_cost(args) -> dict:
     for fn in (plain, with_logprobs):  # warm-up
         fn()
     times = {"plain": [], "rollout": []}
-    for _ in range(args.repeats):  # interleaved, so background load hits both alike
+    # CPU time of this process (wall clock on a shared machine measures the neighbours too); interleaved repeats
+    clock = time.process_time if adapter.device.type == "cpu" else time.perf_counter
+    for _ in range(args.repeats):
         for name, fn in (("plain", plain), ("rollout", with_logprobs)):
-            t0 = time.perf_counter()
+            t0 = clock()
             fn()
-            times[name].append(time.perf_counter() - t0)
+            times[name].append(clock() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
     ratios = sorted(r / p for r, p in zip(times["rollout"], times["plain"]))
     out = {"model": model, "family": adapter.family, "steps": args.steps, "batch": args.batch,
-           "resolution": args.resolution, "cfg": args.guidance, "threads": torch.get_num_threads(),
+           "resolution": args.resolution, "cfg": args.guidance, "threads": torch.get_num_threads(), "clock": clock.__name__,
            "plain_s": med["plain"], "rollout_s": med["rollout"], "ratio_of_medians": med["rollout"] / med["plain"],
            "ratio_min": ratios[0], "ratio_max": ratios[-1]}
     print(f"[cost] {adapter.family} ({model}), {args.steps} steps, batch {args.batch}, {args.resolution}px, "
-          f"CFG {args.guidance:g}: pipeline {med['plain'] * 1e3:.1f} ms, rollout+log-probs {med['rollout'] * 1e3:.1f} ms"
+          f"CFG {sample.guidance_scale:g}: pipeline {med['plain'] * 1e3:.1f} ms, rollout+log-probs {med['rollout'] * 1e3:.1f} ms"
           f" -> ratio {out['ratio_of_medians']:.3f}x (per-repeat range {ratios[0]:.3f}-{ratios[-1]:.3f}, "
           f"{args.repeats} repeats)")
     return out
