@@ -219,6 +219,17 @@ class PreferencePairs:
             "winner_is_jpg_0": True,
         }
 
+    def caption(self, index: int) -> str:
+        """The caption of pair `index`."""
+        return self._chunks[self._chunk_ids[index]].caption(int(self._rows[index]))
+
+    def image(self, index: int, winner: bool = True) -> Image.Image:
+        """The winner's (or the loser's) image of pair `index` alone, decoded once (a tie's winner is jpg_0)."""
+        chunk = self._chunks[self._chunk_ids[index]]
+        jpg_0_wins = float(self._labels[index]) != 0.0
+        column = "jpg_0" if jpg_0_wins == winner else "jpg_1"
+        return _load_image(chunk, int(self._rows[index]), column, **self.image_options)
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         item = self.raw_item(index)
         if self.transform is not None:
