@@ -9,7 +9,6 @@ import math
 from pathlib import Path
 
 import pytest
-import torch
 
 from imgalign.config import load_config
 from imgalign.recipes import RECIPES, get_recipe
@@ -20,21 +19,6 @@ SHIPPED = [(method, path) for method, folder in CONFIG_DIRS.items()
            for path in sorted((REPO / "configs" / folder).glob("*.yaml"))]
 FAMILY = {"sd15": "sd15", "sd2": "sd2-v", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
 RESULT_KEYS = {"steps", "history", "validation", "seconds", "output_dir"}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def llm_assets(tmp_path_factory):
-    from imgalign.llm.synthetic import build_sort_assets
-
-    return build_sort_assets(tmp_path_factory.mktemp("llm"), n_train=16, n_heldout=4, seed=0)
 
 
 def test_every_recipe_has_shipped_configs():

@@ -216,10 +216,14 @@ def test_unknown_config_key_names_the_closest(tiny_pipelines, tmp_path):
     assert proc.returncode == 2 and "did you mean 'optim.lr'" in proc.stderr and "command line" in proc.stderr
 
 
-def test_shipped_configs_parse():
+def test_shipped_configs_parse(tiny_pairs):
+    import yaml
+
     for path in sorted(Path("configs/diffusion_dpo").glob("*.yaml")):
-        cfg = load_config(diffusion_dpo.Config, path)
-        assert cfg.loss.beta > 0 and cfg.model.pretrained
+        # the toy configs read the pairs `make demo` writes under outputs/: a stand-in file takes their place here
+        written_later = yaml.safe_load(path.read_text())["data"]["source"].startswith("outputs/")
+        cfg = load_config(diffusion_dpo.Config, path, [f"data.source={tiny_pairs}"] if written_later else [])
+        assert cfg.loss.resolved_beta > 0 and cfg.model.pretrained
 
 
 def test_two_process_run_saves_every_rank_state(tiny_pipelines, tiny_pairs, tmp_path):
@@ -259,3 +263,120 @@ def test_generate_and_env_commands(tiny_pipelines, tmp_path):
     assert len(list((tmp_path / "gen").glob("*.png"))) == 4
     assert (tmp_path / "gen" / "prompts.txt").read_text().splitlines() == ["a red circle"] * 2 + ["a blue square"] * 2
     assert main(["env"]) == 0
+
+
+# ---- MaPO (reference-free, pairs) and Diffusion-KTO (unpaired images) ------------------------------------------
+
+
+def assert_every_lora_param_changed(base_dir: str, out: Path, rank: int = 4):
+    """B starts at 0, A at a seeded gaussian: compare the saved LoRA with a fresh adapter."""
+    from imgalign.models.adapters import load_adapter
+
+    fresh = load_adapter(base_dir)
+    fresh.add_lora(rank=rank)
+    trained, initial = lora_weights(out), fresh.lora_state_dict()
+    assert trained and len(trained) == len(initial)
+    unchanged = [k for k, v in trained.items() if torch.equal(v, initial.get(k, initial.get(k.split(".", 1)[1])))]
+    assert not unchanged, f"LoRA params that did not change: {unchanged[:5]}"
+
+
+def test_mapo_is_reference_free_and_trains_every_lora_param(tiny_pipelines, tiny_pairs, tmp_path, monkeypatch, capsys):
+    """loss.loss_type=[mapo]: no reference forward (the adapter is never disabled), beta is MaPO's (0.1 by default),
+    the banner says so, and 2 steps change every LoRA parameter."""
+    from imgalign.models import adapters
+
+    def no_reference(*args, **kwargs):
+        raise AssertionError("MaPO is reference-free: the recipe ran a reference forward")
+
+    monkeypatch.setattr(adapters, "adapters_disabled", no_reference)
+    monkeypatch.setattr(diffusion_dpo, "adapters_disabled", no_reference)
+    base, out = tiny_pipelines("sd15"), tmp_path / "mapo"
+    cfg = make_cfg(base, tiny_pairs, out, "loss.loss_type=[mapo]", "loss.params={snr_value: 0.5}", "run.max_steps=2",
+                   "run.checkpoint_every=0")
+    assert cfg.loss.beta is None and cfg.loss.resolved_beta == pytest.approx(0.1)
+    hist = diffusion_dpo.train(cfg)["history"]
+    assert "reference-free (no reference forward)" in capsys.readouterr().out
+    assert [h["step"] for h in hist] == [1, 2] and all(math.isfinite(h["train/loss"]) for h in hist)
+    first = hist[0]
+    assert "train/ref_err_w" not in first  # nothing of a reference is logged
+    # MaPO's rewards f(err) = s err / (exp(s err) - 1) lie in (0, 1], decreasing in the error
+    assert 0 < first["train/rewards/chosen"] <= 1 and 0 < first["train/rewards/rejected"] <= 1
+    assert first["train/rewards/margins"] == pytest.approx(
+        first["train/rewards/chosen"] - first["train/rewards/rejected"], abs=1e-6)
+    # the loss is L_w - beta * logsig(.) >= the winners' error
+    assert first["train/loss"] >= first["train/model_err_w"] - 1e-6
+    assert_every_lora_param_changed(base, out)
+
+
+def _square(colour, seed: int):
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(seed)
+    arr = torch.full((40, 48, 3), 255, dtype=torch.uint8)
+    arr[8:32, 10:34] = torch.tensor(colour, dtype=torch.uint8)
+    arr = (arr.int() + torch.randint(-10, 10, arr.shape, generator=g)).clamp(0, 255).to(torch.uint8)
+    return Image.fromarray(arr.numpy())
+
+
+def test_kto_on_unpaired_images_step0_loss_is_analytic(tiny_pipelines, tmp_path, capsys):
+    """Diffusion-KTO on a JSONL of 6 unpaired images (rows 0-3 red, desirable; rows 4-5 blue, undesirable), batch 6:
+    step 1 sees every image once, before any update. A fresh LoRA (B = 0) makes the policy the reference, so every
+    implicit reward g = err_ref - err is 0 and the reference point z = max(0, mean g) = 0. With lambda_d = 1 and
+    lambda_u = 2 a desirable image costs lambda_d (1 - sigma(beta (0 - 0))) = 1 * (1 - 1/2) = 0.5 and an undesirable
+    one lambda_u (1 - sigma(-beta (0 - 0))) = 2 * 0.5 = 1.0, so the step-1 loss (the mean over images) is
+    (4 * 0.5 + 2 * 1.0) / 6 = 2/3 = 0.666667; every image is on z: rewards/accuracies 0.5, kl 0, margins 0."""
+    from imgalign.data import write_unpaired_jsonl
+
+    rows = [("a red square", _square((220, 30, 30), i), True) for i in range(4)]
+    rows += [("a red square", _square((30, 30, 220), 10 + i), False) for i in range(2)]
+    data = write_unpaired_jsonl(tmp_path / "data" / "unpaired.jsonl", tmp_path / "data" / "images", rows)
+    base, out = tiny_pipelines("sd15"), tmp_path / "kto"
+    hist = diffusion_dpo.train(make_cfg(base, data, out, "loss.loss_type=[kto]", "run.batch_size=6", "run.max_steps=2",
+                                        "run.checkpoint_every=0", "loss.params={lambda_d: 1.0, lambda_u: 2.0}"))["history"]
+    banner = capsys.readouterr().out
+    assert "kept 4 desirable + 2 undesirable images" in banner and "6 images/step" in banner
+    first = hist[0]
+    assert first["train/loss"] == pytest.approx(2 / 3, abs=1e-6)
+    assert first["train/rewards/accuracies"] == 0.5 and first["train/kl"] == 0.0
+    assert first["train/rewards/margins"] == pytest.approx(0.0, abs=1e-9)
+    assert math.isfinite(hist[1]["train/loss"])
+    assert_every_lora_param_changed(base, out)
+
+
+def test_kto_on_split_pairs_with_cached_latents(tiny_pipelines, tiny_pairs, tmp_path, capsys):
+    """Pairs split into unpaired images: the first 4 rows of tiny_pairs (4 decided pairs) give 4 desirable winners and
+    4 undesirable losers; batch 8 = all of them in step 1. At a fresh LoRA g = 0 and z = 0 (see above), so with
+    lambda_d = 1, lambda_u = 0.5 the step-1 loss is (4 * 1 * 0.5 + 4 * 0.5 * 0.5) / 8 = 3/8 = 0.375."""
+    hist = diffusion_dpo.train(make_cfg(tiny_pipelines("sd15"), tiny_pairs, tmp_path / "kto", "loss.loss_type=[kto]",
+                                        "data.max_rows=4", "run.batch_size=8", "run.max_steps=2", "run.checkpoint_every=0",
+                                        "data.cache_latents=true", "loss.params={lambda_d: 1.0, lambda_u: 0.5}"))["history"]
+    assert "split into 4 desirable + 4 undesirable images" in capsys.readouterr().out
+    assert hist[0]["train/loss"] == pytest.approx(0.375, abs=1e-6)
+    assert hist[0]["train/rewards/accuracies"] == 0.5
+    assert all(math.isfinite(h["train/loss"]) for h in hist)
+
+
+def test_mapo_and_kto_config_errors(tiny_pipelines, tiny_pairs, tmp_path):
+    """Names, parameters, ties and layouts are checked before any model loads, naming the key and the fix."""
+    from imgalign.data import write_unpaired_jsonl
+
+    def cfg(*extra):
+        return load_config(diffusion_dpo.Config, None, ["model.pretrained=x", f"data.source={tiny_pairs}", *extra])
+
+    # beta null: the selected loss's default (the DPO family's paper convention, MaPO's, Diffusion-KTO's)
+    assert cfg().loss.resolved_beta == 5000.0 and cfg("loss.loss_type=[kto]").loss.resolved_beta == 1000.0
+    assert cfg("loss.loss_type=[mapo]", "loss.beta=0.5").loss.resolved_beta == 0.5
+    with pytest.raises(ConfigError, match=r"loss\.loss_type: unknown loss type 'mapoo'; did you mean 'mapo'"):
+        cfg("loss.loss_type=[mapoo]")
+    with pytest.raises(ConfigError, match=r"loss\.loss_type: kto is trained alone"):
+        cfg("loss.loss_type=[kto,sigmoid]")
+    with pytest.raises(ConfigError, match=r"loss\.params: parameter 'lambda_w'.*did you mean 'lambda_u'.*lambda_d"):
+        cfg("loss.loss_type=[kto]", "loss.params={lambda_w: 1.0}")
+    with pytest.raises(ConfigError, match=r"data\.keep_ties=true.*\[kto\].*data\.keep_ties=false"):
+        cfg("loss.loss_type=[kto]", "data.keep_ties=true")
+    with pytest.raises(ConfigError, match=r"data\.layout=unpaired.*loss\.loss_type=\[kto\]"):
+        cfg("data.layout=unpaired")
+    # an unpaired JSONL is detected by its keys: with a pair loss it is refused before the model loads
+    data = write_unpaired_jsonl(tmp_path / "u.jsonl", tmp_path / "img", [("a red square", _square((220, 30, 30), 0), 1)])
+    with pytest.raises(ConfigError, match=r"unpaired images.*loss\.loss_type=\[kto\]"):
+        diffusion_dpo.train(make_cfg("no/such/model", str(data), tmp_path / "r"))

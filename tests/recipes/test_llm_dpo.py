@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -221,3 +222,84 @@ def test_recipe_is_registered_and_shipped_configs_parse():
     for path in paths:
         cfg = load_config(llm_dpo.Config, path)
         assert cfg.loss.beta > 0 and cfg.model.pretrained and cfg.data.source
+
+
+# ---- unpaired losses: KTO and BCO -----------------------------------------------------------------------------
+
+
+def unpaired_rows(n: int, seed: int) -> list[dict]:
+    """One completion per prompt of the sort task (TRL's unpaired layout): even rows the sorted answer (label true),
+    odd rows a swapped one (label false)."""
+    return [{"prompt": r["prompt"], "completion": r["chosen"] if i % 2 == 0 else r["rejected"], "label": i % 2 == 0}
+            for i, r in enumerate(sort_task(n, seed=seed))]
+
+
+@pytest.mark.parametrize("source", ["unpaired", "pairs"])
+@pytest.mark.parametrize("loss", ["kto", "bco"])
+def test_unpaired_losses_train_on_unpaired_rows_and_split_pairs(loss, source, sort_assets, tmp_path):
+    """kto and bco, 2 steps, on unpaired rows and on the sort pairs split in two (chosen desirable, rejected not).
+
+    Step 1 runs before any update: the LoRA is zero, so every log-ratio r = l - lR is 0, and so is kto's reference
+    point z = max(0, mean r over the mismatched pairs) and bco's delta (the running mean of batch-mean rewards 0).
+    kto: each item costs 1 - sigma(beta * (0 - 0)) = 1 - 1/2 = 0.5, so the loss is 0.5;
+    bco: each item costs -log sigma(+-(0 - 0)) = log 2 = 0.693147. Every item sits on its reference point:
+    rewards/accuracies 0.5."""
+    data = sort_assets["train"] if source == "pairs" else write_jsonl(unpaired_rows(128, seed=3), tmp_path / "u.jsonl")
+    out = tmp_path / "run"
+    result = llm_dpo.train(make_cfg(sort_assets, out, f"data.source={data}", "run.max_steps=2",
+                                    f"loss.loss_type=[{loss}]"))
+    hist = result["history"]
+    assert hist[0]["train/loss"] == pytest.approx(0.5 if loss == "kto" else math.log(2), abs=1e-6)
+    assert hist[0]["train/rewards/accuracies"] == 0.5
+    assert all(math.isfinite(h["train/loss"]) for h in hist)
+    assert ("train/kl" in hist[0]) == (loss == "kto") and ("train/delta" in hist[0]) == (loss == "bco")
+    # held-out evaluation still sees pairs (data.eval_source): untouched LoRA -> 0.5
+    assert result["validation"][0]["eval/pref_acc"] == 0.5
+    trained = load_file(str(out / "adapter_model.safetensors"))
+    initial = initial_lora(sort_assets)
+    unchanged = [k for k in trained if torch.equal(trained[k], initial[k])]
+    assert trained.keys() == initial.keys() and not unchanged, unchanged[:5]
+    if loss == "bco":  # delta is run state: saved with the checkpoint, resumed from it
+        state = json.loads((out / "checkpoint-2" / "bco_running.json").read_text())
+        assert state["count"] == 2 and math.isfinite(state["mean"])
+
+
+def test_unpaired_rows_split_pairs_and_mismatched_batch():
+    """Pairs split into unpaired items (chosen 1, rejected 0); kto's mismatched batch pairs prompt i with response
+    i - 1 (item 0 with the last), TRL's rotation."""
+    from imgalign.llm.data import collate_unpaired, unpair_items
+
+    items = [{"prompt_ids": [1, 2], "response_ids": [[5], [6, 6]], "rewards": [1.0, 0.0]},
+             {"prompt_ids": [3], "response_ids": [[7, 7, 7], [8]], "rewards": [1.0, 0.0]}]
+    un = unpair_items(items)
+    assert [(u["prompt_ids"], u["response_ids"], u["rewards"]) for u in un] == [
+        ([1, 2], [[5]], [1.0]), ([1, 2], [[6, 6]], [0.0]), ([3], [[7, 7, 7]], [1.0]), ([3], [[8]], [0.0])]
+    batch = collate_unpaired(un[1:3], pad_token_id=0, mismatched=True)
+    assert batch["rewards"].tolist() == [[0.0], [1.0]]
+    assert batch["kl_input_ids"].tolist() == [[1, 2, 7, 7, 7], [3, 6, 6, 0, 0]]
+    assert batch["kl_completion_mask"].tolist() == [[0, 0, 1, 1, 1], [0, 1, 1, 0, 0]]
+
+
+def test_unpaired_data_errors(sort_assets, tmp_path):
+    """A bad label names the file and the line; unpaired rows need an unpaired loss; kto needs a batch of >= 2."""
+    from imgalign.data.errors import DataError
+    from imgalign.llm.data import load_llm_preferences
+
+    rows = unpaired_rows(4, seed=1)
+    rows[2]["label"] = "yes"
+    bad = write_jsonl(rows, tmp_path / "bad.jsonl")
+    with pytest.raises(DataError, match=rf"{bad}, line 3: 'label' = yes is invalid; label must be true"):
+        load_llm_preferences(bad)
+    with pytest.raises(DataError, match=r"line 3"):
+        llm_dpo.train(make_cfg(sort_assets, tmp_path / "b", f"data.source={bad}", "loss.loss_type=[kto]"))
+    good = write_jsonl(unpaired_rows(8, seed=1), tmp_path / "u.jsonl")
+    assert "4 desirable, 4 undesirable" in load_llm_preferences(good).summary()
+    with pytest.raises(ConfigError, match=r"unpaired completions.*loss.loss_type=\[kto\] or \[bco\]"):
+        llm_dpo.train(make_cfg(sort_assets, tmp_path / "s", f"data.source={good}"))
+    with pytest.raises(ConfigError, match=r"run.batch_size=1.*kto"):
+        make_cfg(sort_assets, tmp_path, "loss.loss_type=[kto]", "run.batch_size=1")
+    with pytest.raises(ConfigError, match=r"cannot be summed with pairwise"):
+        make_cfg(sort_assets, tmp_path, "loss.loss_type=[kto,sigmoid]")
+    with pytest.raises(ValueError, match=r"'desirable_weigth'.*did you mean 'desirable_weight'"):
+        llm_dpo.train(make_cfg(sort_assets, tmp_path / "p", "loss.loss_type=[kto]",
+                               "loss.params={desirable_weigth: 1.0}"))

@@ -25,14 +25,6 @@ from imgalign.recipes import get_recipe
 ENTRY = Path(__file__).with_name("mp_entry.py")
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def torchrun(method: str, overrides: list[str], delay: str | None = None) -> list[dict]:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MP_TEST_SAVE_DELAY": delay or ""}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(ENTRY),
@@ -152,10 +144,8 @@ def test_pref_grpo_two_processes_split_rollouts_and_equal_one(tiny_pipelines, tm
     assert_complete_checkpoints(tmp_path / "two")
 
 
-def test_llm_dpo_two_processes_equal_one_with_accumulation(tmp_path):
-    from imgalign.llm.synthetic import build_sort_assets
-
-    assets = build_sort_assets(tmp_path / "assets", n_train=30, n_heldout=8, seed=0)
+def test_llm_dpo_two_processes_equal_one_with_accumulation(llm_assets, tmp_path):
+    assets = llm_assets
 
     def overrides(out, accum):
         return [f"model.pretrained={assets['model']}", f"data.source={assets['train']}",
@@ -171,11 +161,9 @@ def test_llm_dpo_two_processes_equal_one_with_accumulation(tmp_path):
     assert_complete_checkpoints(tmp_path / "two")
 
 
-def test_accelerate_launch_cpu_starting_one_process_is_reported(tmp_path):
+def test_accelerate_launch_cpu_starting_one_process_is_reported(llm_assets, tmp_path):
     """`accelerate launch --cpu --num_processes 2` starts one process (accelerate's behaviour): the run says so."""
-    from imgalign.llm.synthetic import build_sort_assets
-
-    assets = build_sort_assets(tmp_path / "assets", n_train=16, n_heldout=4, seed=0)
+    assets = llm_assets
     cmd = [str(Path(sys.executable).with_name("accelerate")), "launch", "--cpu", "--num_processes", "2", "-m",
            "imgalign.cli", "train", "llm-dpo", f"model.pretrained={assets['model']}", f"data.source={assets['train']}",
            "data.max_length=32", "data.max_prompt_length=16", f"run.output_dir={tmp_path / 'run'}", "run.max_steps=1",

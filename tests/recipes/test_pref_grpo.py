@@ -19,15 +19,6 @@ from imgalign.recipes import pref_grpo
 from imgalign.rewards.base import PairwiseReward
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """The tiny models are ~8x faster on one thread on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def make_cfg(pipeline: str, out: Path, *extra: str):
     return load_config(pref_grpo.Config, None, [
         f"model.pretrained={pipeline}", f"run.output_dir={out}", "run.max_steps=2", "run.checkpoint_every=1",

@@ -18,22 +18,6 @@ from imgalign.config import load_config
 from imgalign.errors import CheckpointError, NonFiniteError
 from imgalign.recipes import diffusion_dpo, get_recipe, llm_dpo, pref_grpo, self_npo
 
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture(scope="module")
-def llm_assets(tmp_path_factory):
-    from imgalign.llm.synthetic import build_sort_assets
-
-    return build_sort_assets(tmp_path_factory.mktemp("llm"), n_train=32, n_heldout=8, seed=0)
-
-
 COMMON = ["run.progress=false", "run.log_with=none", "run.checkpoint_every=1", "run.keep_last=0",
           "run.max_steps=5", "run.max_nonfinite_steps=2"]
 
