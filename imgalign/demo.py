@@ -28,6 +28,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from imgalign._paths import TOY_ASSETS
 from imgalign.eval.preference import bootstrap_ci, pair_error_margins
 
 
@@ -105,7 +106,7 @@ def _plot(history: list[dict], path: Path) -> None:
     _finish_plot(fig, axes, path)
 
 
-TOY_PIPELINE = Path(__file__).resolve().parent.parent / "assets" / "toy" / "sd"
+TOY_PIPELINE = TOY_ASSETS / "sd"
 
 
 def _plot_toy(history: list[dict], validation: list[dict], path: Path) -> None:

@@ -30,11 +30,11 @@ from __future__ import annotations
 import contextlib
 import json
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
+from imgalign._paths import TOY_ASSETS
 from imgalign.config import ConfigError, cfg_field
 from imgalign.losses.policy import (
     PromptStatTracker,
@@ -62,7 +62,7 @@ from imgalign.train.loop import Run, lora_layout
 from imgalign.train.seeding import derive_seed, sample_generators
 from imgalign.train.setup import MeanMetrics, OptimConfig, RunConfig, count_params, image_grid
 
-TOY_PROMPTS = Path(__file__).resolve().parents[2] / "assets" / "toy" / "prompts" / "train.txt"
+TOY_PROMPTS = TOY_ASSETS / "prompts" / "train.txt"
 
 
 @dataclass

@@ -191,6 +191,7 @@ def default_toy_clip_dir() -> Path:
             return Path(location)
     except ImportError:
         pass
-    root = Path(__file__).resolve().parents[2] / "assets"
+    from imgalign._paths import ASSETS as root
+
     candidates = [root / "toy" / "clip", root / "toy_clip"]
     return next((c for c in candidates if c.is_dir()), candidates[0])

@@ -20,9 +20,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from imgalign._paths import TOY_ASSETS
 from imgalign.toy import models as M
 
-CLIP_DIR = Path(__file__).resolve().parents[2] / "assets" / "toy" / "clip"
+CLIP_DIR = TOY_ASSETS / "clip"
 
 
 def load_toy_clip(path: str | Path = CLIP_DIR):

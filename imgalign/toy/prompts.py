@@ -24,10 +24,11 @@ from pathlib import Path
 
 import numpy as np
 
+from imgalign._paths import TOY_ASSETS
 from imgalign.toy.grammar import parse, sample_scene
 
 #: Where the shipped prompt files live in a source checkout.
-PROMPT_DIR = Path(__file__).resolve().parents[2] / "assets" / "toy" / "prompts"
+PROMPT_DIR = TOY_ASSETS / "prompts"
 #: Number of prompts per split, in the order the splits are drawn.
 SPLIT_SIZES: dict[str, int] = {"test": 200, "validation": 200, "train": 2000}
 DEFAULT_SEED = 0

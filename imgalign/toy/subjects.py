@@ -25,9 +25,10 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from imgalign._paths import TOY_ASSETS
 from imgalign.toy.grammar import BACKGROUNDS, COLOURS
 
-SUBJECT_DIR = Path(__file__).resolve().parents[2] / "assets" / "toy" / "subjects" / "dataset"
+SUBJECT_DIR = TOY_ASSETS / "subjects" / "dataset"
 N_REFERENCES = 5
 REFERENCE_SIZE = 64
 SUBJECTS: dict[str, str] = {  # subject name -> class (DreamBench's class token)
