@@ -139,3 +139,17 @@ def test_shipped_sd_draws_single_objects_is_weaker_on_composition_and_watermarks
     assert overall["single"] >= 0.4, overall
     assert overall["relation"] < overall["single"], overall
     assert 2 <= sum(marked) <= 18, sum(marked)
+
+
+def test_toy_assets_are_package_data():
+    """The toy assets live inside the package and pyproject ships them, so `pip install .` (not only an editable
+    install) has the demo's model; the repository's assets/ is a link to them."""
+    import tomllib
+
+    from imgalign._paths import TOY_ASSETS
+
+    root = Path(__file__).resolve().parents[2]
+    assert TOY_ASSETS.is_relative_to(root / "imgalign") and (TOY_ASSETS / "sd" / "model_index.json").is_file()
+    data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["imgalign"]
+    assert "assets/**/*" in data
+    assert (root / "assets").resolve() == TOY_ASSETS.parent
