@@ -1,4 +1,5 @@
-"""LLM preference data: pairs (prompt, chosen, rejected) or lists (prompt, responses, ranks or scores).
+"""LLM preference data: pairs (prompt, chosen, rejected), lists (prompt, responses, ranks or scores), or unpaired
+completions (prompt, completion, label).
 
 Sources, one entry point:
     data = load_llm_preferences("pairs.jsonl")                        # one JSON object per line
@@ -9,12 +10,16 @@ Row formats:
     pairwise   {"prompt": str, "chosen": str, "rejected": str}
     listwise   {"prompt": str, "responses": [str, ...], "ranks": [1, 3, 2]}   (rank 1 = best)
                or {"prompt": ..., "responses": [...], "scores": [0.9, 0.1, 0.5]}  (higher = better)
+    unpaired   {"prompt": str, "completion": str, "label": true}   (TRL's unpaired layout: label true = desirable,
+               false = undesirable; 1 / 0 are accepted too). For KTO and BCO; pairs become unpaired items by
+               `unpair_items` (chosen desirable, rejected undesirable)
     conversational: prompt / chosen / rejected / responses as lists of {"role", "content"} messages,
                rendered with the tokenizer's chat template; without a prompt column the shared leading
                messages of chosen and rejected are the prompt (TRL's implicit-prompt convention).
 Bad rows raise DataError naming the source, the row and the fix.
 
-Internally a pair is a list of two responses with rewards (1, 0), so one batch layout serves both:
+Internally a pair is a list of two responses with rewards (1, 0), and an unpaired completion a list of one with
+reward 1 (desirable) or 0, so one batch layout serves all three:
 collate() stacks response j of every example together, giving [y_1 of all B, y_2 of all B, ...] —
 for pairs exactly [chosen_1..chosen_B, rejected_1..rejected_B], the concatenated-forward layout.
 """
@@ -41,11 +46,20 @@ class LLMPreferences:
     rows: list[dict[str, Any]]
     listwise: bool  # True when the source was listwise (responses + ranks/scores)
     n_read: int = 0
+    unpaired: bool = False  # True when the source was unpaired (prompt, completion, label)
 
     def __len__(self) -> int:
         return len(self.rows)
 
+    @property
+    def kind(self) -> str:
+        return "lists" if self.listwise else "unpaired" if self.unpaired else "pairs"
+
     def summary(self) -> str:
+        if self.unpaired:
+            n_good = sum(1 for r in self.rows if r["rewards"][0] == 1.0)
+            return (f"{self.source}: {len(self.rows)} unpaired completions ({n_good} desirable, "
+                    f"{len(self.rows) - n_good} undesirable)")
         kind = f"lists of {len(self.rows[0]['responses'])}" if self.listwise and self.rows else "pairs"
         return f"{self.source}: {len(self.rows)} {kind}"
 
@@ -75,9 +89,24 @@ def _split_implicit_prompt(chosen: Messages, rejected: Messages, where: str) -> 
     return chosen[:k], chosen[k:], rejected[k:]
 
 
-def _parse_row(row: Any, where: str) -> tuple[dict[str, Any], bool]:
+_LABEL_HELP = "label must be true (the completion is desirable) or false (undesirable); 1 and 0 are accepted too"
+
+
+def _parse_row(row: Any, where: str) -> tuple[dict[str, Any], str]:
+    """-> (row as {"prompt", "responses", "rewards"}, its kind: "pairs", "lists" or "unpaired")."""
     if not isinstance(row, dict):
         raise DataError(f"{where}: a row must be a JSON object, got {type(row).__name__}")
+    if "completion" in row:  # unpaired (TRL's unpaired preference layout)
+        missing = [k for k in ("prompt", "label") if row.get(k) is None]
+        if missing:
+            raise DataError(f"{where}: missing column(s) {missing}; unpaired rows need prompt/completion/label "
+                            f"(found: {', '.join(sorted(row))})")
+        prompt = _check_text(row["prompt"], "prompt", where)
+        completion = _check_text(row["completion"], "completion", where)
+        label = row["label"]
+        if isinstance(label, bool) or (isinstance(label, (int, float)) and label in (0, 1)):
+            return {"prompt": prompt, "responses": [completion], "rewards": [float(label)]}, "unpaired"
+        raise DataError(f"{where}: 'label' = {short(label)} is invalid; {_LABEL_HELP}. Fix the label or drop the row")
     if "responses" in row:  # listwise
         responses = row["responses"]
         if not isinstance(responses, list) or len(responses) < 2:
@@ -99,12 +128,13 @@ def _parse_row(row: Any, where: str) -> tuple[dict[str, Any], bool]:
         if len(set(values)) == 1:
             raise DataError(f"{where}: all {key} are equal, so the row holds no preference; drop it")
         rewards = [-float(v) for v in values] if key == "ranks" else [float(v) for v in values]
-        return {"prompt": prompt, "responses": responses, "rewards": rewards}, True
+        return {"prompt": prompt, "responses": responses, "rewards": rewards}, "lists"
 
     missing = [k for k in ("chosen", "rejected") if k not in row]
     if missing:
         raise DataError(f"{where}: missing column(s) {missing}; pairwise rows need prompt/chosen/rejected, "
-                        f"listwise rows prompt/responses/ranks (found: {', '.join(sorted(row))})")
+                        f"listwise rows prompt/responses/ranks, unpaired rows prompt/completion/label "
+                        f"(found: {', '.join(sorted(row))})")
     chosen = _check_text(row["chosen"], "chosen", where)
     rejected = _check_text(row["rejected"], "rejected", where)
     if row.get("prompt") is None:
@@ -115,7 +145,7 @@ def _parse_row(row: Any, where: str) -> tuple[dict[str, Any], bool]:
         prompt = _check_text(row["prompt"], "prompt", where)
     if chosen == rejected:
         raise DataError(f"{where}: chosen and rejected are identical ({short(chosen)}); drop the row")
-    return {"prompt": prompt, "responses": [chosen, rejected], "rewards": [1.0, 0.0]}, False
+    return {"prompt": prompt, "responses": [chosen, rejected], "rewards": [1.0, 0.0]}, "pairs"
 
 
 def _iter_source(source: Any, split: str) -> tuple[str, Any, str]:
@@ -185,17 +215,17 @@ def load_llm_preferences(source: Any, split: str = "train", max_rows: int | None
         n_read += 1
         if columns and isinstance(row, dict):
             row = {columns.get(k, k): v for k, v in row.items()}
-        parsed, listwise = _parse_row(row, where)
-        kinds.add(listwise)
+        parsed, kind = _parse_row(row, where)
+        kinds.add(kind)
         if len(kinds) > 1:
-            raise DataError(f"{where}: mixes pairwise and listwise rows; use one format per source")
-        if listwise and out and len(parsed["responses"]) != len(out[0]["responses"]):
+            raise DataError(f"{where}: mixes {' and '.join(sorted(kinds))} rows; use one format per source")
+        if kind == "lists" and out and len(parsed["responses"]) != len(out[0]["responses"]):
             raise DataError(f"{where}: {len(parsed['responses'])} responses, but earlier rows have "
                             f"{len(out[0]['responses'])}; listwise data needs the same list size in every row")
         out.append(parsed)
     if not out:
         raise DataError(f"{name}: no preference rows found")
-    return LLMPreferences(name, out, listwise=kinds == {True}, n_read=n_read)
+    return LLMPreferences(name, out, listwise=kinds == {"lists"}, n_read=n_read, unpaired=kinds == {"unpaired"})
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -294,6 +324,33 @@ def collate(items: list[dict[str, Any]], pad_token_id: int) -> dict[str, torch.T
         comp[k, len(p): len(p) + len(r)] = 1
     rewards = torch.tensor([it["rewards"] for it in items], dtype=torch.float32)  # [B, n]
     return {"input_ids": ids, "attention_mask": attn, "completion_mask": comp, "rewards": rewards}
+
+
+def collate_unpaired(items: list[dict[str, Any]], pad_token_id: int, mismatched: bool = False) -> dict[str, torch.Tensor]:
+    """Unpaired items (one response each) -> collate()'s batch, rewards [B, 1] = the labels (1 desirable, 0 not).
+
+    mismatched: also kl_input_ids, kl_attention_mask, kl_completion_mask [B, T']: prompt i with the response of item
+    i - 1 (item 0 with the last), the mismatched pairs of KTO's reference point (TRL's rotation in each batch).
+    """
+    batch = collate(items, pad_token_id)
+    if mismatched:
+        shifted = [{"prompt_ids": it["prompt_ids"], "response_ids": items[i - 1]["response_ids"], "rewards": it["rewards"]}
+                   for i, it in enumerate(items)]
+        batch.update({f"kl_{k}": v for k, v in collate(shifted, pad_token_id).items() if k != "rewards"})
+    return batch
+
+
+def unpair_items(items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Tokenised pairs -> unpaired items (TRL's unpair_preference_dataset): pair i becomes item 2i, its chosen
+    response with reward 1 (desirable), and item 2i + 1, its rejected response with reward 0 (undesirable)."""
+    out = []
+    for i, it in enumerate(items):
+        if len(it["response_ids"]) != 2:
+            raise ValueError(f"item {i} has {len(it['response_ids'])} responses; only pairs split into unpaired items")
+        best = max(it["rewards"])
+        for ids, reward in zip(it["response_ids"], it["rewards"]):
+            out.append({"prompt_ids": it["prompt_ids"], "response_ids": [ids], "rewards": [float(reward == best)]})
+    return out
 
 
 def split_heldout(items: list, fraction: float, seed: int) -> tuple[list, list]:

@@ -10,6 +10,12 @@ One training step, read top to bottom:
   4. the loss core: pairwise losses by name (sigmoid, ipo, hinge, robust, simpo, ...) see the best and the
      worst response of each example; listwise losses (pro, lipo) see the whole list; all summed with
      loss_weights
+Unpaired losses (kto, bco; alone or summed with each other) train on unpaired completions, n = 1: rows
+{prompt, completion, label} (TRL's unpaired layout), or pairs split in two (chosen desirable, rejected undesirable;
+a held-out share is taken from the pairs before the split, so held-out evaluation still sees pairs). Each reads the
+log-ratio r = l - lR of one completion and a reference point: kto's z = max(0, mean of l - lR over mismatched pairs
+of the batch, prompt i with completion i - 1), two extra forwards without grad, as TRL; bco's delta = the running
+mean of the batch-mean rewards beta * r, kept in every checkpoint (bco_running.json).
 Held-out evaluation every eval.every steps: preference accuracy = fraction of held-out pairs whose policy
 log-ratio margin (l_w - lR_w) - (l_l - lR_l) is > 0 (ties count one half), and the mean margin.
 
@@ -20,21 +26,32 @@ from __future__ import annotations
 
 import copy
 import difflib
+import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from imgalign.config import MISSING, cfg_field
+from imgalign.config import MISSING, ConfigError, cfg_field
 from imgalign.llm.data import collate as collate_items
-from imgalign.llm.data import load_llm_preferences, pad_token_id, split_heldout, tokenize_preferences
+from imgalign.llm.data import (
+    collate_unpaired,
+    load_llm_preferences,
+    pad_token_id,
+    split_heldout,
+    tokenize_preferences,
+    unpair_items,
+)
 from imgalign.llm.evaluate import HeldOut, best_worst, list_logps
 from imgalign.losses import (
     LOSS_NAMES,
     REFERENCE_FREE_LOSSES,
     PairwiseInputs,
+    bco_loss,
     implicit_accuracy,
+    kto_loss,
     lipo_lambda_loss,
     preference_loss,
     pro_loss,
@@ -44,7 +61,9 @@ from imgalign.train.loop import Run, lora_layout
 from imgalign.train.setup import OptimConfig, RunConfig, count_params
 
 LISTWISE_LOSSES = ("pro", "lipo")
-ALL_LOSSES = (*LOSS_NAMES, *LISTWISE_LOSSES)
+# unpaired losses: name -> the loss.params it reads (their reference points come from the step, see _unpaired_step)
+UNPAIRED_LOSSES = {"kto": ("desirable_weight", "undesirable_weight"), "bco": ()}
+ALL_LOSSES = (*LOSS_NAMES, *LISTWISE_LOSSES, *UNPAIRED_LOSSES)
 REFERENCE_FREE = REFERENCE_FREE_LOSSES | {"pro"}
 
 
@@ -71,7 +90,8 @@ class LMLoraConfig:
 @dataclass
 class LMDataConfig:
     source: str = cfg_field(MISSING, "preferences: a JSONL file, a saved `datasets` folder or a hub dataset id; rows "
-                            "prompt/chosen/rejected (pairs) or prompt/responses/ranks|scores (lists)")
+                            "prompt/chosen/rejected (pairs), prompt/responses/ranks|scores (lists) or, for kto and "
+                            "bco, prompt/completion/label (unpaired, label true = desirable; pairs are split in two)")
     split: str = cfg_field("train", "split name for `datasets` sources")
     eval_source: str | None = cfg_field(None, "held-out preferences (null: hold out eval_fraction of source)")
     eval_split: str = cfg_field("test", "split name of eval_source for `datasets` sources")
@@ -87,11 +107,13 @@ class LMDataConfig:
 @dataclass
 class LMLossConfig:
     loss_type: list[str] = cfg_field(["sigmoid"], "losses by name, summed with loss_weights: pairwise (imgalign.losses."
-                                     "LOSS_NAMES: sigmoid, ipo, hinge, robust, simpo, ...) and listwise (pro, lipo)")
+                                     "LOSS_NAMES: sigmoid, ipo, hinge, robust, simpo, ...) and listwise (pro, lipo); "
+                                     "or unpaired (kto, bco), on their own")
     loss_weights: list[float] | None = cfg_field(None, "one weight per loss_type (null: all 1)")
     beta: float = cfg_field(0.1, "KL strength (TRL convention; IPO's tau, SimPO's beta, LiPO's beta)", gt=0)
     params: dict[str, Any] = cfg_field({}, "extra pairwise loss parameters, e.g. {label_smoothing: 0.1, simpo_gamma: "
-                                       "0.5, f_divergence: js_divergence}")
+                                       "0.5, f_divergence: js_divergence}; kto: {desirable_weight: 1.0, "
+                                       "undesirable_weight: 1.0}")
 
     def __post_init__(self):
         for name in self.loss_type:
@@ -101,6 +123,10 @@ class LMLossConfig:
                                  f"Valid: {', '.join(ALL_LOSSES)}")
         if not self.loss_type:
             raise ValueError("loss.loss_type is empty; give at least one loss, e.g. [sigmoid]")
+        unpaired = [n for n in self.loss_type if n in UNPAIRED_LOSSES]
+        if unpaired and len(unpaired) != len(self.loss_type):
+            raise ValueError(f"loss.loss_type: unpaired losses {unpaired} train on single completions and cannot be "
+                             f"summed with pairwise or listwise ones {[n for n in self.loss_type if n not in unpaired]}")
         if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
             raise ValueError(f"loss.loss_weights has {len(self.loss_weights)} weights for "
                              f"{len(self.loss_type)} loss types {self.loss_type}")
@@ -122,8 +148,17 @@ class LLMDPOConfig:
     run: RunConfig = cfg_field(RunConfig, "steps, batch, precision, checkpoints, logging")
     eval: LMEvalConfig = cfg_field(LMEvalConfig, "held-out preference evaluation")
 
+    def __post_init__(self):
+        if "kto" in self.loss.loss_type and self.run.batch_size < 2:
+            raise ValueError("run.batch_size=1: kto estimates its reference point on mismatched pairs inside the batch "
+                             "(prompt i with completion i - 1), which needs run.batch_size >= 2")
+
 
 Config = LLMDPOConfig
+
+
+def is_unpaired(loss: LMLossConfig) -> bool:
+    return loss.loss_type[0] in UNPAIRED_LOSSES  # the config allows no mix
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -162,6 +197,51 @@ def llm_losses(logps, ref_logps, lengths, rewards, loss: LMLossConfig):
         chosen_r = loss.beta * (l_w - (ref_w if ref_w is not None else 0)).detach()
         rejected_r = loss.beta * (l_l - (ref_l if ref_l is not None else 0)).detach()
     return total, chosen_r, rejected_r, terms
+
+
+def unpaired_losses(logratios, desirable, loss: LMLossConfig, kl=0.0, delta=0.0):
+    """Unpaired losses by name (kto, bco) summed with loss_weights -> per-item loss [B], implicit rewards beta * r [B],
+    unweighted terms {name: [B]}.
+
+    logratios r = l - lR [B]; desirable [B] bool; kl: kto's reference point z (detached); delta: bco's shift.
+    """
+    names, weights = loss.loss_type, loss.loss_weights or [1.0] * len(loss.loss_type)
+    readable = sorted({k for n in names for k in UNPAIRED_LOSSES[n]})
+    for key in loss.params:
+        if key not in readable:
+            close = difflib.get_close_matches(key, readable, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise ValueError(f"loss.params: parameter {key!r} is not read by loss types {names}{hint}. Parameters "
+                             f"they read: {', '.join(readable) or '(none)'}")
+    p = loss.params
+    run = {
+        "kto": lambda: kto_loss(logratios, desirable, loss.beta, kl, p.get("desirable_weight", 1.0),
+                                p.get("undesirable_weight", 1.0)),
+        "bco": lambda: bco_loss(logratios, desirable, loss.beta, delta),
+    }
+    terms = {n: run[n]().losses for n in names}
+    total = sum(w * terms[n] for n, w in zip(names, weights))
+    return total, loss.beta * logratios.detach(), terms
+
+
+class RunningMean:
+    """BCO's delta: the running mean of the batch-mean rewards (TRL's RunningMoments), saved in every checkpoint."""
+
+    FILE = "bco_running.json"
+
+    def __init__(self):
+        self.mean, self.count = 0.0, 0
+
+    def update(self, value: float) -> None:
+        self.count += 1
+        self.mean += (value - self.mean) / self.count
+
+    def save(self, folder: Path) -> None:
+        (folder / self.FILE).write_text(json.dumps({"mean": self.mean, "count": self.count}))
+
+    def load(self, folder: Path) -> None:
+        state = json.loads((folder / self.FILE).read_text())
+        self.mean, self.count = float(state["mean"]), int(state["count"])
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -239,17 +319,29 @@ def _reference_logps(model, reference, batch, accelerator) -> torch.Tensor:
 
 
 def _load_data(cfg: LLMDPOConfig, tokenizer, seed: int):
-    d = cfg.data
+    d, names = cfg.data, cfg.loss.loss_type
     train_rows = load_llm_preferences(d.source, d.split, d.max_rows, d.columns)
+    if is_unpaired(cfg.loss) and train_rows.listwise:
+        raise ConfigError(f"loss.loss_type={names} trains on unpaired completions (prompt/completion/label rows) or on "
+                          f"pairs split in two; data.source={d.source} holds ranked lists")
+    if not is_unpaired(cfg.loss) and train_rows.unpaired:
+        raise ConfigError(f"data.source={d.source} holds unpaired completions (prompt/completion/label rows), which "
+                          f"train only with unpaired losses: loss.loss_type=[kto] or [bco], not {names}")
     kw = dict(max_length=d.max_length, max_prompt_length=d.max_prompt_length, append_eos=d.append_eos)
     items, stats = tokenize_preferences(train_rows, tokenizer, **kw)
     if d.eval_source:
         eval_rows = load_llm_preferences(d.eval_source, d.eval_split, d.max_eval_rows, d.columns)
         held, _ = tokenize_preferences(eval_rows, tokenizer, **kw)
     else:
-        items, held = split_heldout(items, d.eval_fraction, seed)
+        items, held = split_heldout(items, d.eval_fraction, seed)  # pairs are held out whole, before any split
         held = held[: d.max_eval_rows] if d.max_eval_rows else held
-    pair_losses = [n for n in cfg.loss.loss_type if n not in LISTWISE_LOSSES]
+    if held and len(held[0]["response_ids"]) < 2:
+        print("note: the held-out data is unpaired, and held-out preference accuracy needs pairs or lists: no "
+              "held-out evaluation (give data.eval_source=<pairs>)")
+        held = []
+    if is_unpaired(cfg.loss) and not train_rows.unpaired:
+        items = unpair_items(items)  # pair i -> items 2i (chosen, desirable) and 2i + 1 (rejected, undesirable)
+    pair_losses = [n for n in names if n not in LISTWISE_LOSSES]
     if train_rows.listwise and pair_losses:
         print(f"note: pairwise losses {pair_losses} read the best and the worst response of each list")
     return train_rows, items, held, stats
@@ -261,7 +353,10 @@ def train(cfg: LLMDPOConfig) -> dict:
     accelerator, dtype = book.accelerator, book.dtype
     # fail on bad loss parameters now, not after loading a large model
     z = torch.zeros(2, 2)
-    llm_losses(z, z, z + 1, torch.tensor([[1.0, 0.0]] * 2), cfg.loss)
+    if is_unpaired(cfg.loss):
+        unpaired_losses(z[0], torch.tensor([True, False]), cfg.loss)
+    else:
+        llm_losses(z, z, z + 1, torch.tensor([[1.0, 0.0]] * 2), cfg.loss)
 
     # ---- model, tokenizer, data ----------------------------------------------------------------------
     model, tokenizer = load_lm(cfg.model, dtype)
@@ -277,9 +372,20 @@ def train(cfg: LLMDPOConfig) -> dict:
                                                lambda m, d: load_weights(m, d, use_lora))
     if reference is not None:
         reference.to(accelerator.device)
+    running = RunningMean() if "bco" in cfg.loss.loss_type else None  # bco's delta, resumed with the checkpoint
+    if running is not None:
+        book.add_state("bco_running", running.save, running.load)
     book.resume()
     start_step = book.start_step
-    loader = deterministic_loader(items, lambda item, index, epoch: item, lambda b: collate_items(b, pad_id),
+    if is_unpaired(cfg.loss):
+        mismatched = "kto" in cfg.loss.loss_type  # kto's reference point needs the mismatched sequences
+
+        def collate(b):
+            return collate_unpaired(b, pad_id, mismatched)
+    else:
+        def collate(b):
+            return collate_items(b, pad_id)
+    loader = deterministic_loader(items, lambda item, index, epoch: item, collate,
                                   run.batch_size, run.seed, accelerator.process_index, accelerator.num_processes,
                                   start_step * run.grad_accum, grad_accum=run.grad_accum)
     heldout = HeldOut(held, pad_id, cfg.eval.batch_size, accelerator.device) if held else None
@@ -290,7 +396,8 @@ def train(cfg: LLMDPOConfig) -> dict:
         "trainable": f"{trainable:,} of {total:,} params ({f'LoRA r={cfg.lora.rank}' if use_lora else 'full'})",
         "reference": "none (reference-free losses)" if reference_free else
                      "same network, adapter disabled" if use_lora else "frozen copy",
-        "data": f"{rows.summary()}; {len(items)} train, {len(held)} held out; {tok_stats.summary()}",
+        "data": f"{rows.summary()}; {len(items)} train{' unpaired items' if is_unpaired(cfg.loss) else ''}, "
+                f"{len(held)} held out; {tok_stats.summary()}",
         "loss": f"{'+'.join(cfg.loss.loss_type)}, beta={cfg.loss.beta:g}"
                 + (f", weights {cfg.loss.loss_weights}" if cfg.loss.loss_weights else ""),
         "effective batch": f"{run.batch_size} x {run.grad_accum} accum x {accelerator.num_processes} procs"
@@ -322,7 +429,7 @@ def train(cfg: LLMDPOConfig) -> dict:
     while step < run.max_steps:
         batch = {k: v.to(accelerator.device) for k, v in next(data_iter).items()}
         with accelerator.accumulate(model):
-            loss, m = _step(model, reference, batch, cfg, accelerator, reference_free)
+            loss, m = _step(model, reference, batch, cfg, accelerator, reference_free, running)
             book.backward(loss)
             if accelerator.sync_gradients:
                 book.apply_gradients()
@@ -345,8 +452,10 @@ def train(cfg: LLMDPOConfig) -> dict:
     return book.finish(step, {"micro_step": micro}, save_final)
 
 
-def _step(model, reference, batch, cfg: LLMDPOConfig, accelerator, reference_free: bool):
+def _step(model, reference, batch, cfg: LLMDPOConfig, accelerator, reference_free: bool, running=None):
     """One micro-batch of B examples (n responses each) -> (mean loss, metrics)."""
+    if is_unpaired(cfg.loss):
+        return _unpaired_step(model, reference, batch, cfg, accelerator, running)
     rewards = batch["rewards"]  # [B, n]
     with accelerator.autocast():
         logps, lengths = list_logps(model, batch)  # [B, n] each, one forward over all n*B sequences
@@ -362,6 +471,64 @@ def _step(model, reference, batch, cfg: LLMDPOConfig, accelerator, reference_fre
         "logps_chosen": l_w.mean(),
         "logps_rejected": l_l.mean(),
     }
+    if len(terms) > 1:
+        m.update({f"loss_{k}": v.detach().mean() for k, v in terms.items()})
+    return losses.mean(), m
+
+
+def _global_mean(x: torch.Tensor, accelerator) -> torch.Tensor:
+    """Mean of x over this micro-batch of every process (a collective under DDP: every rank calls it), detached."""
+    mean = x.detach().float().mean().reshape(1)
+    if accelerator.num_processes > 1:
+        mean = accelerator.reduce(mean, reduction="mean")
+    return mean[0]
+
+
+def _mean_where(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of x over mask; NaN when the micro-batch has no such item."""
+    return x[mask].mean() if mask.any() else torch.tensor(math.nan)
+
+
+def _unpaired_step(model, reference, batch, cfg: LLMDPOConfig, accelerator, running):
+    """One micro-batch of B unpaired completions (rewards [B, 1] = labels) -> (mean loss, metrics).
+
+    Reference points: kto's z = max(0, mean of l(y'|x) - lR(y'|x)) on the mismatched pairs of the batch (prompt i,
+    completion i - 1), policy and reference without grad, averaged over processes (TRL); bco's delta = the running
+    mean of the batch-mean rewards, updated with this batch first (TRL). Metrics as DPO's where they mean something:
+    rewards/chosen and rewards/rejected are the mean implicit reward beta * r of desirable and undesirable items,
+    rewards/margins their difference, rewards/accuracies the fraction of items on their label's side of the first
+    loss's reference point (beta * z or delta; on it counts one half, so 0.5 at step 0).
+    """
+    names, beta = cfg.loss.loss_type, cfg.loss.beta
+    desirable = batch["rewards"][:, 0] == 1  # [B]
+    with accelerator.autocast():
+        logps, _ = list_logps(model, batch)  # [B, 1]
+    r = (logps - _reference_logps(model, reference, batch, accelerator))[:, 0]  # [B] log-ratio
+    m, kl, delta = {}, torch.zeros((), device=r.device), 0.0
+    if "kto" in names:
+        mismatched = {k[3:]: v for k, v in batch.items() if k.startswith("kl_")} | {"rewards": batch["rewards"]}
+        with torch.no_grad(), accelerator.autocast():
+            kl_logps = list_logps(model, mismatched)[0]
+        kl = _global_mean(kl_logps - _reference_logps(model, reference, mismatched, accelerator), accelerator)
+        kl = kl.clamp(min=0).to(r.device)
+        m["kl"] = kl
+    if running is not None:  # bco
+        running.update(float(_global_mean(beta * r, accelerator)))
+        delta = running.mean
+        m["delta"] = delta
+    losses, rewards, terms = unpaired_losses(r, desirable, cfg.loss, kl=kl, delta=delta)
+    point = beta * kl if names[0] == "kto" else torch.tensor(delta, device=r.device)
+    signed = torch.where(desirable, rewards - point, point - rewards)  # > 0: on the label's side
+    chosen, rejected = _mean_where(rewards, desirable), _mean_where(rewards, ~desirable)
+    m.update({
+        "loss": losses.mean().detach(),
+        "rewards/accuracies": implicit_accuracy(signed, torch.zeros_like(signed)),
+        "rewards/chosen": chosen,
+        "rewards/rejected": rejected,
+        "rewards/margins": chosen - rejected,
+        "logps_chosen": _mean_where(logps[:, 0].detach(), desirable),
+        "logps_rejected": _mean_where(logps[:, 0].detach(), ~desirable),
+    })
     if len(terms) > 1:
         m.update({f"loss_{k}": v.detach().mean() for k, v in terms.items()})
     return losses.mean(), m
