@@ -1,4 +1,6 @@
-"""One readable module per method. Each exposes `Config` (its dataclass schema) and `train(cfg) -> dict`."""
+"""One readable module per method. Each exposes `Config` (its dataclass schema) and `train(cfg) -> dict` (the same
+keys for every recipe: steps, history, validation, seconds, output_dir). Config sections are named after their YAML
+key (`loss:` -> LossConfig, `data:` -> DataConfig); shared sections live in recipes/common.py and train/setup.py."""
 
 import importlib
 

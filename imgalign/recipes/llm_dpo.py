@@ -30,11 +30,11 @@ import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import torch
 
-from imgalign.config import MISSING, ConfigError, cfg_field
+from imgalign.config import MISSING, ConfigError, cfg_field, check_local_source
 from imgalign.llm.data import collate as collate_items
 from imgalign.llm.data import (
     collate_unpaired,
@@ -68,44 +68,53 @@ REFERENCE_FREE = REFERENCE_FREE_LOSSES | {"pro"}
 
 
 @dataclass
-class LMConfig:
+class ModelConfig:
     pretrained: str = cfg_field(MISSING, "hub id or local folder of a transformers causal LM")
     tokenizer: str | None = cfg_field(None, "tokenizer hub id or folder (null: the model's)")
     revision: str | None = cfg_field(None, "hub revision (branch, tag or commit)")
     trust_remote_code: bool = cfg_field(False, "allow custom modelling code from the hub (off unless you trust it)")
-    attn_implementation: str | None = cfg_field(None, "eager | sdpa | flash_attention_2 (null: transformers' default)")
+    attn_implementation: Literal["eager", "sdpa", "flash_attention_2"] | None = cfg_field(
+        None, "attention kernel (null: transformers' default)")
 
 
 @dataclass
-class LMLoraConfig:
+class LoraConfig:
     enabled: bool = cfg_field(True, "train a LoRA adapter (reference = adapter disabled); false = full fine-tuning "
                               "with a frozen reference copy")
-    rank: int = cfg_field(8, "LoRA rank r")
-    alpha: float | None = cfg_field(None, "LoRA alpha (null: equal to rank)")
-    dropout: float = cfg_field(0.0, "LoRA dropout")
+    rank: int = cfg_field(8, "LoRA rank r", ge=1)
+    alpha: float | None = cfg_field(None, "LoRA alpha (null: equal to rank)", gt=0)
+    dropout: float = cfg_field(0.0, "LoRA dropout", ge=0, lt=1)
     target_modules: list[str] = cfg_field(["all-linear"], "module names that get LoRA layers; ['all-linear'] = "
                                           "every linear layer except the output head")
 
 
 @dataclass
-class LMDataConfig:
+class DataConfig:
     source: str = cfg_field(MISSING, "preferences: a JSONL file, a saved `datasets` folder or a hub dataset id; rows "
                             "prompt/chosen/rejected (pairs), prompt/responses/ranks|scores (lists) or, for kto and "
                             "bco, prompt/completion/label (unpaired, label true = desirable; pairs are split in two)")
     split: str = cfg_field("train", "split name for `datasets` sources")
     eval_source: str | None = cfg_field(None, "held-out preferences (null: hold out eval_fraction of source)")
     eval_split: str = cfg_field("test", "split name of eval_source for `datasets` sources")
-    eval_fraction: float = cfg_field(0.0, "with no eval_source: seeded fraction of source held out for evaluation")
+    eval_fraction: float = cfg_field(0.0, "with no eval_source: seeded fraction of source held out for evaluation",
+                                        ge=0, lt=1)
     columns: dict[str, str] = cfg_field({}, "rename source columns to ours, e.g. {question: prompt}")
-    max_length: int = cfg_field(512, "prompt + response tokens; responses are cut at the end")
-    max_prompt_length: int = cfg_field(256, "prompt tokens; longer prompts keep their last tokens")
+    max_length: int = cfg_field(512, "prompt + response tokens; responses are cut at the end", ge=2)
+    max_prompt_length: int = cfg_field(256, "prompt tokens; longer prompts keep their last tokens", ge=1)
     append_eos: bool = cfg_field(True, "append the EOS token to plain-text responses")
-    max_rows: int | None = cfg_field(None, "use only the first N training rows")
-    max_eval_rows: int | None = cfg_field(512, "use only the first N held-out rows")
+    max_rows: int | None = cfg_field(None, "use only the first N training rows", ge=1)
+    max_eval_rows: int | None = cfg_field(512, "use only the first N held-out rows", ge=1)
+
+    def __post_init__(self):
+        check_local_source("data.source", self.source)
+        check_local_source("data.eval_source", self.eval_source)
+        if self.max_prompt_length >= self.max_length:
+            raise ValueError(f"data.max_prompt_length={self.max_prompt_length} leaves no room for the response in "
+                             f"data.max_length={self.max_length}; lower it or raise data.max_length")
 
 
 @dataclass
-class LMLossConfig:
+class LossConfig:
     loss_type: list[str] = cfg_field(["sigmoid"], "losses by name, summed with loss_weights: pairwise (imgalign.losses."
                                      "LOSS_NAMES: sigmoid, ipo, hinge, robust, simpo, ...) and listwise (pro, lipo); "
                                      "or unpaired (kto, bco), on their own")
@@ -133,20 +142,21 @@ class LMLossConfig:
 
 
 @dataclass
-class LMEvalConfig:
-    every: int = cfg_field(0, "evaluate held-out preference accuracy every N optimizer steps (0: before and after)")
-    batch_size: int = cfg_field(32, "held-out examples per forward")
+class EvalConfig:
+    every: int = cfg_field(0, "evaluate held-out preference accuracy every N optimizer steps (0: before and after)",
+                           ge=0)
+    batch_size: int = cfg_field(32, "held-out examples per forward", ge=1)
 
 
 @dataclass
 class LLMDPOConfig:
-    model: LMConfig = cfg_field(LMConfig, "which causal LM to align")
-    lora: LMLoraConfig = cfg_field(LMLoraConfig, "LoRA or full fine-tuning")
-    data: LMDataConfig = cfg_field(LMDataConfig, "preference pairs or ranked lists")
-    loss: LMLossConfig = cfg_field(LMLossConfig, "preference loss")
+    model: ModelConfig = cfg_field(ModelConfig, "which causal LM to align")
+    lora: LoraConfig = cfg_field(LoraConfig, "LoRA or full fine-tuning")
+    data: DataConfig = cfg_field(DataConfig, "preference pairs or ranked lists")
+    loss: LossConfig = cfg_field(LossConfig, "preference loss")
     optim: OptimConfig = cfg_field(OptimConfig, "optimizer and learning-rate schedule")
     run: RunConfig = cfg_field(RunConfig, "steps, batch, precision, checkpoints, logging")
-    eval: LMEvalConfig = cfg_field(LMEvalConfig, "held-out preference evaluation")
+    eval: EvalConfig = cfg_field(EvalConfig, "held-out preference evaluation")
 
     def __post_init__(self):
         if "kto" in self.loss.loss_type and self.run.batch_size < 2:
@@ -157,7 +167,7 @@ class LLMDPOConfig:
 Config = LLMDPOConfig
 
 
-def is_unpaired(loss: LMLossConfig) -> bool:
+def is_unpaired(loss: LossConfig) -> bool:
     return loss.loss_type[0] in UNPAIRED_LOSSES  # the config allows no mix
 
 
@@ -165,7 +175,7 @@ def is_unpaired(loss: LMLossConfig) -> bool:
 # Loss
 
 
-def llm_losses(logps, ref_logps, lengths, rewards, loss: LMLossConfig):
+def llm_losses(logps, ref_logps, lengths, rewards, loss: LossConfig):
     """Per-example loss [B], implicit rewards of best and worst response [B], unweighted terms {name: [B]}.
 
     logps, ref_logps (None = reference-free), lengths, rewards: [B, n]. Pairwise losses read the best and the
@@ -199,7 +209,7 @@ def llm_losses(logps, ref_logps, lengths, rewards, loss: LMLossConfig):
     return total, chosen_r, rejected_r, terms
 
 
-def unpaired_losses(logratios, desirable, loss: LMLossConfig, kl=0.0, delta=0.0):
+def unpaired_losses(logratios, desirable, loss: LossConfig, kl=0.0, delta=0.0):
     """Unpaired losses by name (kto, bco) summed with loss_weights -> per-item loss [B], implicit rewards beta * r [B],
     unweighted terms {name: [B]}.
 
@@ -248,7 +258,7 @@ class RunningMean:
 # Model, weights
 
 
-def load_lm(cfg: LMConfig, dtype: torch.dtype):
+def load_lm(cfg: ModelConfig, dtype: torch.dtype):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     kw = dict(revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
@@ -259,7 +269,7 @@ def load_lm(cfg: LMConfig, dtype: torch.dtype):
     return model, tokenizer
 
 
-def make_trainable(model, lora: LMLoraConfig, gradient_checkpointing: bool, dtype: torch.dtype):
+def make_trainable(model, lora: LoraConfig, gradient_checkpointing: bool, dtype: torch.dtype):
     """-> (trainable model, frozen reference or None). LoRA: reference = the same model, adapter disabled."""
     if gradient_checkpointing:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})

@@ -36,8 +36,8 @@ from torch import Tensor
 
 from imgalign.config import cfg_field
 from imgalign.losses.distill import pseudo_huber
+from imgalign.recipes import common
 from imgalign.recipes.common import (
-    LoraConfig,
     ModelConfig,
     ValidationConfig,
     load_model,
@@ -47,10 +47,11 @@ from imgalign.recipes.common import (
     save_weights,
 )
 from imgalign.sampling.noise import renoise, to_x0_eps
+from imgalign.train import setup
 from imgalign.train.ema import EMA
 from imgalign.train.loop import Run, lora_layout
 from imgalign.train.seeding import global_positions, rand_per_sample, randn_per_sample, sample_generators
-from imgalign.train.setup import OptimConfig, RunConfig, count_params
+from imgalign.train.setup import RunConfig, count_params
 
 
 @dataclass
@@ -82,13 +83,13 @@ class NPOConfig:
 
 
 @dataclass
-class SelfNPOLoraConfig(LoraConfig):
+class LoraConfig(common.LoraConfig):
     enabled: bool = cfg_field(False, "train a LoRA adapter (teacher = EMA of the LoRA weights); false = full "
                               "fine-tuning of the denoiser, as in the reference")
 
 
 @dataclass
-class SelfNPOOptimConfig(OptimConfig):
+class OptimConfig(setup.OptimConfig):
     lr: float = cfg_field(1e-6, "peak learning rate (reference: 1e-6 SD1.5, 1e-7 SDXL, full fine-tuning)")
     weight_decay: float = cfg_field(1e-3, "AdamW weight decay (reference: 1e-3 SD1.5, 0 SDXL)")
 
@@ -96,10 +97,10 @@ class SelfNPOOptimConfig(OptimConfig):
 @dataclass
 class SelfNPOConfig:
     model: ModelConfig = cfg_field(ModelConfig, "the pipeline to derive a negative model from")
-    lora: SelfNPOLoraConfig = cfg_field(SelfNPOLoraConfig, "LoRA (true) or full fine-tuning (false, the reference)")
+    lora: LoraConfig = cfg_field(LoraConfig, "LoRA (true) or full fine-tuning (false, the reference)")
     data: DataConfig = cfg_field(DataConfig, "starting states")
     npo: NPOConfig = cfg_field(NPOConfig, "truncated diffusion fine-tuning")
-    optim: SelfNPOOptimConfig = cfg_field(SelfNPOOptimConfig, "optimizer and learning-rate schedule")
+    optim: OptimConfig = cfg_field(OptimConfig, "optimizer and learning-rate schedule")
     run: RunConfig = cfg_field(RunConfig, "steps, batch, precision, checkpoints, logging")
     validation: ValidationConfig = cfg_field(ValidationConfig, "validation image grids (the student with plain CFG)")
 

@@ -35,7 +35,7 @@ def shrink(method: str, config: Path, out: Path, tiny_pipelines, tiny_pairs, llm
         return [f"model.pretrained={llm_assets['model']}", f"data.source={llm_assets['train']}",
                 f"data.eval_source={llm_assets['heldout']}", "data.max_length=32", "data.max_prompt_length=16",
                 "run.batch_size=2", "eval.batch_size=4", *run]
-    model = "assets/toy/sd" if config.stem == "toy" else tiny_pipelines(FAMILY[config.stem])
+    model = str(REPO / "assets" / "toy" / "sd") if config.stem == "toy" else tiny_pipelines(FAMILY[config.stem])
     common = [f"model.pretrained={model}", "model.variant=null", "validation.enabled=false", *run]
     if method == "diffusion-dpo":
         return [f"data.source={tiny_pairs}", "data.resolution=32", "run.batch_size=2", *common]
@@ -63,8 +63,9 @@ def without_reward_arguments(config: Path, tmp_path: Path) -> Path:
 
 @pytest.mark.parametrize("method,config", SHIPPED, ids=[f"{m}:{p.stem}" for m, p in SHIPPED])
 def test_shipped_config_trains_one_step_on_its_tiny_family(method, config, tiny_pipelines, tiny_pairs, llm_assets,
-                                                           tmp_path):
+                                                           tmp_path, in_folder_with_outputs):
     recipe = get_recipe(method)
+    in_folder_with_outputs(config)
     load_config(recipe.Config, config)  # parses as shipped (placeholders stay; nothing loads)
     config = without_reward_arguments(config, tmp_path)
     cfg = load_config(recipe.Config, config, shrink(method, config, tmp_path / "run", tiny_pipelines, tiny_pairs,

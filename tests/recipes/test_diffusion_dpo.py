@@ -78,25 +78,16 @@ def test_dpo_steps_train_every_lora_param_log_checkpoint_and_load(family, tiny_p
 
 
 @pytest.mark.parametrize("family", ["sd15", "flux"])
-def test_kill_and_resume_equals_uninterrupted(family, tiny_pipelines, tiny_pairs, tmp_path, monkeypatch):
+def test_kill_and_resume_equals_uninterrupted(family, tiny_pipelines, tiny_pairs, tmp_path, run_killed):
     pipe = tiny_pipelines(family)
     extra = ("run.max_steps=4", "run.checkpoint_every=2", "run.grad_accum=2", "run.keep_last=0",
              "optim.lr_scheduler=cosine", "optim.warmup_steps=1", "data.hflip=true", "data.random_crop=true")
     full = diffusion_dpo.train(make_cfg(pipe, tiny_pairs, tmp_path / "full", *extra))
 
     # the same run killed during step 3 (after checkpoint-2 was written) ...
-    real_step, calls = diffusion_dpo._step, {"n": 0}
-
-    def dying_step(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 6:  # micro-steps 1-4 = steps 1-2; die inside step 3
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(diffusion_dpo, "_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        diffusion_dpo.train(make_cfg(pipe, tiny_pairs, tmp_path / "killed", *extra))
-    monkeypatch.setattr(diffusion_dpo, "_step", real_step)
+    # micro-steps 1-4 = steps 1-2; die in step 3
+    run_killed(diffusion_dpo, "_step", 6,
+               lambda: diffusion_dpo.train(make_cfg(pipe, tiny_pairs, tmp_path / "killed", *extra)))
     assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == ["checkpoint-2"]
     (tmp_path / "killed" / ".checkpoint-4.tmp").mkdir()  # a half-written save is never picked up
 

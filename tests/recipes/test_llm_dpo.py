@@ -45,8 +45,8 @@ def initial_lora(assets, rank: int = 4) -> dict[str, torch.Tensor]:
     from peft import get_peft_model_state_dict
 
     set_seed(0)
-    cfg = llm_dpo.LMLoraConfig(rank=rank)
-    model, _ = llm_dpo.load_lm(llm_dpo.LMConfig(pretrained=assets["model"]), torch.float32)
+    cfg = llm_dpo.LoraConfig(rank=rank)
+    model, _ = llm_dpo.load_lm(llm_dpo.ModelConfig(pretrained=assets["model"]), torch.float32)
     model, _ = llm_dpo.make_trainable(model, cfg, False, torch.float32)
     return {k: v.clone() for k, v in get_peft_model_state_dict(model).items()}
 
@@ -91,24 +91,15 @@ def test_heldout_accuracy_rises_and_every_lora_param_changes(sort_assets, tmp_pa
 
 
 @pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
-def test_kill_and_resume_equals_uninterrupted(lora, sort_assets, tmp_path, monkeypatch):
+def test_kill_and_resume_equals_uninterrupted(lora, sort_assets, tmp_path, run_killed):
     extra = ("run.max_steps=4", "run.checkpoint_every=2", "run.grad_accum=2", "run.keep_last=0",
              "optim.lr_scheduler=cosine", "optim.warmup_steps=1", "eval.every=2", f"lora.enabled={str(lora).lower()}",
              "optim.lr=1e-3")
     full = llm_dpo.train(make_cfg(sort_assets, tmp_path / "full", *extra))
 
-    real_step, calls = llm_dpo._step, {"n": 0}
-
-    def dying_step(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 6:  # micro-steps 1-4 = steps 1-2; die inside step 3
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(llm_dpo, "_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        llm_dpo.train(make_cfg(sort_assets, tmp_path / "killed", *extra))
-    monkeypatch.setattr(llm_dpo, "_step", real_step)
+    # micro-steps 1-4 = steps 1-2; die in step 3
+    run_killed(llm_dpo, "_step", 6,
+               lambda: llm_dpo.train(make_cfg(sort_assets, tmp_path / "killed", *extra)))
     assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == ["checkpoint-2"]
     (tmp_path / "killed" / ".checkpoint-4.tmp").mkdir()  # a half-written save is never picked up
 
@@ -215,11 +206,12 @@ def test_unknown_loss_name_and_parameter_errors(sort_assets, tmp_path):
         llm_dpo.train(make_cfg(sort_assets, tmp_path / "p", "loss.params={label_smothing: 0.1}"))
 
 
-def test_recipe_is_registered_and_shipped_configs_parse():
+def test_recipe_is_registered_and_shipped_configs_parse(in_folder_with_outputs):
     assert get_recipe("llm-dpo") is llm_dpo
-    paths = sorted(Path("configs/llm_dpo").glob("*.yaml"))
+    paths = sorted(Path("configs/llm_dpo").resolve().glob("*.yaml"))
     assert len(paths) >= 2
     for path in paths:
+        in_folder_with_outputs(path)  # tiny.yaml reads the data `python -m imgalign.llm.synthetic` writes
         cfg = load_config(llm_dpo.Config, path)
         assert cfg.loss.beta > 0 and cfg.model.pretrained and cfg.data.source
 

@@ -93,7 +93,7 @@ def test_iterations_train_lora_log_and_checkpoint(family, tiny_pipelines, tmp_pa
         assert any(not torch.equal(ema[k], trained[k]) for k in trained)
 
 
-def test_kill_and_resume_equals_uninterrupted(tiny_pipelines, tmp_path, monkeypatch):
+def test_kill_and_resume_equals_uninterrupted(tiny_pipelines, tmp_path, run_killed):
     """sd3 with EMA, KL, a cosine schedule and DDPO's per-prompt reward history over 2 prompts (so the history is
     used from iteration 2 on and a lost history changes the advantages): killed in iteration 3 after
     checkpoint-2, resumed from latest."""
@@ -104,18 +104,9 @@ def test_kill_and_resume_equals_uninterrupted(tiny_pipelines, tmp_path, monkeypa
              "reward.mode=pointwise", "data.max_prompts=2", "advantage.buffer_size=8", "advantage.min_count=3")
     full = pref_grpo.train(make_cfg(pipe, tmp_path / "full", *extra))
 
-    real, calls = pref_grpo._iteration, {"n": 0}
-
-    def dying(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real(*a, **k)
-
-    monkeypatch.setattr(pref_grpo, "_iteration", dying)
-    with pytest.raises(KeyboardInterrupt):
-        pref_grpo.train(make_cfg(pipe, tmp_path / "killed", *extra))
-    monkeypatch.setattr(pref_grpo, "_iteration", real)
+    # dies in iteration 3
+    run_killed(pref_grpo, "_iteration", 3,
+               lambda: pref_grpo.train(make_cfg(pipe, tmp_path / "killed", *extra)))
     assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == ["checkpoint-2"]
     stats = json.loads(next((tmp_path / "killed" / "checkpoint-2").rglob("prompt_stats.json")).read_text())
     assert sorted(map(len, stats["history"].values())) == [4, 4]  # 2 iterations x 2 images of each prompt

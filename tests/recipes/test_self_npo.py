@@ -90,7 +90,7 @@ def make_cfg(pipeline: str, out: Path, *extra: str):
     ])
 
 
-def test_full_finetuning_steps_checkpoint_and_kill_resume(tiny_pipelines, tmp_path, monkeypatch):
+def test_full_finetuning_steps_checkpoint_and_kill_resume(tiny_pipelines, tmp_path, run_killed):
     base_dir = tiny_pipelines("sd15")
     extra = ("run.max_steps=3", "run.checkpoint_every=2", "run.keep_last=0", "npo.ema_decay=0.5")
     full = self_npo.train(make_cfg(base_dir, tmp_path / "full", *extra))
@@ -113,18 +113,9 @@ def test_full_finetuning_steps_checkpoint_and_kill_resume(tiny_pipelines, tmp_pa
     assert sum(not torch.equal(ema[k], base[k]) for k in ema) / len(ema) > 0.9
 
     # killed during step 3, resumed from checkpoint-2: the same losses and weights as uninterrupted
-    real_step, calls = self_npo._step, {"n": 0}
-
-    def dying_step(*a, **k):
-        calls["n"] += 1
-        if calls["n"] == 3:
-            raise KeyboardInterrupt
-        return real_step(*a, **k)
-
-    monkeypatch.setattr(self_npo, "_step", dying_step)
-    with pytest.raises(KeyboardInterrupt):
-        self_npo.train(make_cfg(base_dir, tmp_path / "killed", *extra))
-    monkeypatch.setattr(self_npo, "_step", real_step)
+    # dies in step 3
+    run_killed(self_npo, "_step", 3,
+               lambda: self_npo.train(make_cfg(base_dir, tmp_path / "killed", *extra)))
     resumed = self_npo.train(make_cfg(base_dir, tmp_path / "killed", *extra, "run.resume_from=latest"))
     assert [h["step"] for h in resumed["history"]] == [3]
     for a, b in zip(hist[2:], resumed["history"]):

@@ -26,6 +26,7 @@ import pytest
 
 from imgalign.cli import build_parser
 from imgalign.config import load_config
+from imgalign.errors import UserError
 from imgalign.recipes import RECIPES, get_recipe
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -163,14 +164,28 @@ def test_readme_command(lineno, line, args, tmp_path, monkeypatch):
         return
     try:
         recipe = get_recipe(ns.method)
-    except SystemExit as e:
+    except (SystemExit, UserError) as e:
         pytest.fail(f"{where}: {e}")
     if ns.help_config:
         return
     if ns.config:
         assert (ROOT / ns.config).is_file(), f"{where}: config file {ns.config} does not exist"
     overrides = [o for o in ns.overrides if "<" not in o]  # <placeholders> are the user's to supply
-    _mirror_repository(tmp_path, [o.split("=", 1)[1] for o in overrides if "=" in o])
+    read = [o.split("=", 1)[1] for o in overrides if "=" in o]
+    if ns.config:  # the config's own outputs/ paths (written by an earlier README command) count too
+        from omegaconf import OmegaConf
+
+        leaves = OmegaConf.to_container(OmegaConf.load(ROOT / ns.config))
+        stack = [leaves]
+        while stack:
+            node = stack.pop()
+            if isinstance(node, dict):
+                stack.extend(node.values())
+            elif isinstance(node, list):
+                stack.extend(node)
+            elif isinstance(node, str):
+                read.append(node)
+    _mirror_repository(tmp_path, read)
     monkeypatch.chdir(tmp_path)
     load_config(recipe.Config, ns.config, overrides)
 
