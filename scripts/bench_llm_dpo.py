@@ -37,6 +37,9 @@ LOSSES: dict[str, tuple[list[str], float, list[str]]] = {
     "simpo": (["simpo"], 2.0, ["loss.params={simpo_gamma: 1.0}"]),  # per-token margin target gamma / beta
     "orpo": (["orpo"], 0.1, []),  # beta = lambda, the weight of the odds-ratio term next to the NLL
     "pro": (["pro"], 1.0, []),  # reference-free, no beta (PRO's temperatures are the reward gaps)
+    # unpaired: each pair split into a desirable and an undesirable completion (the same data, twice the rows)
+    "kto": (["kto"], 2.0, []),
+    "bco": (["bco"], 2.0, []),
 }
 
 
@@ -65,7 +68,7 @@ def run_one(name: str, assets: dict, out: Path, args) -> dict:
     k = min(10, len(hist))
     return {
         "loss": name, "loss_type": types, "beta": beta, "seconds": time.time() - t0,
-        "evals": res["evals"],
+        "evals": res["validation"],
         "train_logps": [(h["step"], h["train/logps_chosen"], h["train/logps_rejected"]) for h in hist],
         "train_logps_chosen_start": hist[0]["train/logps_chosen"],
         "train_logps_chosen_end": sum(h["train/logps_chosen"] for h in hist[-k:]) / k,

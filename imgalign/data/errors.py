@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 from imgalign.errors import UserError
 
@@ -50,3 +50,18 @@ def utf8_lines(path: str | os.PathLike) -> Iterator[tuple[int, str, UnicodeDecod
                 yield number, raw.decode("utf-8"), None
             except UnicodeDecodeError as e:
                 yield number, raw.decode("utf-8", errors="replace"), e
+
+
+def row_failure(on_error: str, stats) -> Callable[[str, str], None]:
+    """fail(reason, message) for a loader: raise a DataError naming the row (on_error="raise"), or count the skipped
+    row in `stats` (its n_skipped, skipped[reason], and the first five messages in examples)."""
+
+    def fail(reason: str, message: str) -> None:
+        if on_error == "raise":
+            raise DataError(message, reason=reason)
+        stats.n_skipped += 1
+        stats.skipped[reason] = stats.skipped.get(reason, 0) + 1
+        if len(stats.examples) < 5:
+            stats.examples.append(message)
+
+    return fail

@@ -269,3 +269,9 @@ def read_image(
             f"({type(e).__name__}: {e}); replace the image or remove it",
             reason="unreadable_image",
         ) from e
+
+
+def loader_image_options(min_image_size: int, max_image_pixels: int, background) -> dict:
+    """read_image's keyword arguments for a data loader: its limits under the loader's own option names."""
+    return {"min_size": min_image_size, "max_pixels": max_image_pixels, "background": parse_background(background),
+            "limit_names": ("min_image_size", "max_image_pixels")}

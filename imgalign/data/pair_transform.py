@@ -79,21 +79,7 @@ class PairTransform:
         # one 6-channel tensor: whatever happens to it happens to both images
         x = torch.cat([TF.pil_to_tensor(winner), TF.pil_to_tensor(loser)])
         x = x.float().div_(255.0)  # [6, H, W] in [0, 1]
-        x = TF.resize(x, R, interpolation=InterpolationMode.BILINEAR, antialias=True)  # shorter side -> R
-
-        # draw flip then crop, always in this order, so the stream of random numbers is stable
-        flip = torch.rand((), generator=g).item() < 0.5
-        if self.hflip and flip:
-            x = x.flip(-1)
-        h, w = x.shape[-2:]
-        if self.random_crop:
-            top = int(torch.randint(0, h - R + 1, (), generator=g))
-            left = int(torch.randint(0, w - R + 1, (), generator=g))
-        else:
-            top = int(round((h - R) / 2.0))
-            left = int(round((w - R) / 2.0))
-        x = x[:, top : top + R, left : left + R]
-        x = x.clamp_(0.0, 1.0).mul_(2.0).sub_(1.0)  # [6, R, R] in [-1, 1]
+        x, top, left = resize_flip_crop(x, R, self.hflip, self.random_crop, g)  # [6, R, R] in [-1, 1]
 
         return {
             "caption": item["caption"],
@@ -123,3 +109,22 @@ def collate_pairs(items: list[dict[str, Any]]) -> dict[str, Any]:
         "original_sizes": torch.tensor([it["original_size"] for it in items], dtype=torch.long),
         "crops_top_left": torch.tensor([it["crop_top_left"] for it in items], dtype=torch.long),
     }
+
+
+def resize_flip_crop(x: torch.Tensor, resolution: int, hflip: bool, random_crop: bool,
+                     g: torch.Generator) -> tuple[torch.Tensor, int, int]:
+    """x [C, H, W] in [0, 1] -> ([C, R, R] in [-1, 1], crop top, crop left): the shorter side to R (bilinear), a
+    flip with probability 0.5 when `hflip`, an R x R crop (random or centre). The flip is drawn even when unused,
+    then the crop, always in this order, so the stream of random numbers is stable."""
+    R = resolution
+    x = TF.resize(x, R, interpolation=InterpolationMode.BILINEAR, antialias=True)
+    flip = torch.rand((), generator=g).item() < 0.5
+    if hflip and flip:
+        x = x.flip(-1)
+    h, w = x.shape[-2:]
+    if random_crop:
+        top = int(torch.randint(0, h - R + 1, (), generator=g))
+        left = int(torch.randint(0, w - R + 1, (), generator=g))
+    else:
+        top, left = int(round((h - R) / 2.0)), int(round((w - R) / 2.0))
+    return x[:, top:top + R, left:left + R].clamp_(0.0, 1.0).mul_(2.0).sub_(1.0), top, left

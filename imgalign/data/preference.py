@@ -43,14 +43,14 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from imgalign.data.errors import DataError, not_utf8, short, utf8_lines
+from imgalign.data.errors import DataError, not_utf8, row_failure, short, utf8_lines
 from imgalign.data.images import (
     DEFAULT_BACKGROUND,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIZE,
     Colour,
     ImageStats,
-    parse_background,
+    loader_image_options,
     read_image,
 )
 from imgalign.data.pair_transform import PairTransform, collate_pairs
@@ -686,17 +686,9 @@ def load_preference_pairs(
         if not os.path.isdir(image_root):
             raise DataError(f"image_root {image_root} is not a folder")
     stats = PairStats(source=source)
-    image_options = {"min_size": min_image_size, "max_pixels": max_image_pixels,
-                     "background": parse_background(background),
-                     "limit_names": ("min_image_size", "max_image_pixels")}
+    image_options = loader_image_options(min_image_size, max_image_pixels, background)
 
-    def fail(reason: str, message: str) -> None:
-        if on_error == "raise":
-            raise DataError(message, reason=reason)
-        stats.n_skipped += 1
-        stats.skipped[reason] = stats.skipped.get(reason, 0) + 1
-        if len(stats.examples) < 5:
-            stats.examples.append(message)
+    fail = row_failure(on_error, stats)
 
     chunks = _read_source(source, split, columns, image_root, max_rows, fail)
     chunk_ids, rows, labels = [], [], []

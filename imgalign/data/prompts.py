@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from imgalign.data.errors import DataError, not_utf8, short, utf8_lines
+from imgalign.data.errors import DataError, not_utf8, row_failure, short, utf8_lines
 
 __all__ = ["PROMPT_COLUMNS", "PromptRecord", "PromptStats", "load_prompt_file", "load_prompt_records"]
 
@@ -174,13 +174,7 @@ def load_prompt_records(
     report = stats if stats is not None else PromptStats()
     report.source = str(path)
 
-    def fail(reason: str, message: str) -> None:
-        if on_error == "raise":
-            raise DataError(message, reason=reason)
-        report.n_skipped += 1
-        report.skipped[reason] = report.skipped.get(reason, 0) + 1
-        if len(report.examples) < 5:
-            report.examples.append(message)
+    fail = row_failure(on_error, report)
 
     suffix = path.suffix.lower()
     try:

@@ -30,20 +30,19 @@ from typing import Any, Literal
 import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
-from torchvision.transforms import InterpolationMode
 
-from imgalign.data.errors import DataError, not_utf8, short, utf8_lines
+from imgalign.data.errors import DataError, not_utf8, row_failure, short, utf8_lines
 from imgalign.data.images import (
     DEFAULT_BACKGROUND,
     DEFAULT_MAX_PIXELS,
     DEFAULT_MIN_SIZE,
     Colour,
     ImageStats,
-    parse_background,
+    loader_image_options,
     read_image,
     to_rgb,
 )
-from imgalign.data.pair_transform import pair_generator
+from imgalign.data.pair_transform import pair_generator, resize_flip_crop
 from imgalign.data.preference import PreferencePairs, _inside_root
 
 __all__ = [
@@ -217,17 +216,9 @@ def load_unpaired_images(
     root = os.fspath(image_root) if image_root is not None else str(path.parent)
     name = str(path)
     stats = UnpairedStats(source=name)
-    image_options = {"min_size": min_image_size, "max_pixels": max_image_pixels,
-                     "background": parse_background(background),
-                     "limit_names": ("min_image_size", "max_image_pixels")}
+    image_options = loader_image_options(min_image_size, max_image_pixels, background)
 
-    def fail(reason: str, message: str) -> None:
-        if on_error == "raise":
-            raise DataError(message, reason=reason)
-        stats.n_skipped += 1
-        stats.skipped[reason] = stats.skipped.get(reason, 0) + 1
-        if len(stats.examples) < 5:
-            stats.examples.append(message)
+    fail = row_failure(on_error, stats)
 
     paths, captions, labels, lines = [], [], [], []
     for line_no, line, bad in utf8_lines(path):
@@ -353,17 +344,7 @@ class ImageTransform:
         image = item["image"] if item["image"].mode == "RGB" else to_rgb(item["image"])
         original_size = (image.height, image.width)
         x = TF.pil_to_tensor(image).float().div_(255.0)  # [3, H, W] in [0, 1]
-        x = TF.resize(x, R, interpolation=InterpolationMode.BILINEAR, antialias=True)
-        flip = torch.rand((), generator=g).item() < 0.5  # drawn always, so the stream is stable
-        if self.hflip and flip:
-            x = x.flip(-1)
-        h, w = x.shape[-2:]
-        if self.random_crop:
-            top = int(torch.randint(0, h - R + 1, (), generator=g))
-            left = int(torch.randint(0, w - R + 1, (), generator=g))
-        else:
-            top, left = int(round((h - R) / 2.0)), int(round((w - R) / 2.0))
-        x = x[:, top:top + R, left:left + R].clamp_(0.0, 1.0).mul_(2.0).sub_(1.0)
+        x, top, left = resize_flip_crop(x, R, self.hflip, self.random_crop, g)
         return {"caption": item["caption"], "label": float(item["label"]), "pixels": x.contiguous(),
                 "original_size": original_size, "crop_top_left": (top, left)}
 

@@ -15,15 +15,6 @@ from imgalign.llm.synthetic import build_sort_assets, sort_task, write_jsonl
 from imgalign.recipes import get_recipe, llm_dpo
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # the tiny model is far faster on one thread, and the CI machine's 2 cores are shared
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 @pytest.fixture(scope="module")
 def sort_assets(tmp_path_factory):
     return build_sort_assets(tmp_path_factory.mktemp("llm_sort"), n_train=256, n_heldout=96, seed=0)
