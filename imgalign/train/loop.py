@@ -107,7 +107,8 @@ class Run:
         self.validation: list[dict] = []
         self.start_step, self.resumed_from = 0, None
         self.skipped, self.skipped_in_row = 0, 0
-        self._bad_loss, self._step_skipped, self._grad_norm = False, False, math.nan
+        self._bad_loss: torch.Tensor | None = None  # 1 once a loss of this optimizer step was NaN/inf
+        self._step_skipped, self._grad_norm = False, math.nan
         self._validate: Callable[[int], dict] | None = None
         self._validate_every = 0
         self.bar = None
@@ -202,8 +203,8 @@ class Run:
 
     # ---- the optimizer step ---------------------------------------------------------------------------
     def backward(self, loss: torch.Tensor) -> None:
-        if not bool(torch.isfinite(loss.detach()).all()):
-            self._bad_loss = True
+        bad = (~torch.isfinite(loss.detach())).any().float().reshape(1)  # stays on the device: no sync per micro-step
+        self._bad_loss = bad if self._bad_loss is None else torch.maximum(self._bad_loss, bad)
         self.accelerator.backward(loss)
 
     def apply_gradients(self, name: str | None = None) -> bool:
@@ -213,15 +214,16 @@ class Run:
         net = self.networks[name] if name is not None else next(iter(self.networks.values()))
         max_norm = net.optim_cfg.max_grad_norm
         norm = acc.clip_grad_norm_(net.module.parameters(), max_norm if max_norm > 0 else math.inf)
-        bad = torch.tensor([float(self._bad_loss)], device=acc.device)
+        bad = (self._bad_loss if self._bad_loss is not None else torch.zeros(1)).to(acc.device)
         bad = acc.reduce(bad, reduction="sum") if acc.num_processes > 1 else bad  # every rank skips together
+        # DeepSpeed clips inside its engine and accelerate returns no norm: then only the loss decides
         self._grad_norm = float(norm) if norm is not None else math.nan
-        skip = bool(bad.item() > 0) or not math.isfinite(self._grad_norm)
+        skip = bool(bad.item() > 0) or (norm is not None and not math.isfinite(self._grad_norm))
         if not skip:
             net.optimizer.step()
         net.scheduler.step()
         net.optimizer.zero_grad(set_to_none=True)
-        self._bad_loss = False
+        self._bad_loss = None
         self._step_skipped = self._step_skipped or skip
         return not skip
 

@@ -274,3 +274,16 @@ def test_a_checkpoint_with_another_set_of_networks_is_refused(tmp_path):
     book.prepare(torch.nn.Linear(3, 2), cfg.optim, "full", _save, _load)  # the critic is missing
     with pytest.raises(CheckpointError, match="layout"):
         book.resume()
+
+
+def test_a_backend_that_returns_no_gradient_norm_still_trains(tmp_path, monkeypatch):
+    """DeepSpeed clips inside its engine and accelerate's clip_grad_norm_ returns None: the step is not taken for
+    non-finite (the loss alone decides), the logged norm is NaN."""
+    book, model, _ = _start(_cfg(tmp_path / "run", max_steps=2))
+    monkeypatch.setattr(book.accelerator, "clip_grad_norm_", lambda *a, **k: None)
+    before = _weights(model)
+    book.backward((model(X) ** 2).mean())
+    assert book.apply_gradients()
+    logs = book.end_step(1, {}, {})
+    assert not _same(before, _weights(model)) and logs["train/nonfinite_skipped"] == 0
+    assert math.isnan(logs["train/grad_norm"])
