@@ -57,10 +57,11 @@ from imgalign.recipes.common import (
 )
 from imgalign.rewards.online import build_reward_list, compute_rewards, reward_logs
 from imgalign.sampling.rollout import make_predict, make_sampler, rollout, step_dt
+from imgalign.train import setup
 from imgalign.train.ema import EMA
 from imgalign.train.loop import Run, lora_layout
 from imgalign.train.seeding import derive_seed, sample_generators
-from imgalign.train.setup import MeanMetrics, OptimConfig, RunConfig, count_params, image_grid
+from imgalign.train.setup import MeanMetrics, OptimConfig, count_params, image_grid
 
 TOY_PROMPTS = TOY_ASSETS / "prompts" / "train.txt"
 
@@ -133,6 +134,14 @@ class TrainConfig:
     ema_decay: float = cfg_field(0.0, "EMA of the trainable weights (Flow-GRPO 0.9; 0 disables)")
     ema_every: int = cfg_field(8, "EMA update interval in optimizer steps")
     sample_grid_every: int = cfg_field(1, "save a grid of rollout images every N iterations (0: never)")
+
+
+@dataclass
+class RunConfig(setup.RunConfig):
+    max_steps: int = cfg_field(1000, "iterations: each samples sample.groups_per_iteration x sample.group_size images, "
+                               "then makes train.num_inner_epochs x train.updates_per_iteration optimizer steps", ge=1)
+    grad_accum: int = cfg_field(1, "must stay 1: each iteration's gradients are accumulated over its whole rollout "
+                                "(raise sample.groups_per_iteration for a larger effective batch)", ge=1)
 
 
 @dataclass

@@ -37,7 +37,7 @@ class RunConfig:
     output_dir: str = cfg_field("outputs/run", "folder for checkpoints, logs, validation images and the run record")
     seed: int = cfg_field(0, "seed of noise, timesteps, data order and augmentation (per sample, so a run does not "
                           "depend on how the effective batch is split over processes and micro-steps)", ge=0)
-    max_steps: int = cfg_field(1000, "optimizer steps (pref-grpo: iterations, see its banner)", ge=1)
+    max_steps: int = cfg_field(1000, "optimizer steps", ge=1)
     batch_size: int = cfg_field(1, "examples per device per micro-step", ge=1)
     grad_accum: int = cfg_field(1, "gradient accumulation micro-steps per optimizer step", ge=1)
     mixed_precision: Literal["no", "fp16", "bf16"] = cfg_field(
