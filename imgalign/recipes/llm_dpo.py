@@ -194,7 +194,7 @@ def llm_losses(logps, ref_logps, lengths, rewards, loss: LossConfig):
         total, chosen_r, rejected_r = out.losses, out.chosen_rewards, out.rejected_rewards
         terms.update(out.terms)
     elif loss.params:
-        raise ValueError(f"loss.params {sorted(loss.params)} are read only by pairwise losses, not {names}")
+        raise ConfigError(f"loss.params {sorted(loss.params)} are read only by pairwise losses, not {names}")
     if "pro" in names:
         terms["pro"] = pro_loss(logps, rewards, lengths).losses
     if "lipo" in names:
@@ -221,7 +221,7 @@ def unpaired_losses(logratios, desirable, loss: LossConfig, kl=0.0, delta=0.0):
         if key not in readable:
             close = difflib.get_close_matches(key, readable, n=1)
             hint = f" (did you mean {close[0]!r}?)" if close else ""
-            raise ValueError(f"loss.params: parameter {key!r} is not read by loss types {names}{hint}. Parameters "
+            raise ConfigError(f"loss.params: parameter {key!r} is not read by loss types {names}{hint}. Parameters "
                              f"they read: {', '.join(readable) or '(none)'}")
     p = loss.params
     run = {

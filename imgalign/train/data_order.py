@@ -14,6 +14,8 @@ from __future__ import annotations
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from imgalign.errors import UserError
+
 
 class EpochBatches(torch.utils.data.Sampler):
     """Yields lists of (epoch, index) keys, starting at micro-step `start` of this process."""
@@ -25,7 +27,7 @@ class EpochBatches(torch.utils.data.Sampler):
         self.per_step = batch_size * world * grad_accum
         self.steps_per_epoch = n_items // self.per_step
         if self.steps_per_epoch == 0:
-            raise ValueError(f"the dataset has {n_items} items, fewer than one optimizer step's effective batch "
+            raise UserError(f"the dataset has {n_items} items, fewer than one optimizer step's effective batch "
                              f"({batch_size} per micro-batch x {grad_accum} accum x {world} processes = "
                              f"{self.per_step}); lower run.batch_size or run.grad_accum, or add data")
 

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor
 
 from imgalign.config import cfg_field
+from imgalign.errors import UserError
 
 log = logging.getLogger("imgalign")
 
@@ -108,7 +109,7 @@ def make_optimizer(params, cfg: OptimConfig, max_steps: int, num_processes: int 
 
     params = [p for p in params if p.requires_grad]
     if not params:
-        raise ValueError("no trainable parameters: enable LoRA (lora.enabled=true) or full fine-tuning")
+        raise UserError("no trainable parameters: enable LoRA (lora.enabled=true) or full fine-tuning")
     opt = torch.optim.AdamW(params, lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2),
                             weight_decay=cfg.weight_decay, eps=cfg.adam_eps)
     # accelerate steps a prepared scheduler once per process per optimizer step
