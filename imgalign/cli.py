@@ -1,4 +1,4 @@
-"""`imgalign train|generate|score|demo|env` — one command per job."""
+"""`imgalign train|generate|score|eval|demo|env` — one command per job."""
 
 from __future__ import annotations
 
@@ -149,6 +149,10 @@ def build_parser() -> argparse.ArgumentParser:
         s.set_defaults(func=run_score)
     except ImportError:
         pass
+
+    from imgalign.eval.unigenbench import add_eval_arguments
+
+    add_eval_arguments(sub.add_parser("eval", help="run a benchmark: imgalign eval unigenbench --prompts CSV ..."))
 
     d = sub.add_parser("demo", help="the embedded default: Diffusion-DPO on the toy world, before/after report")
     d.add_argument("--out", default="outputs/demo", help="output folder")

@@ -46,7 +46,7 @@ from imgalign.recipes.common import (
     make_validator,
     save_weights,
 )
-from imgalign.sampling.noise import renoise, to_x0_eps
+from imgalign.sampling.noise import NoiseLevels, renoise
 from imgalign.train import setup
 from imgalign.train.ema import EMA
 from imgalign.train.loop import Run, lora_layout
@@ -118,37 +118,6 @@ Config = SelfNPOConfig
 # noise levels of the family's schedule (the conversions, the re-noising jump `renoise` and the loss
 # `pseudo_huber` are pure tensor math in imgalign.sampling.noise and imgalign.losses.distill)
 # ------------------------------------------------------------------------------------------------
-class NoiseLevels:
-    """alpha_k, sigma_k for k = 0..T-1 and the time value the family adapter's `predict` expects."""
-
-    def __init__(self, adapter, num_levels: int = 1000):
-        self.prediction_type = adapter.prediction_type
-        if adapter.is_flow:
-            u = torch.arange(1, num_levels + 1, dtype=torch.float64) / num_levels
-            shift = adapter.shift
-            sigma = shift * u / (1 + (shift - 1) * u)
-            alpha = 1 - sigma
-            self.model_t = sigma.float()  # the adapter takes sigma for flow families
-        else:
-            ac = adapter.noise_scheduler.alphas_cumprod.double()
-            if len(ac) != num_levels:
-                raise ValueError(f"npo.num_levels={num_levels} but the scheduler has {len(ac)} train timesteps")
-            alpha, sigma = ac.sqrt(), (1 - ac).sqrt()
-            self.model_t = torch.arange(num_levels)
-        self.alpha, self.sigma, self.T = alpha.float(), sigma.float(), num_levels
-
-    def coef(self, k: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-        shape = (-1,) + (1,) * (like.dim() - 1)
-        return (self.alpha[k.cpu()].view(shape).to(like.device, like.dtype),
-                self.sigma[k.cpu()].view(shape).to(like.device, like.dtype))
-
-    def to_x0_eps(self, pred: Tensor, x: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
-        """The network's prediction at (x, k) -> (clean estimate x0, noise estimate eps), by the family's
-        prediction type (the one conversion every family and sampler shares: `imgalign.sampling.noise.to_x0_eps`)."""
-        a, s = self.coef(k, x)
-        return to_x0_eps(pred, x, a, s, self.prediction_type)
-
-
 # ------------------------------------------------------------------------------------------------
 # starting states
 # ------------------------------------------------------------------------------------------------

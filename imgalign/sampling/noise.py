@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
+import torch
 from torch import Tensor
 
 PredictionType = Literal["epsilon", "v_prediction", "sample", "flow"]
@@ -54,3 +55,36 @@ def renoise(x_t: Tensor, alpha_t: Tensor, sigma_t: Tensor, alpha_s: Tensor, sigm
     """
     ratio = alpha_s / alpha_t
     return ratio * x_t + (sigma_s**2 - (ratio * sigma_t) ** 2).clamp_min(0).sqrt() * z
+
+
+class NoiseLevels:
+    """alpha_k, sigma_k for k = 0..T-1 and the time value the family adapter's `predict` expects
+    (`model_t[k]`: the DDPM timestep k, or sigma_k for flow families), so one rule serves every family:
+    x_k = alpha_k x0 + sigma_k eps (SD-type: alpha = sqrt(alphabar_k); flow: sigma_k = shift((k+1)/T), alpha = 1 - sigma)."""
+
+    def __init__(self, adapter, num_levels: int = 1000):
+        self.prediction_type = adapter.prediction_type
+        if adapter.is_flow:
+            u = torch.arange(1, num_levels + 1, dtype=torch.float64) / num_levels
+            shift = adapter.shift
+            sigma = shift * u / (1 + (shift - 1) * u)
+            alpha = 1 - sigma
+            self.model_t = sigma.float()  # the adapter takes sigma for flow families
+        else:
+            ac = adapter.noise_scheduler.alphas_cumprod.double()
+            if len(ac) != num_levels:
+                raise ValueError(f"num_levels={num_levels} but the scheduler has {len(ac)} train timesteps")
+            alpha, sigma = ac.sqrt(), (1 - ac).sqrt()
+            self.model_t = torch.arange(num_levels)
+        self.alpha, self.sigma, self.T = alpha.float(), sigma.float(), num_levels
+
+    def coef(self, k: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        shape = (-1,) + (1,) * (like.dim() - 1)
+        return (self.alpha[k.cpu()].view(shape).to(like.device, like.dtype),
+                self.sigma[k.cpu()].view(shape).to(like.device, like.dtype))
+
+    def to_x0_eps(self, pred: Tensor, x: Tensor, k: Tensor) -> tuple[Tensor, Tensor]:
+        """The network's prediction at (x, k) -> (clean estimate x0, noise estimate eps), by the family's
+        prediction type (the one conversion every family and sampler shares: `imgalign.sampling.noise.to_x0_eps`)."""
+        a, s = self.coef(k, x)
+        return to_x0_eps(pred, x, a, s, self.prediction_type)
