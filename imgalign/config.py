@@ -417,6 +417,9 @@ def check_local_source(key: str, value: str | None) -> None:
     if not value:
         return
     text = str(value)
+    if text.startswith("<") and text.endswith(">"):
+        raise ValueError(f"{key}={text} is a placeholder of the shipped config: give your own data, e.g. "
+                         f"{key}=path/to/{text.strip('<>')}")
     local = text.lower().endswith(_LOCAL_SUFFIXES) or text.startswith(("/", "./", "../", "~"))
     if local and not Path(os.path.expanduser(text)).exists():
         raise ValueError(f"{key}={text!r}: no such file or folder; give an existing path (relative paths are "

@@ -8,6 +8,8 @@ import importlib
 RECIPES = {
     "diffusion-dpo": ("imgalign.recipes.diffusion_dpo",
                       "Diffusion-DPO on preference pairs, with every loss of the core (IPO, hinge, robust, f-DPO, ...)"),
+    "diffusion-dro": ("imgalign.recipes.diffusion_dro",
+                      "Diffusion-DRO: expert demonstrations ranked above the model's own online samples (replay buffer)"),
     "self-npo": ("imgalign.recipes.self_npo",
                  "Self-NPO: a negative model from the model's own samples, for NPO guidance at generation"),
     "pref-grpo": ("imgalign.recipes.pref_grpo",

@@ -10,11 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from imgalign.config import load_config
+from imgalign.config import ConfigError, load_config
 from imgalign.recipes import RECIPES, get_recipe
 
 REPO = Path(__file__).resolve().parents[2]
-CONFIG_DIRS = {"diffusion-dpo": "diffusion_dpo", "self-npo": "self_npo", "pref-grpo": "pref_grpo", "llm-dpo": "llm_dpo"}
+CONFIG_DIRS = {"diffusion-dpo": "diffusion_dpo", "diffusion-dro": "diffusion_dro", "self-npo": "self_npo",
+               "pref-grpo": "pref_grpo", "llm-dpo": "llm_dpo"}
 SHIPPED = [(method, path) for method, folder in CONFIG_DIRS.items()
            for path in sorted((REPO / "configs" / folder).glob("*.yaml"))]
 FAMILY = {"sd15": "sd15", "sd2": "sd2-v", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
@@ -39,12 +40,29 @@ def shrink(method: str, config: Path, out: Path, tiny_pipelines, tiny_pairs, llm
     common = [f"model.pretrained={model}", "model.variant=null", "validation.enabled=false", *run]
     if method == "diffusion-dpo":
         return [f"data.source={tiny_pairs}", "data.resolution=32", "run.batch_size=2", *common]
+    if method == "diffusion-dro":
+        return [f"data.source={tiny_pairs}", "data.resolution=32", "run.batch_size=2", "dro.sample_steps=3",
+                "dro.buffer_batch=2", *common]
     if method == "self-npo":
         return ["data.num_samples=2", "data.sample_steps=1", "data.resolution=32", "npo.rollout_steps=1",
                 "run.batch_size=2", *common]
     return ["sample.resolution=32", "sample.num_steps=6", "sample.group_size=2", "sample.groups_per_iteration=1",
             "sample.batch_size=2", "train.updates_per_iteration=1", "reward.rewards=[compressibility]",
             "reward.kwargs={}", "data.prompts=null", "data.max_prompts=4", "advantage.buffer_size=0", *common]
+
+
+def placeholder_keys(config: Path) -> list[str]:
+    """Dotted keys whose shipped value is a <placeholder> the user must replace."""
+    from omegaconf import OmegaConf
+
+    found, stack = [], [("", OmegaConf.to_container(OmegaConf.load(config)))]
+    while stack:
+        prefix, node = stack.pop()
+        if isinstance(node, dict):
+            stack.extend((f"{prefix}{k}.", v) for k, v in node.items())
+        elif isinstance(node, str) and node.startswith("<") and node.endswith(">"):
+            found.append(prefix[:-1])
+    return found
 
 
 def without_reward_arguments(config: Path, tmp_path: Path) -> Path:
@@ -66,7 +84,12 @@ def test_shipped_config_trains_one_step_on_its_tiny_family(method, config, tiny_
                                                            tmp_path, in_folder_with_outputs):
     recipe = get_recipe(method)
     in_folder_with_outputs(config)
-    load_config(recipe.Config, config)  # parses as shipped (placeholders stay; nothing loads)
+    # parses as shipped (nothing loads); a <placeholder> data source is refused at load, naming the key
+    placeholders = [f"{key}={tiny_pairs}" for key in placeholder_keys(config)]
+    if placeholders:
+        with pytest.raises(ConfigError, match="placeholder"):
+            load_config(recipe.Config, config)
+    load_config(recipe.Config, config, placeholders)
     config = without_reward_arguments(config, tmp_path)
     cfg = load_config(recipe.Config, config, shrink(method, config, tmp_path / "run", tiny_pipelines, tiny_pairs,
                                                      llm_assets))

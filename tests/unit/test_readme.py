@@ -170,7 +170,9 @@ def test_readme_command(lineno, line, args, tmp_path, monkeypatch):
         return
     if ns.config:
         assert (ROOT / ns.config).is_file(), f"{where}: config file {ns.config} does not exist"
-    overrides = [o for o in ns.overrides if "<" not in o]  # <placeholders> are the user's to supply
+    # <placeholders> are the user's to supply: a stand-in file of the same suffix takes their place
+    overrides = [o if "<" not in o else f"{o.split('=', 1)[0]}=outputs/placeholder{Path(o.strip('<>')).suffix}"
+                 for o in ns.overrides]
     read = [o.split("=", 1)[1] for o in overrides if "=" in o]
     if ns.config:  # the config's own outputs/ paths (written by an earlier README command) count too
         from omegaconf import OmegaConf
