@@ -161,7 +161,8 @@ class ReplayBuffer:
             out["k"].append(item["k"][s])
             out["pred"].append(item["pred"][s])
             out["age"].append(self.added - 1 - item["serial"])
-        return {**out, "x": torch.stack(out["x"]), "k": torch.stack(out["k"]), "pred": torch.stack(out["pred"])}
+        return {**out, "x": torch.stack(out["x"]), "k": torch.stack(out["k"]), "pred": torch.stack(out["pred"]),
+                "size": len(self.items)}
 
     def save(self, folder: Path) -> None:
         from safetensors.torch import save_file
@@ -393,5 +394,6 @@ def _step(adapter, model, reference, levels: NoiseLevels, batch, expert_pixels, 
         "expert_gain": out.chosen_rewards.mean(), "policy_gain": out.rejected_rewards.mean(),
         "hinge_active": (diff + cfg.dro.margin > 0).float().mean(),
         "buffer_age": torch.tensor(float(sum(batch["age"])) / b),
+        "buffer_size": torch.tensor(float(batch["size"])),
     }
     return out.losses.mean(), m

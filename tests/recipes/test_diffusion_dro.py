@@ -84,6 +84,7 @@ def test_steps_train_lora_log_and_checkpoint_buffer_and_lagged_adapter(family, t
     assert hist[0]["train/diff"] == pytest.approx(0.0, abs=1e-6)
     assert hist[0]["train/loss"] == pytest.approx(0.001, abs=1e-6)
     assert hist[0]["train/policy_err"] == pytest.approx(0.0, abs=1e-8)
+    assert [h["train/buffer_size"] for h in hist] == [2.0, 4.0, 4.0]  # 2 per refresh, the newest 4 kept
     for key in ("loss", "expert_err", "expert_err_ref", "policy_err_ref", "buffer_age", "grad_norm"):
         assert math.isfinite(hist[-1][f"train/{key}"]), key
     ckpt = out / "checkpoint-3"
