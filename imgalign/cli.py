@@ -103,6 +103,15 @@ def _env(args) -> int:
     return 0
 
 
+def _select_experts(args) -> int:
+    from imgalign.data.experts import select_experts
+
+    summary = select_experts(args.source, args.reward, args.top, args.out, split=args.split, image_root=args.image_root)
+    print(f"kept {summary['kept']} of {summary['images_scored']} images by {args.reward} (best {summary['score_best']:.4f}, "
+          f"last kept {summary['score_last_kept']:.4f}, mean of all {summary['score_mean_all']:.4f}): {summary['out']}")
+    return 0
+
+
 def _demo(args) -> int:
     from imgalign.demo import run_demo
 
@@ -153,6 +162,17 @@ def build_parser() -> argparse.ArgumentParser:
     from imgalign.eval.unigenbench import add_eval_arguments
 
     add_eval_arguments(sub.add_parser("eval", help="run a benchmark: imgalign eval unigenbench --prompts CSV ..."))
+
+    x = sub.add_parser("select-experts", help="Diffusion-DRO's expert demonstrations: the top-k images of a dataset "
+                       "by a reward, written as an unpaired JSONL with their scores")
+    x.add_argument("--source", required=True, help="Pick-a-Pic-layout pairs (both images of each pair are scored) or "
+                   "an unpaired JSONL {image, caption, label}")
+    x.add_argument("--reward", required=True, help="reward name (imgalign.rewards), e.g. pickscore, hpsv2, toy_preference")
+    x.add_argument("--top", type=int, default=500, help="how many images to keep (reference: 500)")
+    x.add_argument("--out", required=True, help="folder for experts.jsonl, images/ and summary.json")
+    x.add_argument("--split", default="train")
+    x.add_argument("--image-root", default=None)
+    x.set_defaults(func=_select_experts)
 
     d = sub.add_parser("demo", help="the embedded default: Diffusion-DPO on the toy world, before/after report")
     d.add_argument("--out", default="outputs/demo", help="output folder")

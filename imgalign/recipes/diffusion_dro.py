@@ -74,6 +74,9 @@ class DataConfig:
 
 @dataclass
 class DROConfig:
+    objective: Literal["dro", "sft"] = cfg_field("dro", "dro: the ranking hinge against the replay buffer; sft: the "
+                                                 "baseline, plain denoising on the same experts (no buffer, no "
+                                                 "reference forward)")
     margin: float = cfg_field(0.001, "hinge margin m in max(0, (E_phi - E_ref) - (P_phi - P_ref) + m)", ge=0)
     buffer_size: int = cfg_field(4, "replay buffer: the newest N trajectories per process (reference: 4)", ge=1)
     buffer_batch: int = cfg_field(4, "trajectories drawn per refresh (reference: 4)", ge=1)
@@ -323,7 +326,8 @@ def train(cfg: DiffusionDROConfig) -> dict:
     step, micro = start_step, start_step * run.grad_accum
     model.train()
     while step < run.max_steps:
-        if micro % d.refresh_every == 0 or not buffer.items:  # 1. refresh the replay buffer
+        sft = d.objective == "sft"
+        if not sft and (micro % d.refresh_every == 0 or not buffer.items):  # 1. refresh the replay buffer
             gens = sample_generators(run.seed, "dro-buffer", micro, range(rank * d.buffer_batch,
                                                                           (rank + 1) * d.buffer_batch))
             rows = [experts[int(torch.randint(0, len(experts), (1,), generator=g))] for g in gens]
@@ -335,7 +339,7 @@ def train(cfg: DiffusionDROConfig) -> dict:
             buffer.add(rows, prompts, x, k, pred)
         positions = global_positions(rank, world, micro % run.grad_accum, run.batch_size)
         gens = sample_generators(run.seed, "dro", micro // run.grad_accum, positions)
-        batch = buffer.sample(gens)
+        batch = buffer.sample(gens) if not sft else expert_batch(experts, data, levels, gens)
         experts_px = torch.stack([transform(data[r], index=r, epoch=micro)["pixels"] for r in batch["rows"]])
         with accelerator.accumulate(model):
             loss, m = _step(adapter, model, reference, levels, batch, experts_px, gens, cfg, accelerator)
@@ -351,13 +355,20 @@ def train(cfg: DiffusionDROConfig) -> dict:
             lagged.sync()
         logs = book.end_step(step, {f"train/{k_}": v for k_, v in book.metrics.reduce(accelerator).items()},
                              {"micro_step": micro})
-        book.bar.set_postfix(loss=f"{logs['train/loss']:.4f}", margin=f"{logs['train/diff']:.2e}")
+        book.bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
     return book.finish(step, {"micro_step": micro},
                        lambda m_: save_weights(adapter, m_, book.out_dir, use_lora))
 
 
+def expert_batch(experts: list[int], data, levels: NoiseLevels, gens) -> dict:
+    """The SFT baseline's batch: a uniform expert row and a uniform noise level per sample."""
+    rows = [experts[int(torch.randint(0, len(experts), (1,), generator=g))] for g in gens]
+    k = torch.cat([torch.randint(0, levels.T, (1,), generator=g) for g in gens])
+    return {"rows": rows, "prompts": [data[r]["caption"] for r in rows], "k": k}
+
+
 def _step(adapter, model, reference, levels: NoiseLevels, batch, expert_pixels, gens, cfg, accelerator):
-    """B buffer items and their experts -> (mean hinge loss, metrics)."""
+    """B buffer items and their experts -> (mean hinge loss, metrics); the SFT baseline: the experts' denoising loss."""
     dev = accelerator.device
     b = len(batch["rows"])
     k = batch["k"]
@@ -365,6 +376,11 @@ def _step(adapter, model, reference, levels: NoiseLevels, batch, expert_pixels, 
     x0 = adapter.encode_images(expert_pixels, generator=gens)  # [B, C, h, w]
     noise = randn_per_sample(x0.shape[1:], gens).to(dev)
     noisy_expert, target = adapter.noise_and_target(x0, noise, t)
+    if cfg.dro.objective == "sft":
+        with accelerator.autocast():
+            pred = adapter.predict(model, noisy_expert, t, adapter.encode_prompts(batch["prompts"]))
+        err = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+        return err.mean(), {"loss": err.mean().detach(), "expert_err": err.mean().detach()}
     x_policy = batch["x"].to(dev, noisy_expert.dtype)
     pred_lagged = batch["pred"].to(dev)
     cond = repeat_cond(adapter.encode_prompts(batch["prompts"]), 2)

@@ -142,3 +142,34 @@ def test_kill_and_resume_equals_uninterrupted(family, tiny_pipelines, tiny_pairs
     w_res = load_file(str(tmp_path / "killed" / "pytorch_lora_weights.safetensors"))
     for k in w_full:
         torch.testing.assert_close(w_full[k], w_res[k], rtol=0, atol=1e-6)
+
+
+def test_sft_baseline_trains_on_the_experts_without_buffer_or_reference(tiny_pipelines, tiny_pairs, tmp_path,
+                                                                         monkeypatch):
+    import imgalign.recipes.diffusion_dro as dro
+
+    monkeypatch.setattr(dro, "policy_trajectories", lambda *a, **k: pytest.fail("SFT samples no trajectories"))
+    monkeypatch.setattr(dro, "adapters_disabled", lambda *a, **k: pytest.fail("SFT needs no reference forward"))
+    result = dro.train(make_cfg(tiny_pipelines("sd15"), tiny_pairs, tmp_path / "sft", "dro.objective=sft",
+                                "run.max_steps=2"))
+    assert all(math.isfinite(h["train/loss"]) and h["train/loss"] > 0 for h in result["history"])
+
+
+def test_select_experts_keeps_the_top_k_by_reward_with_scores(tiny_pairs, tmp_path):
+    """compressibility scores every image of every pair; the kept rows are the best, sorted, each with its score and
+    source row, and load as diffusion-dro's experts."""
+    import json
+
+    from imgalign.cli import main
+
+    assert main(["select-experts", "--source", tiny_pairs, "--reward", "compressibility", "--top", "3",
+                 "--out", str(tmp_path / "experts")]) == 0
+    rows = [json.loads(line) for line in (tmp_path / "experts" / "experts.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["label"] is True and "source_row" in r for r in rows)
+    scores = [r["score"] for r in rows]
+    assert scores == sorted(scores, reverse=True)
+    summary = json.loads((tmp_path / "experts" / "summary.json").read_text())
+    assert summary["images_scored"] == 16 and summary["score_last_kept"] == scores[-1] >= summary["score_mean_all"]
+    data, experts, _ = diffusion_dro.load_experts(diffusion_dro.DataConfig(source=str(tmp_path / "experts" /
+                                                                                       "experts.jsonl")))
+    assert experts == [0, 1, 2]
