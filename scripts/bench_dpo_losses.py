@@ -37,8 +37,7 @@ def main() -> None:
     import torch
 
     from imgalign.config import load_config
-    from imgalign.eval.preference import bootstrap_ci
-    from imgalign.eval.toy_bench import generate_and_score, load_pipeline
+    from imgalign.eval.toy_bench import changes_table, generate_and_score, load_pipeline, paired_changes
     from imgalign.recipes import diffusion_dpo
     from imgalign.toy.prompts import PROMPT_DIR, load_prompts
 
@@ -61,18 +60,10 @@ def main() -> None:
                                                              "validation.enabled=false", *LOSSES[name]])
             seconds = diffusion_dpo.train(cfg)["seconds"]
         after = bench(str(lora))
-        report[name] = {"lora": str(lora), "train_seconds": seconds}
-        for c in CRITERIA:
-            m, lo, hi = bootstrap_ci(after.values(c) - base.values(c))[:3]
-            report[name][c] = {"after": float(after.values(c).mean()), "change": m, "ci95": [lo, hi]}
+        report[name] = {"lora": str(lora), "train_seconds": seconds, **paired_changes(base, after, CRITERIA)}
     print(f"\n[toy] held-out: {len(prompts)} test prompts x 1 image, 10 steps, CFG 5, seed 7; paired change vs base "
           "[bootstrap 95 % CI]")
-    print(f"{'loss':<6}" + "".join(f"{c:>30}" for c in CRITERIA))
-    print(f"{'base':<6}" + "".join(f"{float(base.values(c).mean()):>30.3f}" for c in CRITERIA))
-    for name, r in report.items():
-        cells = [f"{r[c]['after']:.3f} {r[c]['change']:+.3f} [{r[c]['ci95'][0]:+.3f}, {r[c]['ci95'][1]:+.3f}]"
-                 for c in CRITERIA]
-        print(f"{name:<6}" + "".join(f"{cell:>30}" for cell in cells))
+    print(changes_table(base, report, CRITERIA))
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
 

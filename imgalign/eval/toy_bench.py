@@ -78,3 +78,26 @@ def load_pipeline(path: str, lora: str | None = None, device: str = "cpu"):
     if lora:
         adapter.pipe.load_lora_weights(lora)
     return adapter.pipe
+
+
+def paired_changes(base: ToyBenchResult, after: ToyBenchResult,
+                   criteria=("preference", "score", "taste", "watermark")) -> dict[str, dict]:
+    """Per criterion: the mean after, and the change against `base` on the same prompts and seeds with a paired
+    bootstrap 95 % interval -> {criterion: {"after", "change", "ci95": [lo, hi]}}."""
+    out = {}
+    for c in criteria:
+        m, lo, hi = bootstrap_ci(after.values(c) - base.values(c))[:3]
+        out[c] = {"after": float(after.values(c).mean()), "change": m, "ci95": [lo, hi]}
+    return out
+
+
+def changes_table(base: ToyBenchResult, runs: dict[str, dict], criteria=("preference", "score", "taste",
+                                                                          "watermark")) -> str:
+    """Rows: the base's means, then each run's `after change [lo, hi]` (from `paired_changes`)."""
+    lines = [f"{'run':<8}" + "".join(f"{c:>30}" for c in criteria),
+             f"{'base':<8}" + "".join(f"{float(base.values(c).mean()):>30.3f}" for c in criteria)]
+    for name, r in runs.items():
+        cells = [f"{r[c]['after']:.3f} {r[c]['change']:+.3f} [{r[c]['ci95'][0]:+.3f}, {r[c]['ci95'][1]:+.3f}]"
+                 for c in criteria]
+        lines.append(f"{name:<8}" + "".join(f"{cell:>30}" for cell in cells))
+    return "\n".join(lines)
