@@ -37,18 +37,13 @@ def main() -> None:
     import torch
 
     from imgalign.config import load_config
-    from imgalign.eval.toy_bench import changes_table, generate_and_score, load_pipeline, paired_changes
+    from imgalign.eval.toy_bench import changes_table, demo_heldout, paired_changes
     from imgalign.recipes import diffusion_dpo
-    from imgalign.toy.prompts import PROMPT_DIR, load_prompts
 
     torch.set_num_threads(1)
     config = ROOT / "configs" / "diffusion_dpo" / "toy.yaml"
-    model = str(ROOT / "assets" / "toy" / "sd")
-    prompts = load_prompts(PROMPT_DIR / "test.txt")[: args.eval_prompts]
-
     def bench(lora=None):
-        return generate_and_score(load_pipeline(model, lora), prompts, 1, num_inference_steps=10, guidance_scale=5.0,
-                                  seed=7)
+        return demo_heldout(lora, args.eval_prompts)
 
     base = bench()
     report = {}
@@ -61,7 +56,7 @@ def main() -> None:
             seconds = diffusion_dpo.train(cfg)["seconds"]
         after = bench(str(lora))
         report[name] = {"lora": str(lora), "train_seconds": seconds, **paired_changes(base, after, CRITERIA)}
-    print(f"\n[toy] held-out: {len(prompts)} test prompts x 1 image, 10 steps, CFG 5, seed 7; paired change vs base "
+    print(f"\n[toy] held-out: {args.eval_prompts} test prompts x 1 image, 10 steps, CFG 5, seed 7; paired change vs base "
           "[bootstrap 95 % CI]")
     print(changes_table(base, report, CRITERIA))
     if args.json:

@@ -38,9 +38,8 @@ def main() -> None:
 
     from imgalign.config import load_config
     from imgalign.data.experts import select_experts
-    from imgalign.eval.toy_bench import changes_table, generate_and_score, load_pipeline, paired_changes
+    from imgalign.eval.toy_bench import changes_table, demo_heldout, paired_changes
     from imgalign.recipes import diffusion_dpo, diffusion_dro
-    from imgalign.toy.prompts import PROMPT_DIR, load_prompts
 
     torch.set_num_threads(1)
     out = Path(args.out)
@@ -56,12 +55,8 @@ def main() -> None:
         "dro": (diffusion_dro, "diffusion_dro", [f"data.source={experts}"]),
         "dpo": (diffusion_dpo, "diffusion_dpo", [f"data.source={args.pairs}"]),
     }
-    model = str(ROOT / "assets" / "toy" / "sd")
-    prompts = load_prompts(PROMPT_DIR / "test.txt")[: args.eval_prompts]
-
     def bench(lora=None):
-        return generate_and_score(load_pipeline(model, lora), prompts, 1, num_inference_steps=10, guidance_scale=5.0,
-                                  seed=7)
+        return demo_heldout(lora, args.eval_prompts)
 
     base = bench()
     report = {}
@@ -76,7 +71,7 @@ def main() -> None:
             print(f"[dro] {name}: {args.steps} steps in {seconds:.0f} s", flush=True)
         report[name] = {"train_seconds": seconds, **paired_changes(base, bench(str(lora)), CRITERIA)}
     print(f"\n[toy] experts: top {args.top} by the rater; {args.steps} steps x 16 items, LoRA r 8, lr 3e-4; held-out: "
-          f"{len(prompts)} test prompts x 1 image, 10 steps, CFG 5, seed 7; paired change vs base [bootstrap 95 % CI]")
+          f"{args.eval_prompts} test prompts x 1 image, 10 steps, CFG 5, seed 7; paired change vs base [bootstrap 95 % CI]")
     print(changes_table(base, report, CRITERIA))
     print("train seconds: " + ", ".join(f"{k} {v['train_seconds']:.0f}" for k, v in report.items()
                                         if v["train_seconds"] is not None))

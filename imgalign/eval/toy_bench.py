@@ -101,3 +101,14 @@ def changes_table(base: ToyBenchResult, runs: dict[str, dict], criteria=("prefer
                  for c in criteria]
         lines.append(f"{name:<8}" + "".join(f"{cell:>30}" for cell in cells))
     return "\n".join(lines)
+
+
+def demo_heldout(lora: str | None = None, n_prompts: int = 200) -> ToyBenchResult:
+    """The demo's held-out protocol on the shipped toy SD (+ an optional LoRA): the first `n_prompts` test prompts,
+    1 image each, 10 steps, CFG 5, seed 7, so every toy benchmark compares against the same base images."""
+    from imgalign._paths import TOY_ASSETS
+    from imgalign.toy.prompts import PROMPT_DIR, load_prompts
+
+    prompts = load_prompts(PROMPT_DIR / "test.txt")[:n_prompts]
+    return generate_and_score(load_pipeline(str(TOY_ASSETS / "sd"), lora), prompts, 1, num_inference_steps=10,
+                              guidance_scale=5.0, seed=7)
