@@ -73,3 +73,27 @@ def in_folder_with_outputs(tmp_path, monkeypatch):
         monkeypatch.chdir(tmp_path)
 
     return enter
+
+
+@pytest.fixture
+def assert_same_continuation():
+    """check(full, resumed, keys, weights, rel, abs): a resumed run's history equals the uninterrupted run's from the
+    resumed step on (each key), and each (full, resumed) pair of safetensors files holds the same tensors (to 1e-6).
+    Used by every recipe's kill/resume test."""
+    from safetensors.torch import load_file
+
+    def check(full: list[dict], resumed: list[dict], keys, weights=(), rel: float = 1e-6, abs: float = 1e-7) -> None:
+        tail = [h for h in full if h["step"] >= resumed[0]["step"]]
+        assert [h["step"] for h in tail] == [h["step"] for h in resumed]
+        for a, b in zip(tail, resumed):
+            for key in keys:
+                if key not in a and key not in b:  # e.g. evaluation keys on steps without an evaluation
+                    continue
+                assert a.get(key) == pytest.approx(b.get(key), rel=rel, abs=abs), key
+        for file_full, file_resumed in weights:
+            w_full, w_res = load_file(str(file_full)), load_file(str(file_resumed))
+            assert w_full.keys() == w_res.keys()
+            for k in w_full:
+                torch.testing.assert_close(w_full[k], w_res[k], rtol=0, atol=1e-6)
+
+    return check
