@@ -48,6 +48,7 @@ from imgalign.recipes.common import (
     save_weights,
 )
 from imgalign.sampling.noise import NoiseLevels
+from imgalign.train.ema import EMA
 from imgalign.train.loop import Run, lora_layout
 from imgalign.train.seeding import global_positions, randn_per_sample, sample_generators
 from imgalign.train.setup import OptimConfig, RunConfig, count_params
@@ -87,6 +88,9 @@ class DROConfig:
     sample_guidance: float = cfg_field(1.0, "CFG scale of the buffer sampler (reference: 1, no CFG)")
     jitter: bool = cfg_field(True, "per-sample random offset of the trajectory's level grid (reference: on)")
     num_levels: int = cfg_field(1000, "T: discrete noise levels (SD-type: the scheduler's train timesteps)", ge=2)
+    ema_decay: float = cfg_field(0.0, "EMA of the trained weights, stepped after every optimizer step, used for "
+                                 "validation and saved beside the final weights in ema/ (reference: on, diffusers' "
+                                 "EMAModel default; 0 disables)", ge=0, lt=1)
 
     def __post_init__(self):
         if self.sample_steps > self.num_levels:
@@ -304,6 +308,9 @@ def train(cfg: DiffusionDROConfig) -> dict:
                                                lambda m, p: load_weights(adapter, m, p, use_lora))
     book.add_state("replay_buffer", buffer.save, buffer.load)
     book.add_state("lagged_sampler", lagged.save, lagged.load)
+    ema = EMA(adapter.denoiser, d.ema_decay, name="ema") if d.ema_decay > 0 else None
+    if ema is not None:
+        book.add_state("ema", ema.save, ema.load)
     book.resume()
     start_step = book.start_step
 
@@ -320,8 +327,8 @@ def train(cfg: DiffusionDROConfig) -> dict:
         "effective batch": f"{run.batch_size} x {run.grad_accum} accum x {world} procs"
                            f" = {run.batch_size * run.grad_accum * world}/step",
     })
-    book.start(make_validator(accelerator, adapter, cfg.validation, cfg.data.resolution, book.out_dir),
-               cfg.validation.every)
+    book.start(make_validator(accelerator, adapter, cfg.validation, cfg.data.resolution, book.out_dir,
+                              weights=ema.swapped if ema is not None else None), cfg.validation.every)
 
     step, micro = start_step, start_step * run.grad_accum
     model.train()
@@ -350,14 +357,21 @@ def train(cfg: DiffusionDROConfig) -> dict:
         micro += 1
         if not accelerator.sync_gradients:
             continue
+        if ema is not None:
+            ema.step(step)
         step += 1
         if step % d.sync_every == 0:
             lagged.sync()
         logs = book.end_step(step, {f"train/{k_}": v for k_, v in book.metrics.reduce(accelerator).items()},
                              {"micro_step": micro})
         book.bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
-    return book.finish(step, {"micro_step": micro},
-                       lambda m_: save_weights(adapter, m_, book.out_dir, use_lora))
+    def save_final(unwrapped):
+        save_weights(adapter, unwrapped, book.out_dir, use_lora)
+        if ema is not None:
+            with ema.swapped():
+                save_weights(adapter, unwrapped, book.out_dir / "ema", use_lora)
+
+    return book.finish(step, {"micro_step": micro}, save_final)
 
 
 def expert_batch(experts: list[int], data, levels: NoiseLevels, gens) -> dict:

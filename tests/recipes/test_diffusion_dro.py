@@ -122,12 +122,13 @@ def test_full_finetuning_uses_frozen_copies(tiny_pipelines, tiny_pairs, tmp_path
 
 @pytest.mark.parametrize("family", ["sd15", "sd3"])
 def test_kill_and_resume_equals_uninterrupted(family, tiny_pipelines, tiny_pairs, tmp_path, run_killed, assert_same_continuation):
-    """Killed in step 3 after checkpoint-2: resumed from latest, with the replay buffer and the lagged adapter of
-    checkpoint-2, the run reproduces the uninterrupted one (losses and final weights). refresh_every=2 and
+    """Killed in step 3 after checkpoint-2: resumed from latest, with the replay buffer, the lagged adapter and the EMA
+    of checkpoint-2, the run reproduces the uninterrupted one (losses, final weights and final EMA weights). refresh_every=2 and
     sync_every=2 make the resumed run depend on the restored buffer and lagged weights."""
     pipe = tiny_pipelines(family)
     extra = ("run.max_steps=4", "run.checkpoint_every=2", "run.keep_last=0", "run.grad_accum=2",
-             "dro.refresh_every=3", "dro.sync_every=3", "dro.buffer_size=3", "optim.lr_scheduler=cosine")
+             "dro.refresh_every=3", "dro.sync_every=3", "dro.buffer_size=3", "optim.lr_scheduler=cosine",
+             "dro.ema_decay=0.5")
     full = diffusion_dro.train(make_cfg(pipe, tiny_pairs, tmp_path / "full", *extra))
     # micro-steps 1-4 = steps 1-2; die in step 3
     run_killed(diffusion_dro, "_step", 6, lambda: diffusion_dro.train(make_cfg(pipe, tiny_pairs, tmp_path / "killed",
@@ -138,7 +139,8 @@ def test_kill_and_resume_equals_uninterrupted(family, tiny_pipelines, tiny_pairs
     w = "pytorch_lora_weights.safetensors"
     assert_same_continuation(full["history"], resumed["history"],
                              ("train/loss", "train/expert_err", "train/policy_err", "train/buffer_age"),
-                             [(tmp_path / "full" / w, tmp_path / "killed" / w)], abs=1e-9)
+                             [(tmp_path / "full" / n / w, tmp_path / "killed" / n / w) for n in ("", "ema")], abs=1e-9)
+    assert (tmp_path / "killed" / "checkpoint-2" / "ema.safetensors").is_file()
 
 
 def test_sft_baseline_trains_on_the_experts_without_buffer_or_reference(tiny_pipelines, tiny_pairs, tmp_path,
