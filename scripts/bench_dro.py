@@ -12,6 +12,13 @@ paired change against the base with a bootstrap 95 % interval, and the training 
 
     make demo
     python scripts/bench_dro.py --pairs outputs/demo --top 200 --steps 150 --out outputs/dro_bench
+
+--cost instead times one DRO optimizer step on a tiny pipeline (CPU time, one thread, medians), split into the buffer
+refresh against a plain pipeline call sampling the same trajectories, and the update against its floor (a policy
+forward + backward and a reference forward over 2B precomputed inputs, as Diffusion-DPO's floor), and counts the
+parameters the lagged sampler adds (a LoRA adapter, not a network):
+
+    python scripts/bench_dro.py --cost --family sd15 --batch 4 --sample-steps 20
 """
 
 from __future__ import annotations
@@ -24,6 +31,100 @@ ROOT = Path(__file__).resolve().parents[1]
 CRITERIA = ("preference", "score", "taste", "watermark")
 
 
+def cost(args) -> None:
+    import statistics
+    import tempfile
+    import time
+    import types
+
+    import torch
+
+    from imgalign.models.adapters import adapters_disabled, load_adapter, repeat_cond
+    from imgalign.models.tiny import save_tiny_pipeline
+    from imgalign.recipes import diffusion_dro
+    from imgalign.sampling.noise import NoiseLevels
+    from imgalign.train.seeding import sample_generators
+
+    torch.set_num_threads(1)
+    pipe_dir = save_tiny_pipeline(args.family, Path(tempfile.mkdtemp()) / args.family)
+    adapter = load_adapter(str(pipe_dir))
+    adapter.freeze_all()
+    adapter.add_lora(rank=8)
+    base_params = sum(p.numel() for p in adapter.denoiser.parameters())
+    lora = diffusion_dro.LoraConfig(rank=8)
+    lagged = diffusion_dro.LaggedSampler(adapter, lora, torch.float32)
+    extra = sum(p.numel() for p in adapter.lora_parameters("lagged"))
+    model = adapter.denoiser
+    opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4)
+    levels = NoiseLevels(adapter, 1000)
+    cfg = types.SimpleNamespace(dro=diffusion_dro.DROConfig(sample_steps=args.sample_steps))  # what _step reads
+    res = 32
+    shape = (adapter.vae.config.latent_channels, res // adapter.pipe.vae_scale_factor, res // adapter.pipe.vae_scale_factor)
+    prompts = ["a red circle"] * args.batch
+
+    def refresh(i):
+        gens = sample_generators(0, "b", i, range(args.batch))
+        net, active = lagged.model(model)
+        with active:
+            return diffusion_dro.policy_trajectories(adapter, net, levels, prompts, gens, cfg.dro, shape)
+
+    def plain(i):
+        with torch.no_grad():
+            adapter.pipe(prompt=prompts, num_inference_steps=args.sample_steps, guidance_scale=1.0, height=res, width=res,
+                         generator=torch.Generator().manual_seed(i), output_type="latent")
+
+    x, k, pred = refresh(0)
+    buffer = diffusion_dro.ReplayBuffer(args.batch)
+    buffer.add(list(range(args.batch)), prompts, x, k, pred)
+    pixels = torch.rand(args.batch, 3, res, res) * 2 - 1
+
+    import contextlib
+
+    class Acc:
+        device = torch.device("cpu")
+
+        @staticmethod
+        def autocast():
+            return contextlib.nullcontext()
+
+    def update(i):
+        gens = sample_generators(0, "u", i, range(args.batch))
+        loss, _ = diffusion_dro._step(adapter, model, None, levels, buffer.sample(gens), pixels, gens, cfg, Acc)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    lat = torch.randn(2 * args.batch, *shape)
+    t2 = levels.model_t[torch.full((2 * args.batch,), 500)]
+    cond2 = repeat_cond(adapter.encode_prompts(prompts), 2)
+
+    def floor(i):
+        pred_ = adapter.predict(model, lat, t2, cond2)
+        pred_.pow(2).mean().backward()
+        with torch.no_grad(), adapters_disabled(model):
+            adapter.predict(model, lat, t2, cond2)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    times = {name: [] for name in ("refresh", "plain sampling", "update", "update floor")}
+    fns = {"refresh": refresh, "plain sampling": plain, "update": update, "update floor": floor}
+    for r in range(args.repeats + 1):  # interleaved rounds; round 0 warms up
+        for name, fn in fns.items():
+            t0 = time.process_time()
+            fn(r)
+            if r:
+                times[name].append(time.process_time() - t0)
+    med = {k_: statistics.median(v) for k_, v in times.items()}
+    print(f"[cost] tiny {args.family}, batch {args.batch}, {args.sample_steps} sampler steps, LoRA r 8, CPU time of one "
+          f"thread, median of {args.repeats}:")
+    print(f"  buffer refresh {med['refresh'] * 1e3:.1f} ms vs plain pipeline sampling {med['plain sampling'] * 1e3:.1f} ms"
+          f" -> {med['refresh'] / med['plain sampling']:.2f}x (target <= 1.1x)")
+    print(f"  update {med['update'] * 1e3:.1f} ms vs floor {med['update floor'] * 1e3:.1f} ms -> "
+          f"{med['update'] / med['update floor']:.2f}x (target <= 1.15x; the update also encodes the experts' images and "
+          "prompts, which the floor takes precomputed)")
+    print(f"  lagged sampler: {extra:,} extra parameters ({100 * extra / base_params:.2f} % of the denoiser's {base_params:,})")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", default="outputs/demo", help="folder with pairs_train.parquet (make demo's output)")
@@ -32,7 +133,15 @@ def main() -> None:
     ap.add_argument("--runs", nargs="*", default=["sft", "dro", "dpo"], choices=["sft", "dro", "dpo"])
     ap.add_argument("--out", default="outputs/dro_bench")
     ap.add_argument("--eval-prompts", type=int, default=200)
+    ap.add_argument("--cost", action="store_true", help="time one step on a tiny pipeline instead (see above)")
+    ap.add_argument("--family", default="sd15")
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--sample-steps", type=int, default=20)
+    ap.add_argument("--repeats", type=int, default=7)
     args = ap.parse_args()
+    if args.cost:
+        cost(args)
+        return
 
     import torch
 
