@@ -68,9 +68,43 @@ class DataConfig:
     prompt_dropout: float = cfg_field(0.2, "probability that a buffer trajectory's prompt is dropped to \"\" "
                                       "(reference: 0.2)", ge=0, le=1)
     max_rows: int | None = cfg_field(None, "use only the first N rows", ge=1)
+    cache_latents: bool = cfg_field(False, "encode each expert's VAE latent distribution and each prompt's text "
+                                    "conditioning once and reuse them (augmentation then fixed per expert: epoch 0's "
+                                    "crop and flip)")
 
     def __post_init__(self):
         check_local_source("data.source", self.source)
+
+
+class EncodingCache:
+    """Experts' VAE latent distributions (mean, std per row) and prompts' text conditioning, computed once."""
+
+    def __init__(self, adapter, data, transform):
+        self.adapter, self.data, self.transform = adapter, data, transform
+        self.latents: dict[int, tuple[Tensor, Tensor]] = {}
+        self.cond: dict[str, dict[str, Tensor]] = {}
+
+    @torch.no_grad()
+    def expert_latents(self, rows: list[int], gens) -> Tensor:
+        """[B, C, h, w]: a sample of each row's cached latent distribution, drawn from that sample's generator."""
+        for r in rows:
+            if r not in self.latents:
+                pixels = self.transform(self.data[r], index=r, epoch=0)["pixels"][None]
+                pixels = pixels.to(self.adapter.vae.device, self.adapter.vae.dtype)
+                dist = self.adapter.vae.encode(pixels).latent_dist
+                cfg = self.adapter.vae.config
+                shift, scale = (cfg.get("shift_factor") or 0.0), cfg.scaling_factor
+                self.latents[r] = (((dist.mean - shift) * scale)[0].float().cpu(), (dist.std * scale)[0].float().cpu())
+        mean = torch.stack([self.latents[r][0] for r in rows])
+        std = torch.stack([self.latents[r][1] for r in rows])
+        return (mean + std * randn_per_sample(mean.shape[1:], gens)).to(self.adapter.device)
+
+    @torch.no_grad()
+    def prompts(self, prompts: list[str]) -> dict[str, Tensor]:
+        for p in prompts:
+            if p not in self.cond:
+                self.cond[p] = {k: v[0].cpu() for k, v in self.adapter.encode_prompts([p]).items()}
+        return {k: torch.stack([self.cond[p][k] for p in prompts]).to(self.adapter.device) for k in self.cond[prompts[0]]}
 
 
 @dataclass
@@ -300,6 +334,7 @@ def train(cfg: DiffusionDROConfig) -> dict:
 
     transform = ImageTransform(cfg.data.resolution, random_crop=cfg.data.random_crop, hflip=cfg.data.hflip,
                                seed=run.seed)
+    cache = EncodingCache(adapter, data, transform) if cfg.data.cache_latents else None
     f = adapter.pipe.vae_scale_factor
     latent_shape = (adapter.vae.config.latent_channels, cfg.data.resolution // f, cfg.data.resolution // f)
 
@@ -347,9 +382,12 @@ def train(cfg: DiffusionDROConfig) -> dict:
         positions = global_positions(rank, world, micro % run.grad_accum, run.batch_size)
         gens = sample_generators(run.seed, "dro", micro // run.grad_accum, positions)
         batch = buffer.sample(gens) if not sft else expert_batch(experts, data, levels, gens)
-        experts_px = torch.stack([transform(data[r], index=r, epoch=micro)["pixels"] for r in batch["rows"]])
+        if cache is None:
+            experts_in = torch.stack([transform(data[r], index=r, epoch=micro)["pixels"] for r in batch["rows"]])
+        else:
+            experts_in = cache
         with accelerator.accumulate(model):
-            loss, m = _step(adapter, model, reference, levels, batch, experts_px, gens, cfg, accelerator)
+            loss, m = _step(adapter, model, reference, levels, batch, experts_in, gens, cfg, accelerator)
             book.backward(loss)
             if accelerator.sync_gradients:
                 book.apply_gradients()
@@ -381,23 +419,26 @@ def expert_batch(experts: list[int], data, levels: NoiseLevels, gens) -> dict:
     return {"rows": rows, "prompts": [data[r]["caption"] for r in rows], "k": k}
 
 
-def _step(adapter, model, reference, levels: NoiseLevels, batch, expert_pixels, gens, cfg, accelerator):
-    """B buffer items and their experts -> (mean hinge loss, metrics); the SFT baseline: the experts' denoising loss."""
+def _step(adapter, model, reference, levels: NoiseLevels, batch, experts, gens, cfg, accelerator):
+    """B buffer items and their experts (pixels [B, 3, R, R], or the EncodingCache) -> (mean hinge loss, metrics); the
+    SFT baseline: the experts' denoising loss."""
     dev = accelerator.device
     b = len(batch["rows"])
     k = batch["k"]
     t = levels.model_t[k].to(dev)
-    x0 = adapter.encode_images(expert_pixels, generator=gens)  # [B, C, h, w]
+    cached = isinstance(experts, EncodingCache)
+    x0 = experts.expert_latents(batch["rows"], gens) if cached else adapter.encode_images(experts, generator=gens)
+    text = experts.prompts(batch["prompts"]) if cached else adapter.encode_prompts(batch["prompts"])
     noise = randn_per_sample(x0.shape[1:], gens).to(dev)
     noisy_expert, target = adapter.noise_and_target(x0, noise, t)
     if cfg.dro.objective == "sft":
         with accelerator.autocast():
-            pred = adapter.predict(model, noisy_expert, t, adapter.encode_prompts(batch["prompts"]))
+            pred = adapter.predict(model, noisy_expert, t, text)
         err = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
         return err.mean(), {"loss": err.mean().detach(), "expert_err": err.mean().detach()}
     x_policy = batch["x"].to(dev, noisy_expert.dtype)
     pred_lagged = batch["pred"].to(dev)
-    cond = repeat_cond(adapter.encode_prompts(batch["prompts"]), 2)
+    cond = repeat_cond(text, 2)
     inputs, tt = torch.cat([noisy_expert, x_policy]), torch.cat([t, t])  # one 2B forward, the same t per branch
 
     def errors(pred):

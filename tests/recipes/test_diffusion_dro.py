@@ -172,3 +172,14 @@ def test_select_experts_keeps_the_top_k_by_reward_with_scores(tiny_pairs, tmp_pa
     data, experts, _ = diffusion_dro.load_experts(diffusion_dro.DataConfig(source=str(tmp_path / "experts" /
                                                                                        "experts.jsonl")))
     assert experts == [0, 1, 2]
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_cached_expert_latents_and_prompts(family, tiny_pipelines, tiny_pairs, tmp_path):
+    """data.cache_latents: each expert encoded once (epoch 0's crop), prompts once; step 1 is still the fresh-LoRA
+    margin, later steps finite."""
+    result = diffusion_dro.train(make_cfg(tiny_pipelines(family), tiny_pairs, tmp_path / "cached",
+                                          "data.cache_latents=true", "run.checkpoint_every=0"))
+    hist = result["history"]
+    assert hist[0]["train/loss"] == pytest.approx(0.001, abs=1e-6)
+    assert all(math.isfinite(h["train/loss"]) for h in hist)
