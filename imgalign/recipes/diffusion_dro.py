@@ -1,4 +1,4 @@
-"""Diffusion-DRO (Wu et al., NeurIPS 2025, arXiv 2510.18353; reference code basiclab/DiffusionDRO): preference
+"""Diffusion-DRO (NeurIPS 2025, arXiv 2510.18353; reference code basiclab/DiffusionDRO): preference
 learning as ranking expert demonstrations above the model's own online samples, on any family.
 
 Networks: the trained policy phi; the reference (LoRA: the same network with its adapters off; full fine-tuning: a
@@ -366,9 +366,9 @@ def train(cfg: DiffusionDROConfig) -> dict:
                               weights=ema.swapped if ema is not None else None), cfg.validation.every)
 
     step, micro = start_step, start_step * run.grad_accum
+    sft = d.objective == "sft"
     model.train()
     while step < run.max_steps:
-        sft = d.objective == "sft"
         if not sft and (micro % d.refresh_every == 0 or not buffer.items):  # 1. refresh the replay buffer
             gens = sample_generators(run.seed, "dro-buffer", micro, range(rank * d.buffer_batch,
                                                                           (rank + 1) * d.buffer_batch))
@@ -382,10 +382,8 @@ def train(cfg: DiffusionDROConfig) -> dict:
         positions = global_positions(rank, world, micro % run.grad_accum, run.batch_size)
         gens = sample_generators(run.seed, "dro", micro // run.grad_accum, positions)
         batch = buffer.sample(gens) if not sft else expert_batch(experts, data, levels, gens)
-        if cache is None:
-            experts_in = torch.stack([transform(data[r], index=r, epoch=micro)["pixels"] for r in batch["rows"]])
-        else:
-            experts_in = cache
+        experts_in = cache if cache is not None else torch.stack(  # 2. the batch's experts: pixels, or the cache
+            [transform(data[r], index=r, epoch=micro)["pixels"] for r in batch["rows"]])
         with accelerator.accumulate(model):
             loss, m = _step(adapter, model, reference, levels, batch, experts_in, gens, cfg, accelerator)
             book.backward(loss)
@@ -403,6 +401,7 @@ def train(cfg: DiffusionDROConfig) -> dict:
         logs = book.end_step(step, {f"train/{k_}": v for k_, v in book.metrics.reduce(accelerator).items()},
                              {"micro_step": micro})
         book.bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
+
     def save_final(unwrapped):
         save_weights(adapter, unwrapped, book.out_dir, use_lora)
         if ema is not None:
