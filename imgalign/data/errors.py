@@ -65,3 +65,11 @@ def row_failure(on_error: str, stats) -> Callable[[str, str], None]:
             stats.examples.append(message)
 
     return fail
+
+
+def skipped_text(stats, unit: str = "rows") -> str:
+    """", N rows skipped (reason: count, ...)" for a loader's summary line, or "" when nothing was skipped."""
+    if not stats.n_skipped:
+        return ""
+    reasons = ", ".join(f"{k}: {v}" for k, v in sorted(stats.skipped.items()))
+    return f", {stats.n_skipped} {unit} skipped ({reasons})"

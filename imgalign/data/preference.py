@@ -43,7 +43,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from PIL import Image
 
-from imgalign.data.errors import DataError, not_utf8, row_failure, short, utf8_lines
+from imgalign.data.errors import DataError, not_utf8, row_failure, short, skipped_text, utf8_lines
 from imgalign.data.images import (
     DEFAULT_BACKGROUND,
     DEFAULT_MAX_PIXELS,
@@ -103,9 +103,7 @@ class PairStats:
         if self.n_duplicates:
             text += f", {self.n_duplicates} duplicate pairs (same caption and images"
             text += f"; {self.n_conflicting} with another winner)" if self.n_conflicting else ")"
-        if self.n_skipped:
-            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
-            text += f", {self.n_skipped} rows skipped ({reasons})"
+        text += skipped_text(self)
         if self.images.n_converted:
             text += f"; images: {self.images.summary()}"
         return text

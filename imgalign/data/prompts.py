@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from imgalign.data.errors import DataError, not_utf8, row_failure, short, utf8_lines
+from imgalign.data.errors import DataError, not_utf8, row_failure, short, skipped_text, utf8_lines
 
 __all__ = ["PROMPT_COLUMNS", "PromptRecord", "PromptStats", "load_prompt_file", "load_prompt_records"]
 
@@ -52,10 +52,7 @@ class PromptStats:
 
     def summary(self) -> str:
         text = f"{self.source}: {self.n_prompts} prompts"
-        if self.n_skipped:
-            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
-            text += f", {self.n_skipped} lines skipped ({reasons})"
-        return text
+        return text + skipped_text(self, "lines")
 
 
 def _pick_column(available: list[str], column: str | None, where: str) -> str:

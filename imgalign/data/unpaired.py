@@ -31,7 +31,7 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image
 
-from imgalign.data.errors import DataError, not_utf8, row_failure, short, utf8_lines
+from imgalign.data.errors import DataError, not_utf8, row_failure, short, skipped_text, utf8_lines
 from imgalign.data.images import (
     DEFAULT_BACKGROUND,
     DEFAULT_MAX_PIXELS,
@@ -98,9 +98,7 @@ class UnpairedStats:
         if self.pairs is not None:
             return f"{self.pairs}; split into {kept} (winner desirable, loser undesirable)"
         text = f"{self.source}: read {self.n_rows} rows, kept {kept}"
-        if self.n_skipped:
-            reasons = ", ".join(f"{k}: {v}" for k, v in sorted(self.skipped.items()))
-            text += f", {self.n_skipped} rows skipped ({reasons})"
+        text += skipped_text(self)
         if self.images.n_converted:
             text += f"; images: {self.images.summary()}"
         return text

@@ -12,6 +12,7 @@ import torch
 
 from imgalign.config import MISSING, cfg_field
 from imgalign.models.adapters import DEFAULT_LORA_TARGETS, ModelAdapter, load_adapter
+from imgalign.train.checkpoint import read_safetensors_folder
 from imgalign.train.setup import captioned_grid
 
 
@@ -102,13 +103,8 @@ def load_weights(adapter: ModelAdapter, model, folder: Path, lora: bool) -> None
     if lora:
         adapter.load_lora_into_denoiser(folder)
     else:
-        from safetensors.torch import load_file
+        model.load_state_dict(read_safetensors_folder(folder / adapter.denoiser_name))
 
-        files = sorted((folder / adapter.denoiser_name).glob("*.safetensors"))
-        state = {}
-        for f in files:
-            state.update(load_file(str(f)))
-        model.load_state_dict(state)
 
 
 @torch.no_grad()

@@ -48,6 +48,7 @@ from imgalign.recipes.common import (
     save_weights,
 )
 from imgalign.sampling.noise import NoiseLevels
+from imgalign.train.checkpoint import read_safetensors_folder
 from imgalign.train.ema import EMA
 from imgalign.train.loop import Run, lora_layout
 from imgalign.train.seeding import global_positions, randn_per_sample, sample_generators
@@ -278,9 +279,10 @@ class LaggedSampler:
     def sync(self) -> None:
         """Copy the policy's trained weights into the lagged sampler."""
         if self.use_lora:
-            policy = dict(zip(_names(self.adapter, "default"), self.adapter.lora_parameters("default")))
-            for name, p in zip(_names(self.adapter, "lagged"), self.adapter.lora_parameters("lagged")):
-                p.copy_(policy[name.replace(".lagged.", ".default.")])
+            params = dict(self.adapter.denoiser.named_parameters())
+            for name, p in params.items():
+                if "lora_" in name and ".lagged." in name:
+                    p.copy_(params[name.replace(".lagged.", ".default.")])
         else:
             self.net.load_state_dict(self.adapter.denoiser.state_dict())
 
@@ -302,16 +304,7 @@ class LaggedSampler:
         if self.use_lora:
             self.adapter.load_lora_into_denoiser(Path(folder) / "lagged", adapter_name="lagged")
         else:
-            from safetensors.torch import load_file
-
-            state = {}
-            for file in sorted((Path(folder) / "lagged").glob("*.safetensors")):
-                state.update(load_file(str(file)))
-            self.net.load_state_dict(state)
-
-
-def _names(adapter, adapter_name: str) -> list[str]:
-    return [n for n, _ in adapter.denoiser.named_parameters() if "lora_" in n and f".{adapter_name}." in n]
+            self.net.load_state_dict(read_safetensors_folder(Path(folder) / "lagged"))
 
 
 # ------------------------------------------------------------------------------------------------

@@ -56,6 +56,7 @@ from imgalign.losses import (
     preference_loss,
     pro_loss,
 )
+from imgalign.train.checkpoint import read_safetensors_folder
 from imgalign.train.data_order import deterministic_loader
 from imgalign.train.loop import Run, lora_layout
 from imgalign.train.setup import OptimConfig, RunConfig, count_params
@@ -304,9 +305,7 @@ def load_weights(model, folder: Path, lora: bool) -> None:
         if result.unexpected_keys:
             raise RuntimeError(f"{folder}: adapter keys not in the model: {result.unexpected_keys[:5]}")
         return
-    state = {}
-    for f in sorted((folder / "model").glob("*.safetensors")):
-        state.update(load_file(str(f)))
+    state = read_safetensors_folder(folder / "model")
     missing, unexpected = model.load_state_dict(state, strict=False)
     loaded = {id(p) for n, p in model.named_parameters(remove_duplicate=False) if n in state}
     params = dict(model.named_parameters(remove_duplicate=False))

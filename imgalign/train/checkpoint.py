@@ -172,3 +172,13 @@ def load_checkpoint(accelerator, path: str | Path, expected: dict[str, Any] | No
         raise CheckpointError(f"{path}: cannot be restored ({type(e).__name__}: {e}); the checkpoint is corrupt "
                               "or incomplete. Resume from an older checkpoint-N folder") from e
     return state
+
+
+def read_safetensors_folder(folder: str | Path) -> dict[str, torch.Tensor]:
+    """The state dict in a `save_pretrained` folder: every *.safetensors shard, merged."""
+    from safetensors.torch import load_file
+
+    state = {}
+    for f in sorted(Path(folder).glob("*.safetensors")):
+        state.update(load_file(str(f)))
+    return state
