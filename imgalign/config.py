@@ -398,7 +398,10 @@ def _violation(value: Any, meta: dict) -> str | None:
                 return f"must be {word} {meta[name]}"
     kind = meta.get("exists")
     if kind and value not in (None, ""):
-        p = Path(os.path.expanduser(str(value)))
+        text = str(value)
+        if text.startswith("<") and text.endswith(">"):
+            return f"is a placeholder of the shipped config: give your own path, e.g. path/to/{text.strip('<>')}"
+        p = Path(os.path.expanduser(text))
         if kind == "file" and not p.is_file():
             return "must be an existing file" + (" (it is a folder)" if p.is_dir() else "")
         if kind == "dir" and not p.is_dir():

@@ -9,6 +9,7 @@ from imgalign.losses.diffusion import (
     diffusion_preference_loss,
     dro_ranking_loss,
     mapo_loss,
+    rpo_loss,
 )
 from imgalign.losses.listwise import ListwiseLossOutput, lipo_lambda_loss, pro_loss
 from imgalign.losses.preference import (
@@ -110,6 +111,7 @@ __all__ = [
     "rating_regression_loss",
     "rdpo_loss",
     "robust_dpo_loss",
+    "rpo_loss",
     "scaled_bradley_terry_loss",
     "sigmoid_norm_loss",
     "simpo_loss",

@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from imgalign.losses.preference import LossOutput, PairwiseInputs, kto_loss, preference_loss
+from imgalign.losses.preference import LossOutput, PairwiseInputs, dpo_sigmoid_loss, kto_loss, preference_loss
 
 
 def denoising_logps(err: Tensor) -> Tensor:
@@ -136,3 +136,30 @@ def dro_ranking_loss(
     policy_gain = policy_ref_err - policy_model_err  # [B]
     losses = torch.relu(policy_gain - expert_gain + margin)
     return LossOutput(losses, expert_gain.detach(), policy_gain.detach())
+
+
+def rpo_loss(
+    model_err_ref: Tensor, ref_err_ref: Tensor, model_err_gen: Tensor, ref_err_gen: Tensor, labels: Tensor,
+    beta: float = 2.0, sim_weight: float = 1.0,
+) -> LossOutput:
+    """RPO (Miao et al., NeurIPS 2024, arXiv 2407.12164; andrew-miao/RPO train.py): a reference image of the subject
+    (conditioned on the instance prompt) against an image the base model generated for a novel prompt, each with its
+    own t and noise, and a Bradley-Terry label drawn per pair (labels = 1: the reference image is preferred).
+
+      Delta = (err_ref[ref] - err_theta[ref]) - (err_ref[gen] - err_theta[gen])       RPO's implicit reward margin
+      pref  = -( l log sigma((beta/2) Delta) + (1 - l) log sigma(-(beta/2) Delta) )
+      loss  = sim_weight * err_theta[ref] + pref                                       per pair [B]
+
+    pref is the core's sigmoid DPO on log-ratios -err/2 (the toolkit's one beta, Diffusion-DPO's paper convention),
+    with the preferred side chosen by the label; a soft label in [0, 1] gives the expected loss. RPO's own code
+    writes log sigma(beta_rpo * Delta), so beta = 2 * beta_rpo: the reference's beta_rpo = 1 is beta = 2 here.
+    Rewards: the implicit rewards (beta/2)(err_ref - err_theta) of the reference (chosen) and generated (rejected) images.
+    """
+    inputs = diffusion_pair_inputs(model_err_ref, model_err_gen, ref_err_ref, ref_err_gen)
+    ref_side = inputs.policy_chosen_logps - inputs.ref_chosen_logps  # log-ratio of the reference image
+    gen_side = inputs.policy_rejected_logps - inputs.ref_rejected_logps
+    labels = labels.to(ref_side.dtype)
+    ref_preferred = dpo_sigmoid_loss(ref_side, gen_side, beta)
+    gen_preferred = dpo_sigmoid_loss(gen_side, ref_side, beta)
+    pref = labels * ref_preferred.losses + (1 - labels) * gen_preferred.losses
+    return LossOutput(sim_weight * model_err_ref + pref, ref_preferred.chosen_rewards, ref_preferred.rejected_rewards)

@@ -12,6 +12,8 @@ RECIPES = {
                       "Diffusion-DRO: expert demonstrations ranked above the model's own online samples (replay buffer)"),
     "self-npo": ("imgalign.recipes.self_npo",
                  "Self-NPO: a negative model from the model's own samples, for NPO guidance at generation"),
+    "rpo": ("imgalign.recipes.rpo",
+            "RPO: subject-driven fine-tuning, references preferred over base samples by the lambda-Harmonic reward"),
     "pref-grpo": ("imgalign.recipes.pref_grpo",
                   "Pref-GRPO (pairwise win rates in a group); pointwise Flow-GRPO and DDPO as configurations"),
     "llm-dpo": ("imgalign.recipes.llm_dpo", "DPO-family losses on a causal language model (the shared loss core)"),

@@ -11,7 +11,7 @@ from typing import Literal
 import torch
 
 from imgalign.config import MISSING, cfg_field
-from imgalign.models.adapters import DEFAULT_LORA_TARGETS, ModelAdapter, load_adapter
+from imgalign.models.adapters import DEFAULT_LORA_TARGETS, ModelAdapter, adapters_disabled, load_adapter
 from imgalign.train.checkpoint import read_safetensors_folder
 from imgalign.train.setup import captioned_grid
 
@@ -105,6 +105,22 @@ def load_weights(adapter: ModelAdapter, model, folder: Path, lora: bool) -> None
     else:
         model.load_state_dict(read_safetensors_folder(folder / adapter.denoiser_name))
 
+
+
+def denoising_errors(pred, target):
+    """Per-sample denoising error mean_{C,H,W} (prediction - target)^2: [N, C, h, w] -> [N], in fp32."""
+    return (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+
+
+def reference_errors(adapter, model, reference, noisy, t, cond, target, accelerator):
+    """Errors [N] of the reference on the same inputs, without grad (LoRA: adapter disabled; full: the frozen copy)."""
+    with torch.no_grad(), accelerator.autocast():
+        if reference is None:
+            with adapters_disabled(model):
+                ref_pred = adapter.predict(model, noisy, t, cond)
+        else:
+            ref_pred = adapter.predict(reference, noisy, t, cond)
+    return denoising_errors(ref_pred, target)
 
 
 @torch.no_grad()

@@ -49,15 +49,17 @@ from imgalign.losses import (
     implicit_accuracy,
     mapo_loss,
 )
-from imgalign.models.adapters import adapters_disabled, repeat_cond
+from imgalign.models.adapters import repeat_cond
 from imgalign.recipes.common import (
     LoraConfig,
     ModelConfig,
     ValidationConfig,
+    denoising_errors,
     load_model,
     load_weights,
     make_trainable,
     make_validator,
+    reference_errors,
     save_weights,
 )
 from imgalign.train.data_order import deterministic_loader
@@ -336,22 +338,6 @@ def _encode(adapter, batch, gens, accelerator):
     return latents, cond
 
 
-def _errors(pred, target):
-    """Per-sample denoising error mean_{C,H,W} (prediction - target)^2: [N, C, h, w] -> [N], in fp32."""
-    return (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
-
-
-def _reference_errors(adapter, model, reference, noisy, t, cond, target, accelerator):
-    """Errors [N] of the reference on the same inputs, without grad (LoRA: adapter disabled; full: the frozen copy)."""
-    with torch.no_grad(), accelerator.autocast():
-        if reference is None:
-            with adapters_disabled(model):
-                ref_pred = adapter.predict(model, noisy, t, cond)
-        else:
-            ref_pred = adapter.predict(reference, noisy, t, cond)
-    return _errors(ref_pred, target)
-
-
 def _step(adapter, model, reference, batch, gens, cfg: DiffusionDPOConfig, accelerator):
     """One micro-batch of B pairs, one generator per pair -> (mean loss, metrics).
 
@@ -368,10 +354,10 @@ def _step(adapter, model, reference, batch, gens, cfg: DiffusionDPOConfig, accel
 
     with accelerator.autocast():
         pred = adapter.predict(model, noisy, t, cond)
-    model_err = _errors(pred, target)  # [2B]
+    model_err = denoising_errors(pred, target)  # [2B]
     ref_err = None  # reference-free losses (mapo, simpo, ...) never read it: no reference forward
     if not set(cfg.loss.loss_type) <= REFERENCE_FREE:
-        ref_err = _reference_errors(adapter, model, reference, noisy, t, cond, target, accelerator)  # [2B]
+        ref_err = reference_errors(adapter, model, reference, noisy, t, cond, target, accelerator)  # [2B]
 
     losses, chosen, rejected = dpo_losses(model_err, ref_err, labels, cfg.loss)
     decided = labels == 1
@@ -412,8 +398,8 @@ def _kto_step(adapter, model, reference, batch, gens, cfg: DiffusionDPOConfig, a
 
     with accelerator.autocast():
         pred = adapter.predict(model, noisy, t, cond)
-    model_err = _errors(pred, target)  # [B]
-    ref_err = _reference_errors(adapter, model, reference, noisy, t, cond, target, accelerator)  # [B]
+    model_err = denoising_errors(pred, target)  # [B]
+    ref_err = reference_errors(adapter, model, reference, noisy, t, cond, target, accelerator)  # [B]
     g = (ref_err - model_err).detach()  # [B] implicit reward
     mean_g = g.mean().reshape(1)
     if accelerator.num_processes > 1:  # the micro-batch of every process (collective: every rank calls it)

@@ -80,13 +80,32 @@ class LambdaHarmonic(ReferenceSimilarity):
         s_text = (image_emb * text_emb).sum(-1)  # [B]
         return {"s_image": s_image, "s_text": s_text, "image01": (s_image + 1) / 2, "text01": (s_text + 1) / 2}
 
-    def harmonic(self, image01: torch.Tensor, text01: torch.Tensor) -> torch.Tensor:
-        return 1.0 / (self.lam / (image01 + self.eps) + (1.0 - self.lam) / (text01 + self.eps))
+    def harmonic(self, image01: torch.Tensor, text01: torch.Tensor, lam: float | None = None) -> torch.Tensor:
+        """R_lambda of the [0, 1] similarities; `lam` overrides the reward's lambda (RPO labels and validates with
+        different lambdas on one backbone)."""
+        lam = self.lam if lam is None else float(lam)
+        return 1.0 / (lam / (image01 + self.eps) + (1.0 - lam) / (text01 + self.eps))
 
-    def _score_batched(self, unit, prompts, references: ImageInput | None = None, **kwargs) -> torch.Tensor:
+    def parts(self, images: ImageInput, prompts: Sequence[str], lam: float | None = None,
+              value_range: tuple[float, float] | None = None) -> dict[str, torch.Tensor]:
+        """Per image the cosines s_image, s_text and R_lambda (`lam` overrides the reward's), from one embedding
+        pass over the images against the references set at construction."""
+        if self._references is None:
+            raise ValueError("lambda_harmonic.parts needs the reference images set (references=...)")
+        with torch.no_grad():
+            parts = self.components(self.embed(images, value_range), list(prompts), self._references)
+            reward = self.harmonic(parts["image01"], parts["text01"], lam)
+        return {"s_image": parts["s_image"].float(), "s_text": parts["s_text"].float(), "reward": reward.float()}
+
+    def _score_batched(self, unit, prompts, references: ImageInput | None = None, lam: float | None = None,
+                       **kwargs) -> torch.Tensor:
+        """`lam`: score with this lambda instead of the reward's own (``score(images, prompts, lam=0.5)``)."""
+        lam = self.lam if lam is None else float(lam)
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lambda must be in [0, 1], got {lam}")
         refs = self.embed(references) if references is not None else self._references
         if refs is None:
-            if self.lam > 0:
+            if lam > 0:
                 raise ValueError("lambda_harmonic needs reference images (references=...) unless lam=0")
             refs = None
         step = self.batch_size or len(prompts)
@@ -99,5 +118,5 @@ class LambdaHarmonic(ReferenceSimilarity):
                 out.append(((emb * text_emb).sum(-1) + 1) / 2)
                 continue
             parts = self.components(emb, chunk_prompts, refs)
-            out.append(self.harmonic(parts["image01"], parts["text01"]))
+            out.append(self.harmonic(parts["image01"], parts["text01"], lam))
         return torch.cat(out).float()

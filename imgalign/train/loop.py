@@ -258,10 +258,11 @@ class Run:
         self.bar.update(1)
         if postfix:
             self.bar.set_postfix(**postfix)
-        if run.checkpoint_every and step % run.checkpoint_every == 0 and step < run.max_steps:
-            self.save(step, state)
+        # validation first: state it updates (e.g. RPO's best score) is then in this step's checkpoint
         if self._validate and self._validate_every and step % self._validate_every == 0 and step < run.max_steps:
             self.validation.append({"step": step, **self._validate(step)})
+        if run.checkpoint_every and step % run.checkpoint_every == 0 and step < run.max_steps:
+            self.save(step, state)
         return logs
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
@@ -271,10 +272,12 @@ class Run:
                                {**state, **self.identity, "nonfinite_skipped": self.skipped}, self.run.keep_last)
 
     def finish(self, step: int, state: dict[str, Any], save_final: Callable[[torch.nn.Module], None]) -> dict:
-        """Final checkpoint (unless a resumed run made no progress), final weights via `save_final(unwrapped
-        model)` on the main process, final validation -> the run's result (the same keys for every recipe)."""
+        """Final validation, final checkpoint (unless a resumed run made no progress), final weights via
+        `save_final(unwrapped model)` on the main process -> the run's result (the same keys for every recipe)."""
         acc = self.accelerator
         self.bar.close()
+        if self._validate is not None and acc.is_main_process:  # before the final checkpoint, as in end_step
+            self.validation.append({"step": step, **self._validate(step)})
         if step > self.start_step or self.resumed_from is None:
             self.save(step, state)
         acc.wait_for_everyone()
@@ -282,8 +285,6 @@ class Run:
             for net in self.networks.values():
                 check_finite_weights(net.module, step)
             save_final(acc.unwrap_model(self.model))
-            if self._validate is not None:
-                self.validation.append({"step": step, **self._validate(step)})
         acc.end_training()
         return {"steps": step, "history": self.history, "validation": self.validation,
                 "seconds": time.time() - self.t0, "output_dir": str(self.out_dir)}

@@ -15,10 +15,11 @@ from imgalign.recipes import RECIPES, get_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIRS = {"diffusion-dpo": "diffusion_dpo", "diffusion-dro": "diffusion_dro", "self-npo": "self_npo",
-               "pref-grpo": "pref_grpo", "llm-dpo": "llm_dpo"}
+               "pref-grpo": "pref_grpo", "llm-dpo": "llm_dpo", "rpo": "rpo"}
 SHIPPED = [(method, path) for method, folder in CONFIG_DIRS.items()
            for path in sorted((REPO / "configs" / folder).glob("*.yaml"))]
 FAMILY = {"sd15": "sd15", "sd2": "sd2-v", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
+TOY_SUBJECT = REPO / "assets" / "toy" / "subjects" / "dataset" / "striped_square"
 RESULT_KEYS = {"steps", "history", "validation", "seconds", "output_dir"}
 
 
@@ -43,6 +44,10 @@ def shrink(method: str, config: Path, out: Path, tiny_pipelines, tiny_pairs, llm
     if method == "diffusion-dro":
         return [f"data.source={tiny_pairs}", "data.resolution=32", "run.batch_size=2", "dro.sample_steps=3",
                 "dro.buffer_batch=2", *common]
+    if method == "rpo":
+        return [f"data.subject_dir={TOY_SUBJECT}",
+                "data.train_prompts=['a {0} {1} on a white background']", "data.resolution=32", "rpo.num_negatives=1",
+                "rpo.negatives_steps=1", f"reward.model={REPO / 'assets' / 'toy' / 'clip'}", "run.batch_size=2", *common]
     if method == "self-npo":
         return ["data.num_samples=2", "data.sample_steps=1", "data.resolution=32", "npo.rollout_steps=1",
                 "run.batch_size=2", *common]
@@ -85,7 +90,8 @@ def test_shipped_config_trains_one_step_on_its_tiny_family(method, config, tiny_
     recipe = get_recipe(method)
     in_folder_with_outputs(config)
     # parses as shipped (nothing loads); a <placeholder> data source is refused at load, naming the key
-    placeholders = [f"{key}={tiny_pairs}" for key in placeholder_keys(config)]
+    given = TOY_SUBJECT if method == "rpo" else tiny_pairs
+    placeholders = [f"{key}={given}" for key in placeholder_keys(config)]
     if placeholders:
         with pytest.raises(ConfigError, match="placeholder"):
             load_config(recipe.Config, config)

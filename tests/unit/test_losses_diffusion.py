@@ -154,3 +154,54 @@ def test_dro_values_and_gradients():
     out.losses.sum().backward()
     assert e_phi.grad.tolist() == [0.0, 1.0] and p_phi.grad.tolist() == [0.0, -1.0]
     assert implicit_accuracy(out.chosen_rewards, out.rejected_rewards).item() == 0.5  # pair 1 ranked right
+
+
+# ---- RPO ---------------------------------------------------------------------------------------------------------
+def test_rpo_values_by_hand():
+    """Delta = (e_ref[ref] - e[ref]) - (e_ref[gen] - e[gen]); pref = -logsig(+-(beta/2) Delta) by the label; plus the
+    reconstruction err[ref] times sim_weight."""
+    from imgalign.losses import rpo_loss
+
+    e_r, er_r, e_g, er_g = t(0.30, 0.30), t(0.34, 0.34), t(0.50, 0.50), t(0.48, 0.48)
+    delta = (0.34 - 0.30) - (0.48 - 0.50)  # 0.06
+    out = rpo_loss(e_r, er_r, e_g, er_g, t(1.0, 0.0), beta=10.0, sim_weight=0.5)
+    z = 5.0 * delta
+    expected = [0.5 * 0.30 + math.log1p(math.exp(-z)), 0.5 * 0.30 + math.log1p(math.exp(z))]
+    torch.testing.assert_close(out.losses, t(*expected))
+    torch.testing.assert_close(out.chosen_rewards, t(5.0 * 0.04, 5.0 * 0.04))  # (beta/2)(e_ref - e) of the reference
+    torch.testing.assert_close(out.rejected_rewards, t(-5.0 * 0.02, -5.0 * 0.02))
+    # a soft label is the expectation over the two hard ones
+    soft = rpo_loss(e_r, er_r, e_g, er_g, t(0.25, 0.25), beta=10.0, sim_weight=0.5).losses
+    torch.testing.assert_close(soft, t(*[0.25 * expected[0] + 0.75 * expected[1]] * 2))
+
+
+def test_rpo_fresh_model_and_beta_convention():
+    """theta == reference (a fresh LoRA): Delta = 0, loss = sim_weight * err + log 2 for either label; our beta is twice
+    RPO's: beta = 2 beta_rpo gives RPO's -logsig(beta_rpo Delta) exactly."""
+    from imgalign.losses import rpo_loss
+
+    e = t(0.2, 0.7, 0.4)
+    g = t(0.5, 0.1, 0.3)
+    out = rpo_loss(e, e, g, g, t(1.0, 0.0, 1.0), beta=2.0)
+    torch.testing.assert_close(out.losses, e + LN2)
+    e_r, er_r, e_g, er_g = t(0.3), t(0.5), t(0.6), t(0.55)
+    beta_rpo = 1.0
+    delta = (0.5 - 0.3) - (0.55 - 0.6)
+    rpo_code = -F.logsigmoid(torch.tensor(beta_rpo * delta, dtype=torch.float64))  # andrew-miao/RPO train.py form
+    ours = rpo_loss(e_r, er_r, e_g, er_g, t(1.0), beta=2 * beta_rpo, sim_weight=0.0).losses
+    torch.testing.assert_close(ours, rpo_code.reshape(1))
+
+
+def test_rpo_gradient_signs():
+    """Label 1 (reference preferred): the gradient lowers err on the reference image and raises it on the negative;
+    label 0 reverses the preference term; the reconstruction term always lowers err[ref]."""
+    from imgalign.losses import rpo_loss
+
+    for label, sign_gen in ((1.0, -1), (0.0, +1)):
+        e_r, e_g = t(0.3, grad=True), t(0.5, grad=True)
+        rpo_loss(e_r, t(0.3), e_g, t(0.5), t(label), beta=20.0, sim_weight=0.0).losses.sum().backward()
+        assert sign_gen * float(e_g.grad) > 0  # descent moves e_g by -grad: up for label 1, down for label 0
+        assert -sign_gen * float(e_r.grad) > 0
+    e_r = t(0.3, grad=True)
+    rpo_loss(e_r, t(0.3), t(0.5), t(0.5), t(0.0), beta=1e-6, sim_weight=1.0).losses.sum().backward()
+    assert float(e_r.grad) > 0.99  # reconstruction dominates with a tiny beta: lowers the reference image's error

@@ -90,8 +90,17 @@ def test_lambda_harmonic_formula(hf_clip):
     # RPO's preference label probability: sigmoid(R(a) - R(b))
     p = reward.compare(images[:1], images[1:2], prompts[0])
     assert torch.allclose(p, torch.sigmoid(score[0] - reward.score(images[1:2], prompts[0])), atol=1e-6)
+    # a per-call lambda (RPO labels at 0 and validates at 0.5 on one backbone) and parts() from one embedding pass
+    assert torch.allclose(reward.score(images, prompts, lam=1.0), i01, atol=1e-5)
+    assert torch.allclose(reward.score(images, prompts, lam=0.0), t01, atol=1e-5)
+    parts = reward.parts(images, prompts, lam=0.5)
+    assert torch.allclose(parts["reward"], 1 / (0.5 / i01 + 0.5 / t01), atol=1e-5)
+    assert torch.allclose(parts["s_image"], s_image, atol=1e-5) and torch.allclose(parts["s_text"], s_text, atol=1e-5)
+    assert reward.lam == 0.3  # the override changed nothing
     with pytest.raises(ValueError, match="lambda"):
         build_reward("lambda_harmonic", model=str(hf_clip), lam=1.5)
+    with pytest.raises(ValueError, match="lambda"):
+        reward.score(images, prompts, lam=-0.1)
 
 
 def _score_args(**overrides):
