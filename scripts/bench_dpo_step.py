@@ -4,6 +4,8 @@ Bare minimum: one policy forward + backward over 2B noisy latents and one no-gra
 the same 2B (adapter disabled), from precomputed latents and text embeddings, plus the optimizer step.
 Recipe step: `imgalign.recipes.diffusion_dpo._step` as training runs it (VAE and text encoding included,
 or from the latent/text cache with --cached), loss core, backward and optimizer step.
+RPO step (`rpo` row): `imgalign.recipes.rpo._step` on the same B pairs (a reference image and a negative each, with
+their own prompts, timesteps and noise), the same work otherwise; its ratio to the recipe row is printed.
 
 Each mode runs in its own process so peak RSS (CPU) or peak allocated memory (CUDA) is its own. On CPU the
 time is the process's CPU time with one thread, which other load on a shared machine disturbs far less
@@ -62,6 +64,16 @@ def run_mode(mode: str, pipeline: str, pairs: int, steps: int, res: int) -> dict
     lat2 = adapter.encode_images(pixels.repeat(2, 1, 1, 1))
     cond2 = repeat_cond(adapter.encode_prompts(["a red circle"] * pairs), 2)
 
+    if mode == "rpo":
+        import types
+
+        from imgalign.recipes import rpo
+
+        batch = {"pixels": torch.cat([pixels, pixels.flip(-1)]), "captions": ["a sks square"] * pairs + ["a red circle"] * pairs,
+                 "original_sizes": torch.full((2 * pairs, 2), res), "crops_top_left": torch.zeros(2 * pairs, 2, dtype=torch.long),
+                 "labels": torch.ones(pairs), "probs": torch.full((pairs,), 0.5)}
+        cfg = types.SimpleNamespace(rpo=rpo.RPOLossConfig())  # what rpo._step reads
+
     def bare_step(gen):
         t = adapter.sample_timesteps(pairs, generator=gen).repeat(2)
         noise = torch.randn(lat2.shape, generator=gen).to(lat2.device)
@@ -81,7 +93,8 @@ def run_mode(mode: str, pipeline: str, pairs: int, steps: int, res: int) -> dict
             bare_step(gen)
         else:  # the recipe draws per pair, from (seed, step, position) generators
             gens = sample_generators(0, "dpo", i, list(range(pairs)))
-            loss, _ = diffusion_dpo._step(adapter, model, None, batch, gens, cfg, accelerator)
+            step_fn = rpo._step if mode == "rpo" else diffusion_dpo._step
+            loss, _ = step_fn(adapter, model, None, batch, gens, cfg, accelerator)
             loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -113,7 +126,7 @@ def main() -> None:
 
             pipeline = str(save_tiny_pipeline(args.family, d))
         rows: dict[str, dict] = {}
-        for mode in ("bare", "recipe", "cached", "bare", "recipe", "cached"):  # interleaved; best of two each
+        for mode in ("bare", "recipe", "cached", "rpo") * 2:  # interleaved; best of two each
             cmd = [sys.executable, __file__, "--mode", mode, "--pipeline", pipeline, "--pairs", str(args.pairs),
                    "--steps", str(args.steps), "--resolution", str(args.resolution)]
             out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
@@ -126,6 +139,7 @@ def main() -> None:
     for mode, r in rows.items():
         print(f"{mode:<8}{r['median_s']:>15.4f}{r['median_s'] / base['median_s']:>8.2f}{r['peak_mb']:>10.0f}"
               f"{r['peak_mb'] / base['peak_mb']:>8.2f}")
+    print(f"RPO step / Diffusion-DPO step (recipe rows): {rows['rpo']['median_s'] / rows['recipe']['median_s']:.2f}x")
     print("recipe = encodes images and text every step; cached = data.cache_latents=true. "
           f"Denoiser copies held with LoRA: {rows['recipe']['denoiser_copies']} (reference = adapter disabled).")
 

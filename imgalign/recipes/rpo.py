@@ -28,6 +28,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Literal
 
 import torch
 
@@ -96,6 +97,10 @@ class DataConfig:
 
 @dataclass
 class RPOLossConfig:
+    objective: Literal["rpo", "reconstruction"] = cfg_field("rpo", "rpo: reconstruction + preference against the "
+                                                            "negatives; reconstruction: the DreamBooth-style baseline, "
+                                                            "the subject's denoising loss alone (no negatives in the "
+                                                            "loss, no reference forward)")
     beta: float = cfg_field(2.0, "preference temperature in the toolkit's convention, log sigma((beta/2) Delta); "
                             "RPO's code writes log sigma(beta_rpo Delta), so beta = 2 beta_rpo. Its SD script parses "
                             "beta_rpo = 1 and ignores it (effectively 1, our 2); its SDXL script applies it", gt=0)
@@ -391,7 +396,7 @@ def train(cfg: RPOConfig) -> dict:
 
     neg_images = [read_image(neg_dir / it["file"]) for it in negatives.items]
 
-    reference = make_trainable(adapter, cfg.lora, run.gradient_checkpointing, dtype)
+    reference = make_trainable(adapter, cfg.lora, run.gradient_checkpointing, dtype, reference=r.objective == "rpo")
     use_lora = cfg.lora.enabled
     from imgalign.data.unpaired import ImageTransform
 
@@ -414,7 +419,8 @@ def train(cfg: RPOConfig) -> dict:
                      f"({negatives.generated} generated now)",
         "labels": f"Bradley-Terry on R_lambda, lambda={r.label_lambda:g}; P(reference preferred) mean "
                   f"{float(prefer.mean()):.3f}",
-        "loss": f"{r.sim_weight:g} x reconstruction + sigmoid preference, beta={r.beta:g} (= RPO's {r.beta / 2:g})",
+        "loss": f"{r.sim_weight:g} x reconstruction + sigmoid preference, beta={r.beta:g} (= RPO's {r.beta / 2:g})"
+                if r.objective == "rpo" else "reconstruction only (the DreamBooth-style baseline)",
         "selection": f"R_lambda={cfg.validation.lambda_val:g} every {cfg.validation.every} steps -> best/"
                      if cfg.validation.enabled else "off",
         "effective batch": f"{run.batch_size} pairs x {run.grad_accum} accum x {world} procs"
@@ -474,6 +480,16 @@ def _step(adapter, model, reference, batch, gens, cfg: RPOConfig, accelerator):
     b = len(gens)
     dev = accelerator.device
     pixels = batch["pixels"]
+    if cfg.rpo.objective == "reconstruction":  # the DreamBooth-style baseline: the reference images only
+        latents = adapter.encode_images(pixels[:b], generator=gens)
+        noise = randn_per_sample(latents.shape[1:], gens).to(dev)
+        t = torch.cat([adapter.sample_timesteps(1, generator=g) for g in gens])
+        noisy, target = adapter.noise_and_target(latents, noise, t)
+        cond = adapter.encode_prompts(batch["captions"][:b], original_sizes=batch["original_sizes"][:b],
+                                      crops_top_left=batch["crops_top_left"][:b], target_size=pixels.shape[-2:])
+        with accelerator.autocast():
+            err = denoising_errors(adapter.predict(model, noisy, t, cond), target)
+        return err.mean(), {"loss": err.mean().detach(), "sim_loss": err.mean().detach(), "label": batch["labels"].mean()}
     latents = adapter.encode_images(pixels, generator=gens * 2)  # [2B, C, h, w]: references, then negatives
     noise = torch.cat([randn_per_sample(latents.shape[1:], gens), randn_per_sample(latents.shape[1:], gens)]).to(dev)
     t = torch.cat([adapter.sample_timesteps(1, generator=g) for g in gens] +

@@ -269,12 +269,13 @@ def test_mapo_is_reference_free_and_trains_every_lora_param(tiny_pipelines, tiny
     """loss.loss_type=[mapo]: no reference forward (the adapter is never disabled), beta is MaPO's (0.1 by default),
     the banner says so, and 2 steps change every LoRA parameter."""
     from imgalign.models import adapters
+    from imgalign.recipes import common
 
     def no_reference(*args, **kwargs):
         raise AssertionError("MaPO is reference-free: the recipe ran a reference forward")
 
     monkeypatch.setattr(adapters, "adapters_disabled", no_reference)
-    monkeypatch.setattr(diffusion_dpo, "adapters_disabled", no_reference)
+    monkeypatch.setattr(common, "adapters_disabled", no_reference)
     base, out = tiny_pipelines("sd15"), tmp_path / "mapo"
     cfg = make_cfg(base, tiny_pairs, out, "loss.loss_type=[mapo]", "loss.params={snr_value: 0.5}", "run.max_steps=2",
                    "run.checkpoint_every=0")

@@ -184,3 +184,10 @@ def test_class_from_the_dreambench_table():
     subject = rpo.load_subject(rpo.DataConfig(subject_dir=str(SUBJECT)))
     assert subject.class_token == "square" and subject.instance_prompt == "a photo of sks square"
     assert subject.train_prompts[0] == "a painting of a sks square in the style of Van Gogh"  # objects' prompts
+
+
+def test_reconstruction_baseline_needs_no_reference_forward(tiny_pipelines, tmp_path, monkeypatch):
+    monkeypatch.setattr(rpo, "reference_errors", lambda *a, **k: pytest.fail("the baseline has no reference forward"))
+    result = rpo.train(make_cfg(tiny_pipelines("sd15"), tmp_path / "db", "rpo.objective=reconstruction",
+                                "run.max_steps=2"))
+    assert all(h["train/loss"] == pytest.approx(h["train/sim_loss"]) and h["train/loss"] > 0 for h in result["history"])
