@@ -159,9 +159,9 @@ def build_parser() -> argparse.ArgumentParser:
     except ImportError:
         pass
 
-    from imgalign.eval.unigenbench import add_eval_arguments
+    from imgalign.eval.cli import add_eval_arguments
 
-    add_eval_arguments(sub.add_parser("eval", help="run a benchmark: imgalign eval unigenbench --prompts CSV ..."))
+    add_eval_arguments(sub.add_parser("eval", help="run a benchmark: imgalign eval unigenbench|dreambench ..."))
 
     x = sub.add_parser("select-experts", help="Diffusion-DRO's expert demonstrations: the top-k images of a dataset "
                        "by a reward, written as an unpaired JSONL with their scores")

@@ -9,12 +9,14 @@ The protocol follows UniGenBench's ``eval/`` (Wang et al., arXiv 2508.20751; Uni
    theme (Primary Categories), sub-theme, subject, sentence structure and two parallel lists: the test points
    (sub-dimensions, e.g. "Attribute - Color") and their prompt-specific descriptions. :func:`load_unigenbench`
    checks every row, names the line of a bad one, and normalises the sub-theme spellings
-   (`imgalign.eval.unigenbench_data`).
+   (`imgalign.eval.unigenbench_data`). A Chinese file is judged with the reference's Chinese instruction and test
+   point definitions, an English one with the English (``JUDGE_PROTOCOLS``).
 2. Images: 4 per prompt at fixed seeds (:func:`image_seed`), named ``{index}_{k}.png``; :func:`generate_images`
    skips the files that exist, so a killed run resumes; a folder generated elsewhere with the same names works.
 3. Judge: one request per image with the benchmark's instruction (:func:`judge_prompt`); the answer's
    ``<score>[1, 0, ...]</score>`` must hold one 0/1 per test point (:func:`parse_judge_answer`). An unparsable
-   answer is asked again up to ``max_retries`` times, then counted as unparsable and left out of the scores.
+   answer is asked again up to ``max_retries`` times (sampled: a greedy judge would repeat itself), then counted as
+   unparsable and left out of the scores.
    Answers are appended to a JSONL file as they arrive (with the image's SHA-1), so a rerun asks only for what is
    missing. Backends: any OpenAI-compatible endpoint (vLLM, SGLang, an API) or a local transformers VLM, through
    the reward layer's `imgalign.rewards.vlm_judge` clients (timeouts, HTTP retries, concurrent requests).
@@ -23,9 +25,10 @@ The protocol follows UniGenBench's ``eval/`` (Wang et al., arXiv 2508.20751; Uni
    ``primary_mean`` = the mean of the 10 primary-dimension accuracies (the leaderboard's overall, "an average
    across 10 primary evaluation dimensions"), and ``testpoint_mean`` = all (image, test point) pairs pooled;
    ``sub_dimension_mean`` = the mean of the 27 sub-dimension accuracies. The reference script prints only the
-   per-dimension numbers.
+   per-dimension numbers. :func:`write_outputs`: scores.json, scores.csv, report.md, dimensions.png and a
+   self-contained report.html (`imgalign.eval.unigenbench_html`).
 5. :func:`compare_runs`: two runs side by side, with paired percentile-bootstrap intervals of the differences,
-   resampling prompts. :func:`score_folder_with_reward`: any pointwise reward of the reward layer on the same
+   resampling prompts (:func:`write_compare_outputs`: compare.json, .md, .html). :func:`score_folder_with_reward`: any pointwise reward of the reward layer on the same
    image folder (as Pref-GRPO's ``tools/eval_quality.sh``), to track a run without a judge.
 """
 
@@ -47,16 +50,16 @@ from typing import Any
 
 from imgalign.errors import UserError
 from imgalign.eval.unigenbench_data import (
-    DEFINITIONS_HEADER_EN,
-    DESCRIPTIONS_HEADER_EN,
-    JUDGE_TEMPLATE_EN,
+    JUDGE_PROTOCOLS,
     KEYS_EN,
     KEYS_ZH_TO_EN,
     SENTENCE_ALIASES,
     SUB_THEME_ALIASES,
+    SUB_THEME_ALIASES_ZH,
     SUB_THEMES,
-    TESTPOINT_DEFINITIONS_EN,
+    SUB_THEMES_ZH,
 )
+from imgalign.eval.unigenbench_html import compare_html, report_html
 
 IMAGES_PER_PROMPT = 4
 ANSWERS_FILE = "answers.jsonl"
@@ -138,9 +141,9 @@ def _repair_json(text: str) -> str | None:
 
 def normalise_sub_theme(theme: str, sub_theme: str) -> str | None:
     """The canonical sub-theme of a spelling, or None when the table does not know it."""
-    if sub_theme in SUB_THEMES.get(theme, ()):
+    if sub_theme in SUB_THEMES.get(theme, ()) or sub_theme in SUB_THEMES_ZH.get(theme, ()):
         return sub_theme
-    return SUB_THEME_ALIASES.get((theme, sub_theme))
+    return SUB_THEME_ALIASES.get((theme, sub_theme)) or SUB_THEME_ALIASES_ZH.get((theme, sub_theme))
 
 
 def load_unigenbench(path: str | os.PathLike, *, repair: bool = True) -> UniGenBench:
@@ -250,15 +253,21 @@ def _parse_row(row, path, line, prompt_col, dims_col, language, repair, warnings
                      descriptions=tuple(str(d) for d in descriptions), line=line, raw_sub_theme=raw_sub)
 
 
-def write_unigenbench_csv(path: str | os.PathLike, items: Iterable[BenchItem]) -> None:
-    """Write items in the benchmark's English CSV layout (the toy UniGenBench, test fixtures)."""
+def write_unigenbench_csv(path: str | os.PathLike, items: Iterable[BenchItem], language: str = "en") -> None:
+    """Write items in the benchmark's CSV layout: English (``index, prompt_en, sub_dims_en``) or Chinese
+    (``prompt_zh, sub_dims_zh`` with the Chinese JSON keys) (the toy UniGenBench, test fixtures)."""
+    if language not in ("en", "zh"):
+        raise ValueError(f"language must be 'en' or 'zh', got {language!r}")
+    en_to_zh = {v: k for k, v in KEYS_ZH_TO_EN.items()}
     with Path(path).open("w", encoding="utf-8", newline="") as f:
         writer = csv.writer(f)
-        writer.writerow(["index", "prompt_en", "sub_dims_en"])
+        writer.writerow(["index", f"prompt_{language}", f"sub_dims_{language}"])
         for it in items:
             dims = {"Primary Categories": it.theme, "Secondary Categories": it.sub_theme, "Subjects": it.subject,
                     "Sentence Structure": it.sentence, "Testpoints": list(it.testpoints),
                     "Testpoint Description": list(it.descriptions)}
+            if language == "zh":
+                dims = {en_to_zh[k]: v for k, v in dims.items()}
             writer.writerow([it.index, it.prompt, json.dumps(dims, ensure_ascii=False)])
 
 
@@ -294,21 +303,36 @@ def toy_items(prompts: Sequence[str], start: int = 0) -> list[BenchItem]:
 # ---------------------------------------------------------------------------------------------------------
 
 
-def judge_prompt(item: BenchItem, definitions: Mapping[str, str] | None = None,
-                 template: str = JUDGE_TEMPLATE_EN) -> str:
+def item_language(item: BenchItem) -> str:
+    """"zh" when a test point name has CJK characters (a Chinese file's item), else "en"."""
+    return "zh" if any(re.search(r"[\u3400-\u9fff]", p) for p in item.testpoints) else "en"
+
+
+def judge_prompt(item: BenchItem, definitions: Mapping[str, str] | None = None, template: str | None = None,
+                 language: str | None = None) -> str:
     """The benchmark's instruction for one image of ``item``: the prompt, the test points with their definitions
-    and their prompt-specific descriptions, and the output layout (``<analysis>[...]</analysis><score>[...]</score>``)."""
-    definitions = TESTPOINT_DEFINITIONS_EN if definitions is None else definitions
-    unknown = [p for p in item.testpoints if p not in definitions]
+    and their prompt-specific descriptions, and the output layout (``<analysis>[...]</analysis><score>[...]</score>``).
+
+    ``language`` ("en" or "zh"; default: from the test point names, :func:`item_language`) picks the reference's
+    instruction, definitions and headers (`imgalign.eval.unigenbench_data.JUDGE_PROTOCOLS`); ``definitions`` are
+    added to that language's definitions (and win over them), for test point names the benchmark does not have.
+    """
+    language = language or item_language(item)
+    if language not in JUDGE_PROTOCOLS:
+        raise ValueError(f"language must be one of {sorted(JUDGE_PROTOCOLS)}, got {language!r}")
+    default_template, builtin, definitions_header, descriptions_header = JUDGE_PROTOCOLS[language]
+    table = {**builtin, **(definitions or {})}
+    unknown = [p for p in item.testpoints if p not in table]
     if unknown:
         raise UniGenBenchError(
-            f"prompt {item.index}: no definition for the test point(s) {unknown}; the English definitions cover "
-            f"{len(TESTPOINT_DEFINITIONS_EN)} test points (imgalign.eval.unigenbench_data); pass definitions= "
-            "for other names (e.g. a Chinese file)")
+            f"prompt {item.index}: no definition for the test point(s) {unknown}; the {language} definitions cover "
+            f"{len(builtin)} test points (imgalign.eval.unigenbench_data.JUDGE_PROTOCOLS); pass definitions= "
+            "(--definitions FILE.json) for other names")
     points = list(item.testpoints)
-    defs = DEFINITIONS_HEADER_EN + "".join(f"\n{p}: {definitions[p]}" for p in points) + "\n\u300d"
-    descs = DESCRIPTIONS_HEADER_EN + "".join(f"\n{p}: {d}" for p, d in zip(points, item.descriptions)) + "\n\u300d"
-    return template.format(prompt=item.prompt, testpoints=repr(points), definitions=defs, descriptions=descs)
+    defs = definitions_header + "".join(f"\n{p}: {table[p]}" for p in points) + "\n\u300d"
+    descs = descriptions_header + "".join(f"\n{p}: {d}" for p, d in zip(points, item.descriptions)) + "\n\u300d"
+    return (template or default_template).format(prompt=item.prompt, testpoints=repr(points), definitions=defs,
+                                                 descriptions=descs)
 
 
 @dataclass
@@ -381,48 +405,24 @@ def parse_judge_answer(text: str | None, n_testpoints: int) -> ParsedAnswer:
 
 
 def make_judge_backend(kind: str | Any = "openai", **kwargs: Any):
-    """A single-image backend of the reward layer's VLM judge clients.
+    """A single-image backend of the reward layer's VLM judge clients (each request: the image, then the text).
 
     ``"openai"``: `imgalign.rewards.vlm_judge.OpenAIJudgeBackend` (``base_url``, ``model``, ``api_key`` /
     ``api_key_env``, ``timeout``, ``max_retries`` (HTTP), ``concurrency``, ``max_tokens``, ``image_format``);
-    ``"transformers"``: `TransformersJudgeBackend` (``model``, ``device``, ``dtype``, ...); an object with
-    ``generate(requests)``; or a callable ``fn(image, text) -> str``.
+    ``"transformers"``: `TransformersJudgeBackend` (``model``, ``device``, ``dtype``, ``device_map``,
+    ``max_new_tokens``, ``batch_size``, ...); an object with ``generate(requests)``; or a callable
+    ``fn(image, text) -> str``. Answers may run to 4096 tokens (the reference's ``max_tokens``). Both clients decode
+    the first ask greedily and sample re-asks after an unusable answer at ``retry_temperature`` (default 0.7).
     """
     from imgalign.rewards import vlm_judge as vj
-
-    class OpenAIImageJudge(vj.OpenAIJudgeBackend):
-        def payload(self, request):  # one image, then the text (the evaluation models' order)
-            url = vj.image_data_url(request.image_1, self.image_format, self.jpeg_quality)
-            return {"model": self.model, "max_tokens": self.max_tokens, "temperature": self.temperature,
-                    "messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}},
-                                                              {"type": "text", "text": request.text}]}],
-                    **self.extra_body}
-
-    class TransformersImageJudge(vj.TransformersJudgeBackend):
-        def generate(self, requests):
-            import torch
-
-            outputs: list[str] = []
-            for start in range(0, len(requests), self.batch_size):
-                chunk = requests[start:start + self.batch_size]
-                texts = [self.processor.apply_chat_template(
-                    [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": r.text}]}],
-                    add_generation_prompt=True, tokenize=False) for r in chunk]
-                inputs = self.processor(text=texts, images=[r.image_1 for r in chunk], return_tensors="pt",
-                                        padding=True).to(self.device)
-                with torch.no_grad():
-                    out = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-                outputs.extend(self.processor.batch_decode(out[:, inputs["input_ids"].shape[1]:],
-                                                           skip_special_tokens=True))
-            return outputs
 
     if kind == "openai":
         kwargs.setdefault("max_tokens", 4096)
         kwargs.setdefault("timeout", 300.0)
-        return OpenAIImageJudge(**kwargs)
+        return vj.OpenAIJudgeBackend(**kwargs)
     if kind == "transformers":
         kwargs.setdefault("max_new_tokens", 4096)
-        return TransformersImageJudge(**kwargs)
+        return vj.TransformersJudgeBackend(**kwargs)
     if hasattr(kind, "generate"):
         return kind
     if callable(kind):
@@ -508,12 +508,15 @@ def judge_images(bench: UniGenBench, images_dir: str | os.PathLike, backend: Any
     lock = threading.Lock()
     answers_path.parent.mkdir(parents=True, exist_ok=True)
 
+    language = bench.language if bench.language in JUDGE_PROTOCOLS else None
+
     def judge_chunk(chunk, out) -> None:
-        texts = {t[2].name: judge_prompt(t[0], definitions) for t in chunk}
+        texts = {t[2].name: judge_prompt(t[0], definitions, language=language) for t in chunk}
         images = {t[2].name: read_image(t[2]) for t in chunk}
         pending, attempts = list(chunk), defaultdict(int)
-        while pending:
-            requests = [JudgeRequest(images[t[2].name], None, texts[t[2].name]) for t in pending]
+        while pending:  # attempt > 0: a re-ask, which the backends sample (a greedy judge would repeat itself)
+            requests = [JudgeRequest(images[t[2].name], None, texts[t[2].name], attempt=attempts[t[2].name])
+                        for t in pending]
             try:
                 answers = backend.generate(requests)
             except JudgeRequestError:
@@ -660,24 +663,38 @@ def _chart(result: Mapping[str, Any], path: Path) -> Path | None:
         import matplotlib.pyplot as plt
     except ImportError:
         return None
-    fig, axes = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [1, 2.4]})
-    for ax, group in zip(axes, ("primary", "sub_dimension")):
-        names = list(result[group])
-        values = [100 * result[group][n]["accuracy"] for n in names]
-        ax.barh(range(len(names)), values, color="#4C72B0")
-        ax.set_yticks(range(len(names)), names, fontsize=7 if group == "sub_dimension" else 9)
-        ax.invert_yaxis()
-        ax.set_xlim(0, 100)
-        ax.set_xlabel("accuracy (%)")
-        ax.set_title("primary dimensions" if group == "primary" else "sub-dimensions")
-    fig.tight_layout()
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
+    import warnings
+
+    from matplotlib import font_manager
+
+    # a Chinese file's test point names need a CJK font: add the first one installed (matplotlib falls back glyph by
+    # glyph along the family list); without one the names draw as boxes, without a warning per glyph
+    installed = {f.name for f in font_manager.fontManager.ttflist}
+    cjk = [n for n in ("Noto Sans CJK SC", "Source Han Sans SC", "WenQuanYi Zen Hei", "WenQuanYi Micro Hei",
+                       "Microsoft YaHei", "SimHei", "PingFang SC", "Heiti SC", "Arial Unicode MS") if n in installed]
+    style = {"font.family": ["sans-serif"], "font.sans-serif": ["DejaVu Sans", *cjk[:1]]} if cjk else {}
+    with plt.rc_context(style), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Glyph \d+ .* missing from")
+        fig, axes = plt.subplots(1, 2, figsize=(14, 6), gridspec_kw={"width_ratios": [1, 2.4]})
+        for ax, group in zip(axes, ("primary", "sub_dimension")):
+            names = list(result[group])
+            values = [100 * result[group][n]["accuracy"] for n in names]
+            ax.barh(range(len(names)), values, color="#4C72B0")
+            ax.set_yticks(range(len(names)), names, fontsize=7 if group == "sub_dimension" else 9)
+            ax.invert_yaxis()
+            ax.set_xlim(0, 100)
+            ax.set_xlabel("accuracy (%)")
+            ax.set_title("primary dimensions" if group == "primary" else "sub-dimensions")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
     return path
 
 
-def write_outputs(result: dict, out_dir: str | os.PathLike, title: str = "UniGenBench", chart: bool = True) -> dict:
-    """scores.json, scores.csv (group, name, correct, total, accuracy), report.md and dimensions.png in out_dir."""
+def write_outputs(result: dict, out_dir: str | os.PathLike, title: str = "UniGenBench", chart: bool = True,
+                  bench: UniGenBench | None = None) -> dict:
+    """scores.json, scores.csv (group, name, correct, total, accuracy), report.md, dimensions.png and report.html (one
+    self-contained page, the chart inside; with ``bench`` it also lists every judged prompt) in out_dir."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if chart:
@@ -694,7 +711,12 @@ def write_outputs(result: dict, out_dir: str | os.PathLike, title: str = "UniGen
             for name, v in result[group].items():
                 writer.writerow([group, name, v["correct"], v["total"], v["accuracy"]])
     (out / "report.md").write_text(report_markdown(result, title) + "\n", encoding="utf-8")
-    return {"json": str(out / "scores.json"), "csv": str(out / "scores.csv"), "markdown": str(out / "report.md")}
+    png = out / result["chart"] if result.get("chart") else None
+    prompts = None if bench is None else {it.index: (it.prompt, it.testpoints) for it in bench}
+    page = report_html(result, title, png.read_bytes() if png is not None and png.is_file() else None, prompts)
+    (out / "report.html").write_text(page, encoding="utf-8")
+    return {"json": str(out / "scores.json"), "csv": str(out / "scores.csv"), "markdown": str(out / "report.md"),
+            "html": str(out / "report.html")}
 
 
 def load_result(path: str | os.PathLike) -> dict:
@@ -753,6 +775,18 @@ def compare_runs(a: Mapping[str, Any], b: Mapping[str, Any], n_boot: int = 2000,
         rows[name] = {"a": float(ma[0, m]), "b": float(mb[0, m]), "delta": float(delta[0]), "lo": float(lo),
                       "hi": float(hi)}
     return {"prompts": len(common), "n_boot": n_boot, "confidence": 1 - alpha, "metrics": rows}
+
+
+def write_compare_outputs(cmp: Mapping[str, Any], out_dir: str | os.PathLike, name_a: str = "a",
+                          name_b: str = "b") -> str:
+    """compare.json, compare.md and compare.html (self-contained) in out_dir; returns the markdown."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "compare.json").write_text(json.dumps(cmp, indent=2) + "\n", encoding="utf-8")
+    text = compare_markdown(cmp, name_a, name_b)
+    (out / "compare.md").write_text(text, encoding="utf-8")
+    (out / "compare.html").write_text(compare_html(cmp, name_a, name_b), encoding="utf-8")
+    return text
 
 
 def compare_markdown(cmp: Mapping[str, Any], name_a: str = "a", name_b: str = "b") -> str:
@@ -853,11 +887,8 @@ def score_folder_with_reward(bench: UniGenBench, images_dir: str | os.PathLike, 
 # ---------------------------------------------------------------------------------------------------------
 
 
-def add_eval_arguments(parser) -> None:
-    """The `imgalign eval` sub-commands (wired into imgalign.cli)."""
-    benches = parser.add_subparsers(dest="benchmark", required=True)
-    p = benches.add_parser("unigenbench", help="UniGenBench: generate 4 images per prompt, judge every test point",
-                           description=__doc__.split("\n\n")[0])
+def add_arguments(p) -> None:
+    """The arguments of `imgalign eval unigenbench` (registered by imgalign.eval.cli)."""
     p.add_argument("--prompts", help="UniGenBench CSV (test_prompts_en.csv, _en_long, _zh, _zh_long)")
     p.add_argument("--out", required=True, help="run folder: images/, answers.jsonl, scores.json/.csv, report.md")
     p.add_argument("--images", help="folder of {index}_{k}.png (default OUT/images); generated there with --model")
@@ -895,10 +926,7 @@ def run_cli(args) -> int:
     if args.compare:
         a, b = (load_result(x) for x in args.compare)
         cmp = compare_runs(a, b)
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "compare.json").write_text(json.dumps(cmp, indent=2) + "\n", encoding="utf-8")
-        text = compare_markdown(cmp, Path(args.compare[0]).name, Path(args.compare[1]).name)
-        (out / "compare.md").write_text(text, encoding="utf-8")
+        text = write_compare_outputs(cmp, out, Path(args.compare[0]).name, Path(args.compare[1]).name)
         print(text)
         return 0
     if not args.prompts:
@@ -946,7 +974,7 @@ def run_cli(args) -> int:
                                      image_format=args.image_format)
     else:
         backend = make_judge_backend("transformers", model=model, device=args.device)
-    definitions = dict(TESTPOINT_DEFINITIONS_EN)
+    definitions: dict[str, str] = {}  # added to the file language's built-in definitions (judge_prompt)
     if args.definitions:
         try:
             extra = json.loads(Path(args.definitions).read_text(encoding="utf-8"))
@@ -960,7 +988,7 @@ def run_cli(args) -> int:
                                   max_retries=args.max_retries, definitions=definitions, progress=not args.quiet)
     result = score_answers(bench, answers)
     result["judge"] = {"backend": args.judge, "model": model, **vars(stats)}
-    paths = write_outputs(result, out, title=f"UniGenBench: {Path(args.prompts).name}")
+    paths = write_outputs(result, out, title=f"UniGenBench: {Path(args.prompts).name}", bench=bench)
     o = result["overall"]
     print(f"overall {_fmt(o['primary_mean'])} (mean of primary dimensions), {_fmt(o['testpoint_mean'])} (all test "
           f"points); {stats.cached} cached, {stats.asked} asked, {stats.retries} retries, {stats.unparsable} "

@@ -15,8 +15,13 @@ Backends (anything with ``generate(requests) -> list[str]`` works):
   A batch is sent as concurrent requests (``concurrency``), each with a ``timeout`` and ``max_retries`` retries
   with exponential backoff on connection errors, timeouts, 429 and 5xx; the server batches them.
 - :class:`TransformersJudgeBackend`: a local transformers vision-language model (``AutoModelForImageTextToText``
-  + ``AutoProcessor`` with a chat template), greedy decoding in batches.
+  + ``AutoProcessor`` with a chat template: LLaVA, Qwen2.5-VL and Qwen3-VL are tested), greedy decoding in batches;
+  ``device_map="auto"`` spreads a large judge over the GPUs.
 - :class:`CallableJudgeBackend`: wraps ``fn(image_1, image_2, text) -> str``.
+
+The HTTP and transformers backends take requests with one image (``image_2=None``: UniGenBench's judge) or two.
+A request's ``attempt`` > 0 marks a re-ask after an unusable answer: it is sampled at ``retry_temperature``
+(default 0.7) instead of decoded greedily, since a greedy judge asked again repeats the same answer.
 """
 
 from __future__ import annotations
@@ -160,8 +165,9 @@ def parse_verdict(text: str | None) -> float | None:
 @dataclass
 class JudgeRequest:
     image_1: Any  # PIL image
-    image_2: Any  # PIL image
+    image_2: Any  # PIL image (None for single-image judges such as UniGenBench's)
     text: str  # the full instruction, caption included
+    attempt: int = 0  # 0: first ask; n > 0: the n-th re-ask after an unusable answer (backends may sample then)
 
 
 class JudgeBackend(Protocol):
@@ -211,6 +217,7 @@ class OpenAIJudgeBackend:
         concurrency: int = 8,
         max_tokens: int = 512,
         temperature: float = 0.0,
+        retry_temperature: float = 0.7,
         image_format: str = "JPEG",
         jpeg_quality: int = 95,
         extra_body: dict[str, Any] | None = None,
@@ -224,6 +231,7 @@ class OpenAIJudgeBackend:
         self.concurrency = max(1, concurrency)
         self.max_tokens = max_tokens
         self.temperature = temperature
+        self.retry_temperature = retry_temperature
         self.image_format = image_format
         self.jpeg_quality = jpeg_quality
         self.extra_body = dict(extra_body or {})
@@ -231,16 +239,18 @@ class OpenAIJudgeBackend:
         self._lock = threading.Lock()
 
     def payload(self, request: JudgeRequest) -> dict[str, Any]:
+        """The images (one or two, in order), then the text; re-asks at ``max(temperature, retry_temperature)``."""
         content = [
-            {"type": "image_url", "image_url": {"url": image_data_url(request.image_1, self.image_format, self.jpeg_quality)}},
-            {"type": "image_url", "image_url": {"url": image_data_url(request.image_2, self.image_format, self.jpeg_quality)}},
-            {"type": "text", "text": request.text},
+            {"type": "image_url", "image_url": {"url": image_data_url(image, self.image_format, self.jpeg_quality)}}
+            for image in (request.image_1, request.image_2) if image is not None
         ]
+        content.append({"type": "text", "text": request.text})
+        temperature = max(self.temperature, self.retry_temperature) if request.attempt else self.temperature
         return {
             "model": self.model,
             "messages": [{"role": "user", "content": content}],
             "max_tokens": self.max_tokens,
-            "temperature": self.temperature,
+            "temperature": temperature,
             **self.extra_body,
         }
 
@@ -299,7 +309,15 @@ def _message_text(response: dict[str, Any]) -> str:
 
 
 class TransformersJudgeBackend:
-    """A local transformers VLM (``AutoModelForImageTextToText``) with its processor's chat template."""
+    """A local transformers VLM (``AutoModelForImageTextToText``) with its processor's chat template.
+
+    Each request becomes one user turn: its images (one or two) as image entries, then the text; the processor
+    expands the image placeholders (e.g. Qwen-VL's ``<|image_pad|>``) and batches with left padding. First asks are
+    decoded greedily; re-asks (``attempt > 0``) are sampled at ``retry_temperature`` with top-k / top-p off (Qwen2.5-VL's
+    recommended generation settings, top_k=1 and top_p=0.001, would make sampling greedy again), from a seed fixed per
+    attempt so a rerun draws the same answers. ``device_map`` (e.g. "auto") loads a large model across the GPUs
+    with accelerate instead of moving it to ``device``.
+    """
 
     def __init__(
         self,
@@ -308,43 +326,69 @@ class TransformersJudgeBackend:
         *,
         device: str | torch.device = "cpu",
         dtype: torch.dtype | None = None,
+        device_map: str | dict[str, Any] | None = None,
         max_new_tokens: int = 512,
         batch_size: int = 4,
+        retry_temperature: float = 0.7,
+        seed: int = 0,
         trust_remote_code: bool = False,
     ):
         from transformers import AutoModelForImageTextToText, AutoProcessor
 
-        load_kwargs = {"trust_remote_code": trust_remote_code}
+        load_kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
         if dtype is not None:
             load_kwargs["dtype"] = dtype
+        if device_map is not None:
+            load_kwargs["device_map"] = device_map
         self.model = from_pretrained(AutoModelForImageTextToText, model, param="model", **load_kwargs)
-        self.model.to(device).eval().requires_grad_(False)
+        if device_map is None:
+            self.model.to(device)
+        self.model.eval().requires_grad_(False)
         self.processor = from_pretrained(AutoProcessor, processor or model, param="processor",
                                          trust_remote_code=trust_remote_code)
         tokenizer = getattr(self.processor, "tokenizer", None)
         if tokenizer is not None:
             tokenizer.padding_side = "left"  # decoder-only generation needs left padding in a batch
-        self.device = torch.device(device)
+            if tokenizer.pad_token is None and tokenizer.eos_token is not None:
+                tokenizer.pad_token = tokenizer.eos_token  # padding is masked out; batches only need some id
+        # inputs go where the model's embeddings are (the first device of a device_map)
+        self.device = self.model.device if device_map is not None else torch.device(device)
         self.max_new_tokens = max_new_tokens
         self.batch_size = max(1, batch_size)
+        self.retry_temperature = retry_temperature
+        self.seed = seed
+
+    def _prompt(self, request: JudgeRequest) -> tuple[str, list[Any]]:
+        images = [image for image in (request.image_1, request.image_2) if image is not None]
+        content = [{"type": "image"} for _ in images] + [{"type": "text", "text": request.text}]
+        text = self.processor.apply_chat_template([{"role": "user", "content": content}], add_generation_prompt=True,
+                                                  tokenize=False)
+        return text, images
+
+    def _generate(self, chunk: Sequence[JudgeRequest], sample: bool) -> list[str]:
+        prompts = [self._prompt(r) for r in chunk]
+        inputs = self.processor(text=[t for t, _ in prompts], images=[i for _, images in prompts for i in images],
+                                return_tensors="pt", padding=True).to(self.device)
+        options: dict[str, Any] = {"do_sample": False}
+        if sample:
+            options = {"do_sample": True, "temperature": self.retry_temperature, "top_k": 0, "top_p": 1.0}
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.no_grad(), torch.random.fork_rng(devices=devices, enabled=sample):
+            if sample:
+                torch.manual_seed(self.seed + max(r.attempt for r in chunk))
+            generated = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, **options)
+        new_tokens = generated[:, inputs["input_ids"].shape[1] :]  # [batch, new tokens], after the left-padded prompt
+        return self.processor.batch_decode(new_tokens, skip_special_tokens=True)
 
     def generate(self, requests: Sequence[JudgeRequest]) -> list[str]:
-        outputs: list[str] = []
-        for start in range(0, len(requests), self.batch_size):
-            chunk = requests[start : start + self.batch_size]
-            conversations = [
-                [{"role": "user", "content": [{"type": "image"}, {"type": "image"}, {"type": "text", "text": r.text}]}]
-                for r in chunk
-            ]
-            prompts = [self.processor.apply_chat_template(c, add_generation_prompt=True, tokenize=False)
-                       for c in conversations]
-            images = [image for r in chunk for image in (r.image_1, r.image_2)]
-            inputs = self.processor(text=prompts, images=images, return_tensors="pt", padding=True).to(self.device)
-            with torch.no_grad():
-                generated = self.model.generate(**inputs, max_new_tokens=self.max_new_tokens, do_sample=False)
-            new_tokens = generated[:, inputs["input_ids"].shape[1] :]
-            outputs.extend(self.processor.batch_decode(new_tokens, skip_special_tokens=True))
-        return outputs
+        outputs: list[str | None] = [None] * len(requests)
+        for sample in (False, True):  # first asks greedy, re-asks sampled; each in batches
+            chosen = [i for i, r in enumerate(requests) if bool(r.attempt and self.retry_temperature > 0) == sample]
+            for start in range(0, len(chosen), self.batch_size):
+                ids = chosen[start : start + self.batch_size]
+                for i, text in zip(ids, self._generate([requests[i] for i in ids], sample)):
+                    outputs[i] = text
+        return outputs  # type: ignore[return-value]
 
 
 # ---------------------------------------------------------------------------------------------------------

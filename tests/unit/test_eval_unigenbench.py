@@ -3,21 +3,30 @@ HTTP judge against a local OpenAI-compatible server that answers from the exact 
 
 from __future__ import annotations
 
+import ast
+import base64
 import csv
+import dataclasses
 import json
 import os
+import re
 from collections import Counter
+from html.parser import HTMLParser
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from imgalign.eval import unigenbench as ugb
 from imgalign.eval.judge_server import ToyJudgeServer, toy_answer
 from imgalign.eval.unigenbench_data import (
     SUB_THEMES,
+    SUB_THEMES_ZH,
     TESTPOINT_DEFINITIONS_EN,
+    TESTPOINT_DEFINITIONS_ZH,
+    TESTPOINTS_ZH_TO_EN,
     TOY_DEFINITIONS,
     TOY_TESTPOINTS,
 )
@@ -38,6 +47,9 @@ def _shared_unigenbench() -> Path | None:
 DATA = _shared_unigenbench()
 needs_data = pytest.mark.skipif(DATA is None or not (DATA / "test_prompts_en.csv").is_file(),
                                 reason="UniGenBench CSVs not found (set IMGALIGN_UNIGENBENCH_DIR)")
+needs_zh_data = pytest.mark.skipif(DATA is None or not (DATA / "test_prompts_zh.csv").is_file(),
+                                   reason="the Chinese UniGenBench CSVs are not in the data folder (set "
+                                          "IMGALIGN_UNIGENBENCH_DIR to a copy of UniGenBench's data/)")
 TOY_DEFS = {**TESTPOINT_DEFINITIONS_EN, **TOY_DEFINITIONS}
 
 
@@ -125,8 +137,89 @@ def test_chinese_layout_keys_are_read(tmp_path):
                                         ("index", "prompt_zh", "sub_dims_zh")))
     assert bench.language == "zh" and bench.items[0].testpoints == ("风格", "属性-数量")
     assert ugb.primary_dimension("属性-数量") == "属性"
-    with pytest.raises(ugb.UniGenBenchError, match="no definition for the test point"):
-        ugb.judge_prompt(bench.items[0])
+    assert bench.warnings == [] and bench.items[0].sub_theme == "平面艺术"
+    assert "考点说明:「\n风格: 艺术、绘画、摄影、设计风格" in ugb.judge_prompt(bench.items[0])  # the Chinese protocol
+    odd = ugb.BenchItem(0, "p", "艺术", "其他", "动物", "描述式", ("风格", "新考点"), ("a", "b"))
+    with pytest.raises(ugb.UniGenBenchError, match=r"no definition for the test point\(s\) \['新考点'\]"):
+        ugb.judge_prompt(odd)
+    assert "新考点: 自定义" in ugb.judge_prompt(odd, {"新考点": "自定义"})  # definitions= adds names
+
+
+# ------------------------------------------------------------------------------------------ Chinese files ---
+
+
+def test_chinese_tables_mirror_the_english_ones():
+    assert set(TESTPOINTS_ZH_TO_EN) == set(TESTPOINT_DEFINITIONS_ZH)  # 27 Chinese test points, each defined
+    assert sorted(TESTPOINTS_ZH_TO_EN.values()) == sorted(TESTPOINT_DEFINITIONS_EN)  # one to one onto the English
+    assert len({ugb.primary_dimension(p) for p in TESTPOINT_DEFINITIONS_ZH}) == 10
+    assert [len(v) for v in SUB_THEMES_ZH.values()] == [len(v) for v in SUB_THEMES.values()]  # 4+3+2+2+9 = 20
+
+
+# toy prompts (the toy HTTP judge reads them) under Chinese categories and test points, spelt as the public zh CSVs
+ZH_ITEMS = [
+    ugb.BenchItem(0, "two red circles", "艺术", "艺术-平面艺术", "动物", "描述式句式", ("风格", "属性-数量"),
+                  ("古典水墨画风格", "两只熊猫")),
+    ugb.BenchItem(1, "a blue square", "设计", "logo/icon设计", "其他实体", "指令式", ("文本生成", "世界知识", "属性-颜色"),
+                  ("“你好”", "埃及金字塔", "蓝色")),
+]
+
+
+def test_chinese_file_is_judged_with_the_reference_chinese_protocol(tmp_path, capsys):
+    """A Chinese-layout file (prompt_zh, sub_dims_zh, Chinese keys) loads with its spellings normalised, gets the
+    reference's Chinese instruction and definitions, and runs through the CLI and an HTTP judge without
+    --definitions."""
+    from imgalign.cli import main
+
+    ugb.write_unigenbench_csv(tmp_path / "zh.csv", ZH_ITEMS, language="zh")
+    with open(tmp_path / "zh.csv", encoding="utf-8", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ["index", "prompt_zh", "sub_dims_zh"]
+    assert json.loads(rows[0]["sub_dims_zh"])["考点"] == ["风格", "属性-数量"]
+    bench = ugb.load_unigenbench(tmp_path / "zh.csv")
+    assert bench.language == "zh" and bench.warnings == []
+    a, b = bench.items
+    assert (a.sub_theme, a.raw_sub_theme, a.sentence) == ("平面艺术", "艺术-平面艺术", "描述式")
+    assert (b.theme_sub_theme, b.sentence) == ("设计 / logo/icon设计", "指令式")
+    prompt = ugb.judge_prompt(a)
+    assert prompt.startswith("你是一个精确且客观的中文图像描述系统。") and "提示词为「two red circles」" in prompt
+    assert "<checkpoint>['风格', '属性-数量']</checkpoint>" in prompt and "Checkpoint" not in prompt
+    assert ("考点说明:「\n风格: 艺术、绘画、摄影、设计风格，及对应艺术家名称\n属性-数量: 重点考察三个或三个以上的数字难点\n」"
+            in prompt)
+    assert "考点描述说明:「\n风格: 古典水墨画风格\n属性-数量: 两只熊猫\n」" in prompt
+    with pytest.raises(ugb.UniGenBenchError, match="the en definitions cover 27"):
+        ugb.judge_prompt(a, language="en")  # Chinese names have no English definitions
+
+    _toy_images(tmp_path / "images", bench, k=2)
+    with ToyJudgeServer() as server:
+        assert main(["eval", "unigenbench", "--prompts", str(tmp_path / "zh.csv"), "--images", str(tmp_path / "images"),
+                     "--images-per-prompt", "2", "--base-url", server.base_url, "--judge-model", "toy",
+                     "--image-format", "PNG", "--quiet", "--out", str(tmp_path / "run")]) == 0
+        assert server.requests == 4
+    capsys.readouterr()
+    scores = json.loads((tmp_path / "run" / "scores.json").read_text(encoding="utf-8"))
+    assert scores["counts"] == {"prompts": 2, "images": 4, "judged": 4, "unparsable": 0, "testpoint_judgements": 10}
+    assert set(scores["sub_dimension"]) == {"风格", "属性-数量", "文本生成", "世界知识", "属性-颜色"}
+    assert set(scores["primary"]) == {"风格", "属性", "文本生成", "世界知识"} and scores["primary"]["属性"]["total"] == 4
+    assert set(scores["theme"]) == {"艺术", "设计"}
+    assert "属性-数量" in (tmp_path / "run" / "report.html").read_text(encoding="utf-8")
+
+
+@needs_zh_data
+@pytest.mark.parametrize("name", ["test_prompts_zh.csv", "test_prompts_zh_long.csv"])
+def test_real_chinese_files_load_normalised_with_every_test_point_defined(name):
+    bench = ugb.load_unigenbench(DATA / name)
+    assert len(bench) == 600 and bench.language == "zh" and bench.warnings == []
+    for it in bench:
+        assert all(p in TESTPOINT_DEFINITIONS_ZH for p in it.testpoints), it.testpoints
+        assert it.sub_theme in SUB_THEMES_ZH[it.theme], (it.theme, it.raw_sub_theme)
+        assert it.sentence in ("描述式", "指令式")
+        ugb.judge_prompt(it)
+    assert {it.theme_sub_theme for it in bench} == {f"{t} / {s}" for t, subs in SUB_THEMES_ZH.items() for s in subs}
+    assert len({p for it in bench for p in it.testpoints}) == 27
+    english = DATA / name.replace("_zh", "_en")
+    if english.is_file():  # the same benchmark in English: the test points correspond row by row
+        en = ugb.load_unigenbench(english).by_index()
+        assert all([TESTPOINTS_ZH_TO_EN[p] for p in it.testpoints] == list(en[it.index].testpoints) for it in bench)
 
 
 # ------------------------------------------------------------------------------ judge prompt and parsing ---
@@ -271,6 +364,72 @@ def test_compare_paired_bootstrap(tmp_path):
     assert "| overall/testpoint_mean | 50.00 | 80.00 | 30.00 |" in ugb.compare_markdown(cmp)
 
 
+class StrictHTML(HTMLParser):
+    """Fails on an end tag that does not close the open element, keeps the text and the attributes seen."""
+
+    VOID = {"meta", "img", "br", "hr", "link", "input"}
+
+    def __init__(self):
+        super().__init__(convert_charrefs=True)
+        self.stack, self.text, self.attrs, self.tags = [], [], [], []
+
+    def handle_starttag(self, tag, attrs):
+        self.tags.append(tag)
+        self.attrs += attrs
+        if tag not in self.VOID:
+            self.stack.append(tag)
+
+    def handle_endtag(self, tag):
+        assert self.stack and self.stack[-1] == tag, (tag, self.stack[-3:])
+        self.stack.pop()
+
+    def handle_data(self, data):
+        self.text.append(data)
+
+    @classmethod
+    def check(cls, page: str) -> StrictHTML:
+        parser = cls()
+        parser.feed(page)
+        parser.close()
+        assert parser.stack == [] and page.startswith("<!DOCTYPE html>")
+        assert "script" not in parser.tags and not any(k in ("href", "srcset") for k, _ in parser.attrs)
+        assert all(v.startswith("data:image/png;base64,") for k, v in parser.attrs if k == "src")  # no external asset
+        return parser
+
+
+def test_html_report_is_self_contained_escaped_and_holds_the_numbers(tmp_path):
+    bench = _hand_bench()
+    evil = '<script>alert("x")</script> & a cat'
+    bench.items[0] = dataclasses.replace(bench.items[0], prompt=evil, theme="Art <b>")
+    r = ugb.score_answers(bench, _hand_answers())
+    r["judge"] = {"backend": "openai", "model": "<img src=x onerror=alert(1)>", "retries": 3, "unparsable": 1}
+    paths = ugb.write_outputs(r, tmp_path, title="run <1>", bench=bench)
+    page = Path(paths["html"]).read_text(encoding="utf-8")
+    parsed = StrictHTML.check(page)
+    text = " ".join(parsed.text)
+    assert "<script>" not in page and "&lt;script&gt;alert(&quot;x&quot;)&lt;/script&gt; &amp; a cat" in page
+    assert evil in text and "Art <b>" in text and "<img src=x onerror=alert(1)>" in text and "run <1>" in text
+    # the numbers of the result (hand-computed in test_scores_against_hand_computed_accuracies), with the averaging
+    assert "41.67" in text and "50.00" in text and "mean of the primary-dimension accuracies" in text
+    assert "75.00 3 / 4" in " ".join(text.split()) and "Attribute - Shape 50.00 1 / 2" in " ".join(text.split())
+    assert "Design / UI Design 25.00 1 / 4" in " ".join(text.split())
+    (src,) = [v for k, v in parsed.attrs if k == "src"]  # the chart, embedded
+    assert base64.b64decode(src.split(",", 1)[1]) == (tmp_path / "dimensions.png").read_bytes()
+    # the prompts, lowest accuracy first: prompt 1 (1/4) before prompt 0 (4/6)
+    assert text.index("p1") < text.index(evil)
+
+
+def test_compare_html(tmp_path):
+    a = ugb.score_answers(_hand_bench(), _hand_answers())
+    b = ugb.score_answers(_hand_bench(), _hand_answers(b_scores=((1, 1), (1, 1))))
+    text = ugb.write_compare_outputs(ugb.compare_runs(a, b, n_boot=200), tmp_path, "base <a>", "tuned")
+    assert "| overall/testpoint_mean | 50.00 | 80.00 | 30.00 |" in text
+    page = (tmp_path / "compare.html").read_text(encoding="utf-8")
+    words = " ".join(" ".join(StrictHTML.check(page).text).split())
+    assert "overall/testpoint_mean 50.00 80.00 30.00" in words and "base <a>" in words and "<a>" not in page
+    assert json.loads((tmp_path / "compare.json").read_text())["metrics"]["overall/testpoint_mean"]["b"] == 0.8
+
+
 # ------------------------------------------------------------------------------------------------ resume ---
 
 
@@ -401,6 +560,8 @@ def test_cli_judge_compare_and_reward(toy_run, tmp_path, capsys):
     assert main(["eval", "unigenbench", "--compare", str(tmp_path / "run"), str(tmp_path / "run"),
                  "--out", str(tmp_path / "cmp")]) == 0
     assert json.loads((tmp_path / "cmp" / "compare.json").read_text())["metrics"]["overall/primary_mean"]["delta"] == 0
+    assert (tmp_path / "cmp" / "compare.html").is_file() and (tmp_path / "run" / "report.html").is_file()
+    assert nobg[0].prompt in (tmp_path / "run" / "report.html").read_text(encoding="utf-8")  # the prompts listed
     assert main(["eval", "unigenbench", "--prompts", str(root / "toy.csv"), "--images", str(root / "images"),
                  "--images-per-prompt", "2", "--reward", "toy", "--out", str(tmp_path / "rw")]) == 0
     from imgalign.toy import evaluate
@@ -428,3 +589,100 @@ def test_cli_generates_missing_images_with_the_toy_pipeline(tmp_path):
     (tmp_path / "run" / "images" / "1_1.png").unlink()
     assert main(args) == 0  # resumes: only the missing image is drawn, from its own seed
     assert (tmp_path / "run" / "images" / "1_1.png").read_bytes() == first
+
+
+# ------------------------------------------------------------------------------- local transformers judge ---
+
+
+@pytest.fixture(scope="module", params=["qwen2_5_vl", "qwen3_vl"])
+def tiny_qwen(request, tmp_path_factory):
+    """A tiny random Qwen2.5-VL / Qwen3-VL (the classes of the released UniGenBench evaluation models) saved by path."""
+    from imgalign.rewards.testing_qwen import save_tiny_qwen_vl
+
+    return save_tiny_qwen_vl(tmp_path_factory.mktemp(request.param), family=request.param)
+
+
+def _spy_generate(backend, monkeypatch, replace=None):
+    """Record every model.generate call's inputs and options; ``replace(**kwargs)`` stands in for the model."""
+    calls, real = [], backend.model.generate
+
+    def generate(**kwargs):
+        calls.append(kwargs)
+        return (replace or real)(**kwargs)
+
+    monkeypatch.setattr(backend.model, "generate", generate)
+    return calls
+
+
+def test_transformers_judge_runs_a_local_qwen_vl_end_to_end(tiny_qwen, tmp_path, monkeypatch):
+    """Loaded by path through AutoModelForImageTextToText / AutoProcessor: each request is a chat turn with the image
+    expanded into the model's image tokens, generation is bounded, the random model's text is decoded, counted
+    unparsable after the re-ask (sampled, not greedy) and cached in the progress file."""
+    bench = ugb.UniGenBench("toy", "en", ugb.toy_items(["a red circle", "two blue squares"]))
+    _toy_images(tmp_path / "img", bench, k=2)
+    backend = ugb.make_judge_backend("transformers", model=str(tiny_qwen), device="cpu", max_new_tokens=5)
+    calls = _spy_generate(backend, monkeypatch)
+    records, stats = ugb.judge_images(bench, tmp_path / "img", backend, tmp_path / "a.jsonl", images_per_prompt=2,
+                                      max_retries=1, definitions=TOY_DEFS, progress=False)
+    assert (stats.asked, stats.requests, stats.retries, stats.unparsable) == (4, 8, 4, 4)
+    assert all(r["scores"] is None and r["attempts"] == 2 and isinstance(r["answer"], str) for r in records)
+    assert all(r["error"] for r in records)
+    # one batch of 4 first asks (greedy), one of 4 re-asks (sampled); every call bounded by max_new_tokens
+    assert [(c["max_new_tokens"], c["do_sample"]) for c in calls] == [(5, False), (5, True)]
+    assert calls[1]["temperature"] == 0.7 and calls[1]["top_k"] == 0
+    first = calls[0]
+    tokenizer = backend.processor.tokenizer
+    pad, image_pad = tokenizer.pad_token_id, tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    ids, mask, grid = first["input_ids"], first["attention_mask"], first["image_grid_thw"]  # [4, L], [4, L], [4, 3]
+    assert ids.shape[0] == 4 and grid.shape == (4, 3) and first["pixel_values"].shape[0] == int(grid.prod(1).sum())
+    merge = backend.processor.image_processor.merge_size ** 2
+    assert (ids == image_pad).sum(1).tolist() == (grid.prod(1) // merge).tolist()  # one image per request, expanded
+    assert mask[:, -1].all() and (ids[mask == 0] == pad).all()  # left padding
+    for row, item in zip(ids, [bench.items[0]] * 2 + [bench.items[1]] * 2):
+        text = tokenizer.decode(row[row != image_pad], skip_special_tokens=False).replace("<|endoftext|>", "")
+        assert text.startswith("<|im_start|>system") and text.endswith("<|im_end|>\n<|im_start|>assistant\n")
+        assert "<|vision_start|><|vision_end|>" + ugb.judge_prompt(item, TOY_DEFS) + "<|im_end|>" in text
+    cached = ugb.read_answers(tmp_path / "a.jsonl")
+    assert [cached[r["file"]]["answer"] for r in records] == [r["answer"] for r in records]
+    assert ugb.score_answers(bench, records)["counts"]["unparsable"] == 4
+    calls.clear()  # a rerun asks nothing: the unparsable answers are cached too
+    _, stats = ugb.judge_images(bench, tmp_path / "img", backend, tmp_path / "a.jsonl", images_per_prompt=2,
+                                max_retries=1, definitions=TOY_DEFS, progress=False)
+    assert (stats.cached, stats.asked, calls) == (4, 0, [])
+
+
+def test_transformers_judge_decodes_and_parses_a_forced_answer(tiny_qwen, tmp_path, monkeypatch):
+    """The model's generate is replaced by one that appends known token ids (the answer, <|im_end|>, then padding,
+    as a batch comes back from generate); the backend's slicing and the processor's decoding must return the answer
+    text exactly, and the scores follow."""
+    bench = ugb.UniGenBench("toy", "en", ugb.toy_items(["a red circle", "two blue squares", "a green triangle"]))
+    _toy_images(tmp_path / "img", bench, k=2)
+    backend = ugb.make_judge_backend("transformers", model=str(tiny_qwen), max_new_tokens=512, batch_size=3)
+    tokenizer = backend.processor.tokenizer
+
+    def answer_for(prompt: str) -> str:
+        points = ast.literal_eval(re.search(r"<checkpoint>(.*?)</checkpoint>", prompt).group(1))
+        bit = 0 if "<prompt>two blue squares</prompt>" in prompt else 1
+        return (f"<think>Checking {len(points)} points.</think>\n<description>\n<analysis>{['seen'] * len(points)}"
+                f"</analysis>\n<score>{[bit] * len(points)}</score>\n</description>")
+
+    def forced(input_ids, **kwargs):
+        rows = [tokenizer(answer_for(tokenizer.decode(row, skip_special_tokens=True)),
+                          add_special_tokens=False).input_ids + [tokenizer.eos_token_id] for row in input_ids]
+        width = max(map(len, rows))
+        new = torch.tensor([r + [tokenizer.pad_token_id] * (width - len(r)) for r in rows])
+        return torch.cat([input_ids, new], dim=1)
+
+    calls = _spy_generate(backend, monkeypatch, forced)
+    records, stats = ugb.judge_images(bench, tmp_path / "img", backend, tmp_path / "a.jsonl", images_per_prompt=2,
+                                      definitions=TOY_DEFS, progress=False)
+    assert len(calls) == 2 and (stats.unparsable, stats.retries) == (0, 0)  # 6 images in batches of 3
+    for r in records:
+        item = bench.by_index()[r["index"]]
+        assert r["answer"] == answer_for(ugb.judge_prompt(item, TOY_DEFS))  # decoded exactly, special tokens gone
+        assert r["scores"] == [int(r["index"] != 1)] * len(item.testpoints)
+        assert r["analysis"] == ["seen"] * len(item.testpoints)
+    result = ugb.score_answers(bench, records)
+    n = [len(it.testpoints) for it in bench]
+    assert result["overall"]["testpoint_mean"] == pytest.approx((n[0] + n[2]) / sum(n))
+    assert result["theme"]["Toy"]["correct"] == 2 * (n[0] + n[2])

@@ -261,3 +261,47 @@ def test_transformers_backend_runs_a_local_vlm(tmp_path):
     assert probs.shape == (2,)
     assert set(probs.tolist()) <= {0.0, 0.25, 0.5, 0.75, 1.0}
     assert judge.stats["judgements"] == 4 and len(judge.last_outputs) == 4
+
+
+def test_http_backend_single_image_requests_and_sampled_reasks():
+    """UniGenBench's requests carry one image (image_2=None); a re-ask (attempt > 0) is sampled, not greedy."""
+    from PIL import Image
+
+    from imgalign.rewards.vlm_judge import JudgeRequest
+
+    with _JudgeServer(lambda number, body, path: (200, _answer("ok"))) as server:
+        backend = OpenAIJudgeBackend(server.url, "m", concurrency=1, timeout=5)
+        image = Image.new("RGB", (8, 8), "red")
+        assert backend.generate([JudgeRequest(image, None, "first"), JudgeRequest(image, None, "again", attempt=2)]) \
+            == ["ok", "ok"]
+        first, again = server.requests
+        assert [p["type"] for p in first["messages"][0]["content"]] == ["image_url", "text"]
+        assert _decode_image(first["messages"][0]["content"][0]["image_url"]["url"]).getpixel((4, 4))[0] > 200
+        assert (first["temperature"], again["temperature"]) == (0.0, 0.7)
+
+
+def test_transformers_backend_runs_a_local_qwen_vl_pairwise(tmp_path):
+    """A tiny random Qwen2.5-VL (the UnifiedReward judges' class) with two images per request, loaded with a
+    device_map and a tokenizer without a pad token (the backend pads with eos)."""
+    from transformers import AutoTokenizer
+
+    from imgalign.rewards.testing_qwen import save_tiny_qwen_vl
+
+    directory = save_tiny_qwen_vl(tmp_path / "qwen")
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    tokenizer.pad_token = None
+    tokenizer.save_pretrained(directory)
+    judge = build_reward("vlm_judge", backend="transformers", model=str(directory), max_new_tokens=3, swap=True,
+                         device_map="cpu")
+    backend = judge.backend
+    assert backend.processor.tokenizer.pad_token == "<|im_end|>" and backend.device.type == "cpu"
+    seen = []
+    generate = backend.model.generate
+    backend.model.generate = lambda **kw: seen.append(kw) or generate(**kw)
+    probs = judge.compare(_images(2), _images(2, 1), ["a red circle", "a blue square"])
+    assert probs.shape == (2,) and judge.stats["judgements"] == 4 and len(judge.last_outputs) == 4
+    (call,) = seen  # 4 requests in one batch: 8 images, two image placeholders per prompt
+    image_pad = backend.processor.tokenizer.convert_tokens_to_ids("<|image_pad|>")
+    vision_start = backend.processor.tokenizer.convert_tokens_to_ids("<|vision_start|>")
+    assert call["image_grid_thw"].shape[0] == 8 and (call["input_ids"] == vision_start).sum(1).tolist() == [2] * 4
+    assert int((call["input_ids"] == image_pad).sum()) == int(call["image_grid_thw"].prod(1).sum()) // 4
