@@ -469,6 +469,21 @@ class JudgeStats:
     unparsable: int = 0  # images whose every attempt was unparsable (left out of the scores)
 
 
+def image_tasks(bench: UniGenBench, images_dir: str | os.PathLike, images_per_prompt: int = IMAGES_PER_PROMPT,
+                suffix: str = ".png") -> list[tuple[BenchItem, int, Path]]:
+    """(item, k, path) of every image the run scores; a missing image is an error naming the folder and the fix."""
+    images_dir = Path(images_dir)
+    tasks = [(item, k, images_dir / image_name(item.index, k, suffix)) for item in bench
+             for k in range(images_per_prompt)]
+    missing = [p.name for _, _, p in tasks if not p.is_file()]
+    if missing:
+        raise UniGenBenchError(
+            f"{images_dir}: {len(missing)} of {len(tasks)} images are missing (first: {missing[:3]}); images are "
+            f"named {{index}}_{{k}}{suffix} for k < {images_per_prompt}: generate them (--model) or set "
+            "--images-per-prompt")
+    return tasks
+
+
 def judge_images(bench: UniGenBench, images_dir: str | os.PathLike, backend: Any, answers_path: str | os.PathLike,
                  *, images_per_prompt: int = IMAGES_PER_PROMPT, max_retries: int = 10, concurrency: int | None = None,
                  definitions: Mapping[str, str] | None = None, batch_size: int = 8, suffix: str = ".png",
@@ -483,14 +498,7 @@ def judge_images(bench: UniGenBench, images_dir: str | os.PathLike, backend: Any
     from imgalign.rewards.vlm_judge import JudgeRequest, JudgeRequestError
 
     images_dir, answers_path = Path(images_dir), Path(answers_path)
-    tasks = [(item, k, images_dir / image_name(item.index, k, suffix)) for item in bench
-             for k in range(images_per_prompt)]
-    missing = [p.name for _, _, p in tasks if not p.is_file()]
-    if missing:
-        raise UniGenBenchError(
-            f"{images_dir}: {len(missing)} of {len(tasks)} images are missing (first: {missing[:3]}); images are "
-            f"named {{index}}_{{k}}{suffix} for k < {images_per_prompt}: generate them (--model) or set "
-            "--images-per-prompt")
+    tasks = image_tasks(bench, images_dir, images_per_prompt, suffix)
     stats = JudgeStats(images=len(tasks))
     cache = read_answers(answers_path)
     records: dict[str, dict] = {}
@@ -856,12 +864,7 @@ def score_folder_with_reward(bench: UniGenBench, images_dir: str | os.PathLike, 
     if getattr(reward, "pairwise", False):
         raise UniGenBenchError(f"reward '{getattr(reward, 'name', reward)}' is pairwise; a folder is scored with a "
                                "pointwise reward (a pairwise judge's win rates: `imgalign score`)")
-    images_dir = Path(images_dir)
-    tasks = [(item, images_dir / image_name(item.index, k, suffix)) for item in bench for k in range(images_per_prompt)]
-    missing = [p.name for _, p in tasks if not p.is_file()]
-    if missing:
-        raise UniGenBenchError(f"{images_dir}: {len(missing)} of {len(tasks)} images are missing (first: "
-                               f"{missing[:3]}); images are named {{index}}_{{k}}{suffix}")
+    tasks = [(item, path) for item, _, path in image_tasks(bench, images_dir, images_per_prompt, suffix)]
     scores: list[float] = []
     for start in range(0, len(tasks), batch_size):
         chunk = tasks[start:start + batch_size]
@@ -890,7 +893,8 @@ def score_folder_with_reward(bench: UniGenBench, images_dir: str | os.PathLike, 
 def add_arguments(p) -> None:
     """The arguments of `imgalign eval unigenbench` (registered by imgalign.eval.cli)."""
     p.add_argument("--prompts", help="UniGenBench CSV (test_prompts_en.csv, _en_long, _zh, _zh_long)")
-    p.add_argument("--out", required=True, help="run folder: images/, answers.jsonl, scores.json/.csv, report.md")
+    p.add_argument("--out", required=True, help="run folder: images/, answers.jsonl, scores.json/.csv, report.md, "
+                   "report.html")
     p.add_argument("--images", help="folder of {index}_{k}.png (default OUT/images); generated there with --model")
     p.add_argument("--model", help="pipeline (hub id or folder) to generate the missing images with")
     p.add_argument("--lora", help="folder with pytorch_lora_weights.safetensors for --model")
@@ -911,8 +915,16 @@ def add_arguments(p) -> None:
     p.add_argument("--concurrency", type=int, default=8, help="HTTP requests in flight")
     p.add_argument("--max-retries", type=int, default=10, help="re-asks of an unparsable answer")
     p.add_argument("--timeout", type=float, default=300.0)
-    p.add_argument("--definitions", help="JSON file {test point: definition} added to the English definitions "
-                   "(other test point names, e.g. a Chinese file's)")
+    p.add_argument("--definitions", help="JSON file {test point: definition} added to the built-in definitions of "
+                   "the file's language (English or Chinese)")
+    p.add_argument("--retry-temperature", type=float, default=0.7, help="re-asks after an unparsable answer are "
+                   "sampled at this temperature (0: greedy, the same answer again)")
+    p.add_argument("--max-new-tokens", type=int, default=4096, help="longest judge answer (the reference: 4096)")
+    p.add_argument("--judge-dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="--judge transformers: weight dtype")
+    p.add_argument("--judge-device-map", default=None, help="--judge transformers: e.g. auto, to spread a 32B/72B "
+                   "judge over the GPUs (instead of --device)")
+    p.add_argument("--judge-batch-size", type=int, default=4, help="--judge transformers: images per generate call")
     p.add_argument("--image-format", choices=("JPEG", "PNG"), default="JPEG", help="how images travel over HTTP")
     p.add_argument("--reward", help="score the folder with this pointwise reward instead of a judge (e.g. toy, clip)")
     p.add_argument("--reward-arg", action="append", default=[], metavar="KEY=VALUE", help="reward constructor argument")
@@ -945,6 +957,7 @@ def run_cli(args) -> int:
                             num_inference_steps=args.steps, guidance_scale=args.guidance_scale, size=args.size,
                             progress=not args.quiet)
         print(f"generated {n} images in {images}")
+    image_tasks(bench, images, args.images_per_prompt)  # every image is there before a reward or judge loads
     if args.reward:
         from imgalign.rewards.registry import build_reward, parse_value
 
@@ -970,10 +983,15 @@ def run_cli(args) -> int:
         if not base_url:
             raise UniGenBenchError("give --base-url (or set IMGALIGN_JUDGE_BASE_URL), e.g. http://localhost:8000/v1")
         backend = make_judge_backend("openai", base_url=base_url, model=model, api_key_env=args.api_key_env,
-                                     concurrency=args.concurrency, timeout=args.timeout,
-                                     image_format=args.image_format)
+                                     concurrency=args.concurrency, timeout=args.timeout, max_tokens=args.max_new_tokens,
+                                     image_format=args.image_format, retry_temperature=args.retry_temperature)
     else:
-        backend = make_judge_backend("transformers", model=model, device=args.device)
+        import torch
+
+        dtype = None if args.judge_dtype == "auto" else getattr(torch, args.judge_dtype)
+        backend = make_judge_backend("transformers", model=model, device=args.device, dtype=dtype,
+                                     device_map=args.judge_device_map, batch_size=args.judge_batch_size,
+                                     max_new_tokens=args.max_new_tokens, retry_temperature=args.retry_temperature)
     definitions: dict[str, str] = {}  # added to the file language's built-in definitions (judge_prompt)
     if args.definitions:
         try:

@@ -686,3 +686,42 @@ def test_transformers_judge_decodes_and_parses_a_forced_answer(tiny_qwen, tmp_pa
     n = [len(it.testpoints) for it in bench]
     assert result["overall"]["testpoint_mean"] == pytest.approx((n[0] + n[2]) / sum(n))
     assert result["theme"]["Toy"]["correct"] == 2 * (n[0] + n[2])
+
+
+def test_cli_transformers_judge_passes_its_options(tiny_qwen, tmp_path, monkeypatch, capsys):
+    """`--judge transformers` with --judge-dtype / --judge-batch-size / --max-new-tokens / --retry-temperature reaches
+    the local backend: generate sees the bound and the re-ask temperature, batches hold 2 images, scores are written."""
+    import json
+
+    from imgalign.cli import main
+    from imgalign.rewards import vlm_judge
+
+    bench = ugb.UniGenBench("toy", "en", ugb.toy_items(["a red circle", "two blue squares"]))
+    _toy_images(tmp_path / "images", bench, k=2)
+    ugb.write_unigenbench_csv(tmp_path / "toy.csv", bench.items)
+    (tmp_path / "defs.json").write_text(json.dumps(TOY_DEFINITIONS))
+    calls, real_init = [], vlm_judge.TransformersJudgeBackend.__init__
+
+    def init(self, *a, **k):
+        real_init(self, *a, **k)
+        real = self.model.generate
+        self.model.generate = lambda **kw: (calls.append(kw), real(**kw))[1]
+
+    monkeypatch.setattr(vlm_judge.TransformersJudgeBackend, "__init__", init)
+    assert main(["eval", "unigenbench", "--prompts", str(tmp_path / "toy.csv"), "--images", str(tmp_path / "images"),
+                 "--images-per-prompt", "2", "--judge", "transformers", "--judge-model", str(tiny_qwen),
+                 "--judge-dtype", "float32",
+                 "--judge-batch-size", "2", "--max-new-tokens", "3", "--retry-temperature", "0.9",
+                 "--max-retries", "1", "--definitions", str(tmp_path / "defs.json"), "--out", str(tmp_path / "run"),
+                 "--quiet"]) == 0
+    assert all(c["max_new_tokens"] == 3 and c["input_ids"].shape[0] <= 2 for c in calls) and len(calls) == 4
+    assert [c.get("temperature") for c in calls if c["do_sample"]] == [0.9, 0.9]
+    result = json.loads((tmp_path / "run" / "scores.json").read_text())
+    assert result["judge"]["backend"] == "transformers" and result["judge"]["unparsable"] == 4
+    assert (tmp_path / "run" / "report.html").is_file()
+    calls.clear()  # a missing image is reported before the judge loads
+    (tmp_path / "images" / "1_1.png").unlink()
+    assert main(["eval", "unigenbench", "--prompts", str(tmp_path / "toy.csv"), "--images", str(tmp_path / "images"),
+                 "--images-per-prompt", "2", "--judge", "transformers", "--judge-model", str(tmp_path / "nowhere"),
+                 "--out", str(tmp_path / "run2"), "--quiet"]) == 2
+    assert "1 of 4 images are missing (first: ['1_1.png'])" in capsys.readouterr().err
