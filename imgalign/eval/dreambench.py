@@ -33,6 +33,7 @@ import csv
 import difflib
 import hashlib
 import json
+import math
 import os
 import re
 import string
@@ -482,17 +483,20 @@ def load_backbones(dino: str = DEFAULT_DINO, clip: str = DEFAULT_CLIP, *, clip_p
     from imgalign.rewards.loading import RewardLoadError
 
     clip = str(default_toy_clip_dir()) if clip == "toy" else str(clip)
-    try:
-        dino_model = DINOSimilarity(str(dino), preprocess=dino_preprocess, device=device)
-    except (RewardLoadError, OSError) as e:
-        raise DreamBenchError(f"--dino {dino}: {e}") from None
+    dino_model = None  # dino="none": no DINO column (offline runs without a DINO checkpoint, e.g. the toy world)
+    if str(dino) != "none":
+        try:
+            dino_model = DINOSimilarity(str(dino), preprocess=dino_preprocess, device=device)
+        except (RewardLoadError, OSError) as e:
+            raise DreamBenchError(f"--dino {dino}: {e}") from None
     try:
         clip_encoder = build_clip_encoder(clip, clip_pretrained, device=device)
     except (RewardLoadError, OSError) as e:
         raise DreamBenchError(f"--clip {clip}: {e}") from None
-    crop = dino_model.preprocess.output_size[0]
+    crop = dino_model.preprocess.output_size[0] if dino_model is not None else 0
     info = {"dino": str(dino),
-            "dino_preprocess": (f"resize shorter side to {int(crop * 256 / 224)} bicubic, center crop {crop}, "
+            "dino_preprocess": ("not computed (--dino none)" if dino_model is None else
+                                f"resize shorter side to {int(crop * 256 / 224)} bicubic, center crop {crop}, "
                                 "ImageNet mean/std; [CLS] token of the last layer" if dino_preprocess == "dino" else
                                 "the checkpoint's image processor; [CLS] token of the last layer"),
             "clip": clip + (f" ({clip_pretrained})" if clip_pretrained else ""),
@@ -516,7 +520,7 @@ def embed_images(encoders: Sequence[Callable[[Any], torch.Tensor]], images: Sequ
     return [torch.cat(chunks) for chunks in out]
 
 
-def prompt_means(gen_dino: torch.Tensor, ref_dino: torch.Tensor, gen_clip: torch.Tensor, ref_clip: torch.Tensor,
+def prompt_means(gen_dino: torch.Tensor | None, ref_dino: torch.Tensor | None, gen_clip: torch.Tensor, ref_clip: torch.Tensor,
                  text: torch.Tensor, clip_t: str = "raw") -> dict[str, np.ndarray]:
     """Per-prompt DINO, CLIP-I and CLIP-T of one subject from normalised embeddings.
 
@@ -526,7 +530,7 @@ def prompt_means(gen_dino: torch.Tensor, ref_dino: torch.Tensor, gen_clip: torch
     if clip_t not in CLIP_T_CONVENTIONS:
         raise DreamBenchError(f"clip_t must be one of {CLIP_T_CONVENTIONS}, got {clip_t!r}")
     p = text.shape[0]
-    dino = (gen_dino @ ref_dino.T).reshape(p, -1).mean(1)  # [P]
+    dino = (gen_dino @ ref_dino.T).reshape(p, -1).mean(1) if gen_dino is not None else torch.full((p,), math.nan)
     clip_i = (gen_clip @ ref_clip.T).reshape(p, -1).mean(1)  # [P]
     cos_t = (gen_clip.reshape(p, -1, gen_clip.shape[-1]) * text[:, None, :].to(gen_clip)).sum(-1)  # [P, K]
     clip_t_values = (cos_t.clamp_min(0.0) if clip_t == "clamped" else cos_t).mean(1)  # [P]
@@ -565,8 +569,10 @@ def score_dreambench(bench: DreamBench, images_dir: str | os.PathLike, backbones
         gens = [read_image(p) for p in paths[subject.name]]
         texts = bench.text_prompts(subject)
         n = len(refs)  # references and generated images in one pass: [R + P * K, D] per backbone
-        dino, clip = embed_images([backbones.dino.embed_unit, backbones.clip.encode_images], refs + gens, batch_size)
-        means = prompt_means(dino[n:], dino[:n], clip[n:], clip[:n], backbones.clip.encode_texts(texts), clip_t)
+        encoders = [backbones.clip.encode_images] + ([backbones.dino.embed_unit] if backbones.dino else [])
+        clip, *dino = embed_images(encoders, refs + gens, batch_size)
+        dino_gen, dino_ref = (dino[0][n:], dino[0][:n]) if dino else (None, None)
+        means = prompt_means(dino_gen, dino_ref, clip[n:], clip[:n], backbones.clip.encode_texts(texts), clip_t)
         base = {"subject": subject.name, "class": subject.class_name, "kind": subject.kind}
         for i, (prompt, text) in enumerate(zip(bench.prompts(subject), texts)):
             per_prompt.append({**base, "prompt_index": i, "prompt": prompt, "text_prompt": text,
@@ -694,7 +700,8 @@ def add_arguments(p) -> None:
     p.add_argument("--guidance-scale", type=float, default=7.5)
     p.add_argument("--size", type=int, default=None)
     p.add_argument("--device", default="cpu")
-    p.add_argument("--dino", default=DEFAULT_DINO, help="DINO backbone (hub id or folder of a transformers ViTModel)")
+    p.add_argument("--dino", default=DEFAULT_DINO, help="DINO backbone (hub id or folder of a transformers ViTModel); "
+                   "none: no DINO column (offline, e.g. with --data toy --clip toy)")
     p.add_argument("--dino-preprocess", choices=("dino", "processor"), default="dino",
                    help="dino: resize 256 + center crop 224 (DINO's evaluation); processor: the checkpoint's own")
     p.add_argument("--clip", default=DEFAULT_CLIP, help="CLIP backbone: transformers hub id or folder, open_clip "

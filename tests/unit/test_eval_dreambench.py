@@ -5,6 +5,7 @@ tiny encoders, the outputs and the `imgalign eval dreambench` command."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 from pathlib import Path
@@ -532,6 +533,14 @@ def test_cli_generates_resumes_scores_and_writes_tables_report_and_grids(tmp_pat
     assert grid.width >= 5 * 128 and grid.height >= 3 * 128  # references (5) + 2 prompt rows of 2 images
     record = json.loads((out / "images" / db.RECORD_FILE).read_text())
     assert record["generation"]["steps"] == 2 and set(record["subjects"]) == {"striped_square", "ringed_circle"}
+    # --dino none: the same CLIP columns from the same images, no DINO column (offline toy runs)
+    assert main(["eval", "dreambench", "--data", "toy", "--subjects", "striped_square,ringed_circle",
+                 "--limit-prompts", "2", "--images-per-prompt", "2", "--images", str(out / "images"), "--dino", "none",
+                 "--clip", "toy", "--out", str(tmp_path / "nodino"), "--quiet", "--no-grids"]) == 0
+    again = json.loads((tmp_path / "nodino" / "per_subject.json").read_text())
+    assert all(math.isnan(r["dino"]) for r in again)
+    assert [r["clip_i"] for r in again] == pytest.approx([r["clip_i"] for r in subjects])
+    assert "not computed (--dino none)" in (tmp_path / "nodino" / "report.md").read_text()
 
 
 def test_eval_registers_both_benchmarks():
