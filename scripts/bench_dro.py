@@ -19,6 +19,13 @@ forward + backward and a reference forward over 2B precomputed inputs, as Diffus
 parameters the lagged sampler adds (a LoRA adapter, not a network):
 
     python scripts/bench_dro.py --cost --family sd15 --batch 4 --sample-steps 20
+
+--memory instead measures the peak resident memory (CPU) of a few training steps of diffusion-dpo and diffusion-dro
+with LoRA r 8 on an SD1.5-size pipeline (random weights in SD1.5's architecture: UNet 860M, CLIP ViT-L/14 text tower,
+the SD VAE; built once in --memory-dir), each recipe in its own process at 64 px, beside a process that only loads
+the pipeline; the ratios show what the lagged sampler (a second adapter) and the replay buffer cost:
+
+    python scripts/bench_dro.py --memory --batch 2 --sample-steps 4
 """
 
 from __future__ import annotations
@@ -140,6 +147,82 @@ def cost(args) -> None:
     print(f"  lagged sampler: {extra:,} extra parameters ({100 * extra / base_params:.2f} % of the denoiser's {base_params:,})")
 
 
+def build_sd15_size_pipeline(out: Path) -> Path:
+    """StableDiffusionPipeline with SD1.5's architecture and random weights (fixed seed), saved to `out` once."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from imgalign.models.tiny import _tokenizer
+
+    if (out / "model_index.json").is_file():
+        return out
+    torch.manual_seed(0)
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                        num_attention_heads=12, max_position_embeddings=77, projection_dim=768))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=_tokenizer(77), unet=unet, scheduler=scheduler,
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(out)
+    return out
+
+
+def memory_child(args) -> None:
+    """One process: load the pipeline only, or train `--memory-steps` steps of a recipe; print its peak RSS."""
+    import resource
+
+    import torch
+
+    torch.set_num_threads(2)
+    overrides = [f"model.pretrained={args.memory_dir / 'sd15-size'}", "data.resolution=64", "lora.rank=8",
+                 f"run.output_dir={args.memory_dir / ('run-' + args.memory_child)}", f"run.max_steps={args.memory_steps}",
+                 f"run.batch_size={args.batch}", "run.checkpoint_every=0", "run.progress=false", "run.log_with=none",
+                 "validation.enabled=false", f"data.source={args.memory_dir / 'pairs.jsonl'}"]
+    if args.memory_child == "load":
+        from imgalign.models.adapters import load_adapter
+
+        load_adapter(str(args.memory_dir / "sd15-size")).freeze_all()
+    else:
+        from imgalign.config import load_config
+        from imgalign.recipes import get_recipe
+
+        recipe = get_recipe(args.memory_child)
+        extra = [f"dro.sample_steps={args.sample_steps}", f"dro.buffer_batch={args.batch}"] \
+            if args.memory_child == "diffusion-dro" else []
+        recipe.train(load_config(recipe.Config, None, overrides + extra))
+    print(json.dumps({"peak_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}))
+
+
+def memory(args) -> None:
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from imgalign.data import write_preference_jsonl
+
+    args.memory_dir.mkdir(parents=True, exist_ok=True)
+    build_sd15_size_pipeline(args.memory_dir / "sd15-size")
+    red, blue = Image.new("RGB", (64, 64), (220, 30, 30)), Image.new("RGB", (64, 64), (30, 30, 220))
+    write_preference_jsonl(args.memory_dir / "pairs.jsonl", args.memory_dir / "images",
+                           [("a red square", red, blue, 1.0)] * 8)
+    peaks = {}
+    for mode in ("load", "diffusion-dpo", "diffusion-dro"):
+        cmd = [sys.executable, __file__, "--memory-child", mode, "--memory-dir", str(args.memory_dir), "--batch",
+               str(args.batch), "--sample-steps", str(args.sample_steps), "--memory-steps", str(args.memory_steps)]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.strip().splitlines()[-1]
+        peaks[mode] = json.loads(out)["peak_mb"]
+    print(f"[memory] SD1.5-size pipeline (random weights), LoRA r 8, {args.memory_steps} steps of {args.batch} at 64 px, "
+          f"DRO buffer {args.batch} trajectories x {args.sample_steps} steps; peak RSS per process:")
+    for mode, mb in peaks.items():
+        print(f"  {mode:<14}{mb:>9.0f} MB  {mb / peaks['load']:.2f}x load only")
+    print(f"  diffusion-dro / diffusion-dpo: {peaks['diffusion-dro'] / peaks['diffusion-dpo']:.3f}x (target <= 1.1x)")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", default="outputs/demo", help="folder with pairs_train.parquet (make demo's output)")
@@ -153,7 +236,16 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--sample-steps", type=int, default=20)
     ap.add_argument("--repeats", type=int, default=7)
+    ap.add_argument("--memory", action="store_true", help="peak memory of DPO vs DRO at SD1.5 size (see above)")
+    ap.add_argument("--memory-dir", type=Path, default=Path("outputs/dro_memory"), help="where the SD1.5-size "
+                    "pipeline (4 GB) and the runs go")
+    ap.add_argument("--memory-steps", type=int, default=3)
+    ap.add_argument("--memory-child", help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.memory_child:
+        return memory_child(args)
+    if args.memory:
+        return memory(args)
     if args.cost:
         cost(args)
         return
