@@ -118,8 +118,9 @@ def main() -> None:
     lines = [f"RPO on the toy SD: {len(args.subjects)} subjects x 15 held-out prompts x {args.images_per_prompt} "
              f"images ({args.sample_steps} steps, CFG {args.guidance:g}, seed {args.eval_seed}); {args.steps} training "
              "steps each; paired bootstrap 95 % over (subject, prompt) units", ""]
-    lines.append(f"{'model':<12}" + "".join(f"{m:>28}" for m in METRICS))
-    lines.append(f"{'base':<12}" + "".join(f"{values('base', m).mean():>28.3f}" for m in METRICS))
+    lines.append("| model | " + " | ".join(METRICS) + " |")
+    lines.append("|---" * (len(METRICS) + 1) + "|")
+    lines.append("| base | " + " | ".join(f"{values('base', m).mean():.3f}" for m in METRICS) + " |")
     summary = {"settings": vars(args), "runs": {s: {k: {"seconds": v["seconds"], "best": v["best"]}
                                                     for k, v in r.items()} for s, r in runs.items()}, "models": {}}
     comparisons = [(m, "base") for m in ("dreambooth", "rpo_best", "rpo_final")] + [("rpo_best", "dreambooth"),
@@ -131,7 +132,8 @@ def main() -> None:
             entry[m] = {"mean": float(values(a, m).mean()), "change": mean, "ci95": [lo, hi]}
             cells.append(f"{values(a, m).mean():.3f} {mean:+.3f} [{lo:+.3f}, {hi:+.3f}]")
         summary["models"][f"{a} - {b}"] = entry
-        lines.append(f"{a + ' - ' + b:<24}" + "".join(f"{c:>28}" for c in cells))
+        lines.append(f"| {a} (- {b}) | " + " | ".join(cells) + " |")
+    lines.append("")
     for s in args.subjects:
         lines.append(f"{s}: " + "; ".join(
             f"{name} fidelity {np.mean([r['fidelity'] for r in rows[name] if r['subject'] == s]):.3f} prompt "
