@@ -8,7 +8,7 @@ same seeds for every model, by
 with paired bootstrap 95 % intervals over the (subject, prompt) units against the base and RPO minus DreamBooth.
 RPO's claim is the trade-off: subject fidelity near DreamBooth's with better prompt fidelity.
 
-    python scripts/bench_rpo.py --subjects checker_square ringed_circle two_tone_triangle --steps 200 --out outputs/rpo_bench
+    python scripts/bench_rpo.py --subjects checker_square ringed_circle two_tone_triangle --steps 1500 --out outputs/rpo_bench
 
 Runs are kept in --out: a rerun reuses finished trainings and images (delete a folder to redo it). --set KEY=VALUE
 passes overrides to both trainings (e.g. --set optim.lr=1e-3). RPO is evaluated with its selected weights (best/)
@@ -91,7 +91,7 @@ def main() -> None:
     ap.add_argument("--subjects", nargs="+", default=["checker_square", "ringed_circle", "two_tone_triangle"],
                     help="toy subjects (the toy VAE keeps these three patterns; it loses striped_square's stripes and "
                          "most of cross_circle's plus)")
-    ap.add_argument("--steps", type=int, default=200, help="optimizer steps of each training (batch and lr: the config)")
+    ap.add_argument("--steps", type=int, default=1500, help="optimizer steps of each training (batch, lr, LoRA: the config)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override for both trainings")
     ap.add_argument("--seed", type=int, default=0, help="training seed")
     ap.add_argument("--images-per-prompt", type=int, default=4)

@@ -15,6 +15,7 @@ open_clip model directory layout (what open_clip's ``local-dir:`` / ``hf-hub:`` 
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import os
@@ -248,8 +249,45 @@ def model_features(output) -> torch.Tensor:
     raise TypeError(f"cannot find features in {type(output).__name__}")
 
 
+def preprocess_from_hf_processor(image_processor: Any) -> Preprocess:
+    """:func:`~imgalign.rewards.images.preprocess_from_hf` plus EfficientNet's ``include_top`` (ALIGN's image
+    processor; on by default): after the usual normalisation the pixels are divided by ``image_std`` once more,
+    i.e. ``(v - mean) / std**2``, or ``v / std`` without normalisation."""
+    preprocess = preprocess_from_hf(image_processor)
+    if not getattr(image_processor, "include_top", False):
+        return preprocess
+    extra = tuple(float(s) for s in image_processor.image_std)
+    return dataclasses.replace(preprocess, std=tuple(a * b for a, b in zip(preprocess.std, extra)))
+
+
+def text_max_length(processor: Any, tokenizer: Any, model: Any) -> int | None:
+    """How many tokens the model's own processor keeps: the processor's default ``max_length`` (ALIGN's: 64),
+    else the tokenizer's ``model_max_length`` (CLIP's: 77); never more than the text tower's positions."""
+    limit = None
+    defaults = getattr(type(processor), "text_kwargs", None)  # transformers 5: per-processor class defaults
+    if not isinstance(defaults, Mapping):  # transformers 4: <Model>ProcessorKwargs._defaults in the processor module
+        import sys
+
+        module = vars(sys.modules.get(type(processor).__module__, object))
+        defaults = next((d["text_kwargs"] for d in (getattr(v, "_defaults", None) for v in list(module.values()))
+                         if isinstance(d, Mapping) and isinstance(d.get("text_kwargs"), Mapping)), {})
+    if defaults.get("max_length"):
+        limit = int(defaults["max_length"])
+    elif 0 < int(getattr(tokenizer, "model_max_length", 0) or 0) < 100_000:  # unset is a huge sentinel
+        limit = int(tokenizer.model_max_length)
+    config = getattr(model, "config", None)
+    positions = getattr(getattr(config, "text_config", config), "max_position_embeddings", None)
+    if positions:
+        limit = min(limit or int(positions), int(positions))
+    return limit
+
+
 class HFDualEncoder:
-    """A transformers dual encoder (``CLIPModel``, ``AlignModel``, ...) with its processor; normalised embeddings."""
+    """A transformers dual encoder (``CLIPModel``, ``AlignModel``, ...) with its processor; normalised embeddings.
+
+    Text is tokenized as the model's processor would (``max_length=None``: its own limit, see
+    :func:`text_max_length`) but padded only to the longest prompt; images go through a differentiable copy of the
+    processor's preprocessing (:func:`preprocess_from_hf_processor`)."""
 
     def __init__(
         self,
@@ -258,7 +296,7 @@ class HFDualEncoder:
         *,
         device: torch.device | str = "cpu",
         dtype: torch.dtype = torch.float32,
-        max_length: int | None = 77,
+        max_length: int | None = None,
         trust_remote_code: bool = False,
         param: str = "model",
     ):
@@ -273,8 +311,8 @@ class HFDualEncoder:
             trust_remote_code=trust_remote_code,
         )
         self.tokenizer = getattr(self.processor, "tokenizer", self.processor)
-        self.preprocess = preprocess_from_hf(getattr(self.processor, "image_processor", self.processor))
-        self.max_length = max_length
+        self.preprocess = preprocess_from_hf_processor(getattr(self.processor, "image_processor", self.processor))
+        self.max_length = max_length or text_max_length(self.processor, self.tokenizer, self.model)
         self._text_cache: OrderedDict[str, torch.Tensor] = OrderedDict()
         self.image_encodings = 0
 

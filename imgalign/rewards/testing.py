@@ -174,22 +174,32 @@ _BERT_WORDS = (
 ).split()
 
 
-def bert_tokenizer(directory: str | os.PathLike | None = None):
-    """A small uncased BERT WordPiece tokenizer with BLIP's extra tokens ([DEC] as bos, [ENC]), built offline."""
+def wordpiece_tokenizer(words, directory: str | os.PathLike | None = None, **kwargs):
+    """An uncased BERT WordPiece tokenizer built offline from a written ``vocab.txt``: the BERT special tokens,
+    ``words`` whole, and single letters/digits/punctuation (plain and ``##`` continuations) so any lowercase word
+    still tokenizes. Loaded with ``from_pretrained`` on the folder, which works on transformers 4 and 5 (5's
+    ``BertTokenizer(vocab_file=...)`` ignores the file and yields a 5-token vocabulary)."""
     import tempfile
 
     from transformers import BertTokenizer
 
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
-    letters = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
-    vocab = specials + letters + ["##" + c for c in letters] + _BERT_WORDS
+    pieces = list("abcdefghijklmnopqrstuvwxyz0123456789.,!?'-")
+    vocab = specials + list(words) + pieces + ["##" + c for c in pieces]
     with tempfile.TemporaryDirectory() as tmp:
-        vocab_file = Path(tmp) / "vocab.txt"
-        vocab_file.write_text("\n".join(dict.fromkeys(vocab)) + "\n")
-        tokenizer = BertTokenizer(vocab_file=str(vocab_file), do_lower_case=True)
-        tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
-        if directory is not None:
-            tokenizer.save_pretrained(str(directory))
+        (Path(tmp) / "vocab.txt").write_text("\n".join(dict.fromkeys(vocab)) + "\n")
+        tokenizer = BertTokenizer.from_pretrained(tmp, do_lower_case=True, **kwargs)
+    if directory is not None:
+        tokenizer.save_pretrained(str(directory))
+    return tokenizer
+
+
+def bert_tokenizer(directory: str | os.PathLike | None = None):
+    """A small uncased BERT WordPiece tokenizer with BLIP's extra tokens ([DEC] as bos, [ENC]), built offline."""
+    tokenizer = wordpiece_tokenizer(_BERT_WORDS)
+    tokenizer.add_special_tokens({"bos_token": "[DEC]", "additional_special_tokens": ["[ENC]"]})
+    if directory is not None:
+        tokenizer.save_pretrained(str(directory))
     return tokenizer
 
 
@@ -317,4 +327,54 @@ def save_tiny_vlm(directory: str | os.PathLike, seed: int = 0, image_size: int =
     torch.manual_seed(seed)
     LlavaForConditionalGeneration(config).eval().save_pretrained(str(directory))
     processor.save_pretrained(str(directory))
+    return Path(directory)
+
+
+#: words of the toy and DreamBench-style prompts the tiny ALIGN tokenizer knows whole (others split into letters)
+_ALIGN_WORDS = (
+    "a an the of on in at to and with is photo picture image red green blue yellow purple orange black white "
+    "circle circles square squares triangle triangles star dog cat backpack toy cup vase moon beach city street "
+    "table grass snow left right above below next one two three big small background sks"
+).split()
+
+
+def align_tokenizer(directory: str | os.PathLike | None = None, model_max_length: int = 64):
+    """ALIGN's text tokenizer at toy size: a BERT WordPiece tokenizer (:func:`wordpiece_tokenizer`) over
+    :data:`_ALIGN_WORDS`, built offline."""
+    return wordpiece_tokenizer(_ALIGN_WORDS, directory, model_max_length=model_max_length)
+
+
+def tiny_align_config(vocab_size: int, image_size: int = 32, max_position_embeddings: int = 64):
+    """An ``AlignConfig`` at toy size: a 1-layer BERT (width 32) and a 2-stage EfficientNet (stem 32 channels,
+    then 16 and 24; image embeddings are the mean-pooled 24 channels, so ``projection_dim`` is 24)."""
+    from transformers import AlignConfig
+
+    return AlignConfig(
+        text_config={
+            "vocab_size": vocab_size, "hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 64, "max_position_embeddings": max_position_embeddings, "pad_token_id": 0,
+        },
+        vision_config={
+            "image_size": image_size, "width_coefficient": 1.0, "depth_coefficient": 1.0, "kernel_sizes": [3, 3],
+            "in_channels": [32, 16], "out_channels": [16, 24], "strides": [1, 2], "num_block_repeats": [1, 1],
+            "expand_ratios": [1, 2], "depthwise_padding": [], "hidden_dim": 64, "drop_connect_rate": 0.0,
+        },
+        projection_dim=24,
+    )
+
+
+def save_tiny_align(directory: str | os.PathLike, seed: int = 0, image_size: int = 32) -> Path:
+    """A tiny random transformers ``AlignModel`` + ``AlignProcessor`` (BERT WordPiece tokenizer, and an
+    ``EfficientNetImageProcessor`` with the class defaults - ``include_top`` included - at ``image_size``) saved in
+    one directory, the layout of ``kakaobrain/align-base`` (RPO's lambda-Harmonic backbone)."""
+    from transformers import AlignModel, AlignProcessor, EfficientNetImageProcessor
+
+    tokenizer = align_tokenizer()
+    image_processor = EfficientNetImageProcessor(
+        size={"height": image_size, "width": image_size}, crop_size={"height": image_size, "width": image_size}
+    )
+    torch.manual_seed(seed)
+    model = AlignModel(tiny_align_config(len(tokenizer), image_size)).eval()
+    model.save_pretrained(str(directory))
+    AlignProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(str(directory))
     return Path(directory)

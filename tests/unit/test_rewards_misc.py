@@ -103,6 +103,72 @@ def test_lambda_harmonic_formula(hf_clip):
         reward.score(images, prompts, lam=-0.1)
 
 
+@pytest.fixture(scope="module")
+def tiny_align(tmp_path_factory):
+    return tiny.save_tiny_align(tmp_path_factory.mktemp("harmonic") / "align")
+
+
+def _pil(pixels):
+    """uint8 [B, 3, H, W] -> list of RGB PIL images."""
+    return [Image.fromarray(x.permute(1, 2, 0).numpy()) for x in pixels]
+
+
+def test_lambda_harmonic_on_align_matches_align_model(tiny_align):
+    """RPO's default backbone: a tiny ALIGN (BERT WordPiece + EfficientNet, AlignProcessor) loaded by path through
+    AutoModel/AutoProcessor gives the lambda-Harmonic score computed by hand from AlignModel.get_*_features on the
+    processor's own outputs (pixels divided by std twice - include_top -, text padded to 64 with token_type_ids)."""
+    from transformers import AlignModel, AlignProcessor, EfficientNetImageProcessor
+
+    from imgalign.rewards.encoders import preprocess_from_hf_processor
+
+    generator = torch.Generator().manual_seed(6)
+    refs = _pil(torch.randint(0, 256, (2, 3, 32, 32), generator=generator, dtype=torch.uint8))
+    images = _pil(torch.randint(0, 256, (3, 3, 32, 32), generator=generator, dtype=torch.uint8))
+    long_prompt = "a photo of sks dog " + "on a red square " * 20  # > 64 tokens: cut at ALIGN's 64
+    prompts = ["a photo of sks dog on the moon", "a zebra", long_prompt]
+    cleaned = ["a photo of dog on the moon", "a zebra", long_prompt.replace("sks ", "").strip()]
+    reward = build_reward("lambda_harmonic", model=str(tiny_align), references=refs, lam=0.3, remove_tokens=["sks"])
+    assert type(reward.encoder.model).__name__ == "AlignModel"
+    assert reward.encoder.max_length == 64  # AlignProcessor's default, not CLIP's 77
+    score = reward.score(images, prompts)
+
+    model = AlignModel.from_pretrained(str(tiny_align)).eval()
+    processor = AlignProcessor.from_pretrained(str(tiny_align))
+
+    def features(output):  # a tensor (transformers 4) or an output object holding it in pooler_output (5)
+        return F.normalize(output if isinstance(output, torch.Tensor) else output.pooler_output, dim=-1)
+
+    with torch.no_grad():
+        pixels = processor(images=images, return_tensors="pt")["pixel_values"]
+        ref_pixels = processor(images=refs, return_tensors="pt")["pixel_values"]
+        text_inputs = processor(text=cleaned, truncation=True, return_tensors="pt")
+        emb = features(model.get_image_features(pixel_values=pixels))
+        ref_emb = features(model.get_image_features(pixel_values=ref_pixels))
+        text = features(model.get_text_features(**text_inputs))
+    assert text_inputs["input_ids"].shape == (3, 64)
+    # the differentiable preprocessing equals the processor's (same size: no resampling involved), for the class
+    # defaults saved here (include_top: a second division by std) and other EfficientNet settings (ALIGN-style x*2-1)
+    unit = torch.stack([torch.from_numpy(np.array(i)) for i in images]).permute(0, 3, 1, 2) / 255
+    assert torch.allclose(reward.encoder.preprocess(unit), pixels, atol=1e-5)
+    for settings in ({"rescale_factor": 1 / 127.5, "rescale_offset": True, "do_normalize": False, "include_top": False},
+                     {"do_normalize": False}, {"include_top": False}):
+        other = EfficientNetImageProcessor(size={"height": 32, "width": 32}, **settings)
+        assert torch.allclose(preprocess_from_hf_processor(other)(unit),
+                              other(images=images, return_tensors="pt")["pixel_values"], atol=1e-5), settings
+    s_image = (emb @ ref_emb.T).mean(1)
+    s_text = (emb * text).sum(-1)
+    i01, t01 = (s_image + 1) / 2, (s_text + 1) / 2
+    assert torch.allclose(score, 1 / (0.3 / i01 + 0.7 / t01), atol=1e-5)
+    assert torch.allclose(reward.parts(images, prompts)["s_text"], s_text, atol=1e-5)
+
+    # the other dual-encoder rewards take the same directory: CLIP-I style image similarity and a CLIP-style score
+    clip_i = build_reward("clip_image", model=str(tiny_align), references=refs)
+    assert torch.allclose(clip_i.score(images), s_image, atol=1e-5)
+    clip_t = build_reward("clip", model=str(tiny_align))
+    assert torch.allclose(clip_t.score(images, cleaned), 100 * s_text, atol=1e-3)
+    assert clip_t.encoder.logit_scale == pytest.approx(1 / model.temperature.item())  # ALIGN's temperature
+
+
 def _score_args(**overrides):
     from imgalign.rewards.cli import add_score_arguments
 
