@@ -215,10 +215,16 @@ class ModelAdapter:
         return convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=adapter_name))
 
     def save_lora(self, out_dir: str | Path, model: nn.Module | None = None, adapter_name: str = "default") -> Path:
-        """diffusers-format `pytorch_lora_weights.safetensors`, loadable with `pipe.load_lora_weights(out_dir)`."""
+        """diffusers-format `pytorch_lora_weights.safetensors`, loadable with `pipe.load_lora_weights(out_dir)`, with the
+        adapter's peft config as its metadata, so loading restores lora_alpha too (without it a rank-32 / alpha-64
+        LoRA loads at scale 1 instead of 2)."""
         out = Path(out_dir)
-        type(self.pipe).save_lora_weights(out, **{self.lora_layers_kwarg: self.lora_state_dict(model, adapter_name)},
-                                          safe_serialization=True)
+        net = getattr(model, "module", model) or self.denoiser
+        config = net.peft_config[adapter_name].to_dict()
+        meta = {k: (sorted(v) if isinstance(v, set) else v) for k, v in config.items()}
+        meta_kwarg = self.lora_layers_kwarg.replace("_lora_layers", "_lora_adapter_metadata")
+        type(self.pipe).save_lora_weights(out, safe_serialization=True, **{
+            self.lora_layers_kwarg: self.lora_state_dict(net, adapter_name), meta_kwarg: meta})
         return out
 
     def load_lora_into_denoiser(self, lora_dir: str | Path, adapter_name: str = "default") -> None:

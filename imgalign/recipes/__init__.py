@@ -16,6 +16,8 @@ RECIPES = {
             "RPO: subject-driven fine-tuning, references preferred over base samples by the lambda-Harmonic reward"),
     "pref-grpo": ("imgalign.recipes.pref_grpo",
                   "Pref-GRPO (pairwise win rates in a group); pointwise Flow-GRPO and DDPO as configurations"),
+    "flash-dmd": ("imgalign.recipes.flash_dmd",
+                  "Flash-DMD: few-step distillation (DMD2 core, timestep-aware split, GAN head) with joint RL"),
     "llm-dpo": ("imgalign.recipes.llm_dpo", "DPO-family losses on a causal language model (the shared loss core)"),
 }
 

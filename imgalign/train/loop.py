@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from imgalign.config import save_run_info
-from imgalign.errors import NonFiniteError
+from imgalign.errors import CheckpointError, NonFiniteError
 from imgalign.train.checkpoint import (
     check_finite_weights,
     clean_stale,
@@ -73,6 +73,27 @@ class _Network:
     save: Callable[[torch.nn.Module, Path], None]
     load: Callable[[torch.nn.Module, Path], None]
     folder: str  # "" for the first network (the checkpoint folder itself), else its name
+    raw: torch.nn.Module | None = None  # the module as given to prepare (to spot a module shared by two networks)
+    params: list[tuple[str, torch.nn.Parameter]] | None = None  # explicit trained parameters; None: all of `module`
+
+    def parameters(self) -> list[torch.nn.Parameter]:
+        """What this network's optimizer trains (gradient clipping and the finite-weight check use the same)."""
+        return [p for _, p in self.params] if self.params is not None else list(self.module.parameters())
+
+    def check_finite(self, step: int) -> None:
+        if self.params is None:
+            check_finite_weights(self.module, step)
+            return
+        bad = [n for n, p in self.params if not torch.isfinite(p.detach()).all()]
+        if bad:
+            raise CheckpointError(f"step {step}: {len(bad)} trainable tensors of {self.name} hold NaN/inf (e.g. "
+                                  f"{bad[0]}); no checkpoint was written. Lower the learning rate and resume from the "
+                                  "last checkpoint")
+
+
+def _params_fingerprint(params: list[tuple[str, torch.nn.Parameter]]) -> str:
+    """As checkpoint.trainable_fingerprint, over an explicit list of named parameters."""
+    return trainable_fingerprint_of(f"{name}:{tuple(p.shape)}" for name, p in params)
 
 
 def trainable_fingerprint_of(parts) -> str:
@@ -116,7 +137,7 @@ class Run:
 
     # ---- set-up ---------------------------------------------------------------------------------------
     def prepare(self, model: torch.nn.Module, optim_cfg, layout: str, save_weights, load_weights,
-                max_steps: int | None = None, name: str = "model"):
+                max_steps: int | None = None, name: str = "model", params=None):
         """Register a trained network: its AdamW over the trainable parameters and schedule, accelerate's wrapping,
         and how its weights are saved -> (model, optimizer, scheduler). `max_steps`: optimizer steps of the
         schedule (default run.max_steps).
@@ -124,19 +145,34 @@ class Run:
         Call once per trained network, in the same order in every run (accelerate restores optimizers by order).
         The first network's weights go to the checkpoint folder itself (`pipe.load_lora_weights(checkpoint-N)`
         works as before); every further network to a subfolder named `name`, each loadable on its own.
+
+        `params`: (name, parameter) pairs this network trains, all requiring grad now, when that is not "every
+        parameter of `model` that requires grad": two networks that are named LoRA adapters on one module
+        (Flash-DMD's student and fake score), or a network with parameters outside the module (a GAN head). The
+        optimizer, gradient clipping, fingerprint and finite-weight check then use exactly these, and a module
+        already registered by another network is not prepared by accelerate a second time.
         """
         acc = self.accelerator
         if name in self.networks:
             raise ValueError(f"a network named {name!r} is already registered")
+        named = list(params) if params is not None else None
+        if named is not None and not all(p.requires_grad for _, p in named):
+            raise ValueError(f"network {name!r}: every parameter in `params` must require grad when registered")
         if not self.networks:
             acc.register_save_state_pre_hook(self._save_hook)
             acc.register_load_state_pre_hook(self._load_hook)
-        optimizer, scheduler = make_optimizer(model.parameters(), optim_cfg, max_steps or self.run.max_steps,
-                                              acc.num_processes)
-        fingerprint = trainable_fingerprint(model)
-        prepared, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
+        optimizer, scheduler = make_optimizer([p for _, p in named] if named is not None else model.parameters(),
+                                              optim_cfg, max_steps or self.run.max_steps, acc.num_processes)
+        fingerprint = _params_fingerprint(named) if named is not None else trainable_fingerprint(model)
+        shared = next((n for n in self.networks.values() if n.raw is model), None)
+        if shared is not None:  # one module, two networks: accelerate wraps it once
+            prepared = shared.module
+            optimizer, scheduler = acc.prepare(optimizer, scheduler)
+        else:
+            prepared, optimizer, scheduler = acc.prepare(model, optimizer, scheduler)
         self.networks[name] = _Network(name, prepared, optimizer, scheduler, optim_cfg, layout, fingerprint,
-                                       save_weights, load_weights, folder="" if not self.networks else name)
+                                       save_weights, load_weights, folder="" if not self.networks else name,
+                                       raw=model, params=named)
         if len(self.networks) == 1:
             self.model, self.optimizer, self.scheduler, self.optim_cfg = prepared, optimizer, scheduler, optim_cfg
         return prepared, optimizer, scheduler
@@ -213,7 +249,7 @@ class Run:
         acc = self.accelerator
         net = self.networks[name] if name is not None else next(iter(self.networks.values()))
         max_norm = net.optim_cfg.max_grad_norm
-        norm = acc.clip_grad_norm_(net.module.parameters(), max_norm if max_norm > 0 else math.inf)
+        norm = acc.clip_grad_norm_(net.parameters(), max_norm if max_norm > 0 else math.inf)
         bad = (self._bad_loss if self._bad_loss is not None else torch.zeros(1)).to(acc.device)
         bad = acc.reduce(bad, reduction="sum") if acc.num_processes > 1 else bad  # every rank skips together
         # DeepSpeed clips inside its engine and accelerate returns no norm: then only the loss decides
@@ -226,6 +262,11 @@ class Run:
         self._bad_loss = None
         self._step_skipped = self._step_skipped or skip
         return not skip
+
+    @property
+    def grad_norm(self) -> float:
+        """The gradient norm of the latest apply_gradients (before clipping; NaN where the backend gives none)."""
+        return self._grad_norm
 
     # ---- after each step ------------------------------------------------------------------------------
     def end_step(self, step: int, logs: dict[str, float], state: dict[str, Any],
@@ -267,7 +308,7 @@ class Run:
 
     def save(self, step: int, state: dict[str, Any]) -> Path:
         for net in self.networks.values():
-            check_finite_weights(net.module, step)
+            net.check_finite(step)
         return save_checkpoint(self.accelerator, self.out_dir, step,
                                {**state, **self.identity, "nonfinite_skipped": self.skipped}, self.run.keep_last)
 
@@ -283,7 +324,7 @@ class Run:
         acc.wait_for_everyone()
         if acc.is_main_process:
             for net in self.networks.values():
-                check_finite_weights(net.module, step)
+                net.check_finite(step)
             save_final(acc.unwrap_model(self.model))
         acc.end_training()
         return {"steps": step, "history": self.history, "validation": self.validation,

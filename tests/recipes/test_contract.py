@@ -15,7 +15,7 @@ from imgalign.recipes import RECIPES, get_recipe
 
 REPO = Path(__file__).resolve().parents[2]
 CONFIG_DIRS = {"diffusion-dpo": "diffusion_dpo", "diffusion-dro": "diffusion_dro", "self-npo": "self_npo",
-               "pref-grpo": "pref_grpo", "llm-dpo": "llm_dpo", "rpo": "rpo"}
+               "pref-grpo": "pref_grpo", "llm-dpo": "llm_dpo", "rpo": "rpo", "flash-dmd": "flash_dmd"}
 SHIPPED = [(method, path) for method, folder in CONFIG_DIRS.items()
            for path in sorted((REPO / "configs" / folder).glob("*.yaml"))]
 FAMILY = {"sd15": "sd15", "sd2": "sd2-v", "sdxl": "sdxl", "sd3": "sd3", "flux": "flux"}
@@ -48,6 +48,10 @@ def shrink(method: str, config: Path, out: Path, tiny_pipelines, tiny_pairs, llm
         return [f"data.subject_dir={TOY_SUBJECT}",
                 "data.train_prompts=['a {0} {1} on a white background']", "data.resolution=32", "rpo.num_negatives=1",
                 "rpo.negatives_steps=1", f"reward.model={REPO / 'assets' / 'toy' / 'clip'}", "run.batch_size=2", *common]
+    if method == "flash-dmd":  # the toy config keeps its toy renders and toy rater; the others get the tiny pairs
+        data = [] if config.stem == "toy" else [f"data.prompts={tiny_pairs}", f"data.real_source={tiny_pairs}",
+                                                 "rl.rewards=[compressibility]", "rl.thresholds=[0.0]"]
+        return [*data, "data.resolution=32", "run.batch_size=2", *common]
     if method == "self-npo":
         return ["data.num_samples=2", "data.sample_steps=1", "data.resolution=32", "npo.rollout_steps=1",
                 "run.batch_size=2", *common]

@@ -232,3 +232,21 @@ def test_unreachable_hub_fails_at_once_with_one_message(monkeypatch):
     monkeypatch.setattr(HfApi, "model_info", refused)
     with pytest.raises(ModelLoadError, match="cannot be reached \\(ConnectionError\\)"):
         load_adapter("no-such-org/unreachable-model")
+
+
+@pytest.mark.parametrize("family", ["sd15", "sdxl", "sd3", "flux"])
+def test_saved_lora_keeps_its_alpha_in_diffusers(family, tiny_pipelines, tmp_path):
+    """rank 4, alpha 8 (scale 2): diffusers' load_lora_weights restores alpha 8 from save_lora's adapter metadata;
+    without it diffusers assumes alpha = rank and the LoRA acts at half its trained strength."""
+    from diffusers import DiffusionPipeline
+
+    adapter = load_adapter(tiny_pipelines(family))
+    adapter.freeze_all()
+    adapter.add_lora(rank=4, alpha=8)
+    adapter.save_lora(tmp_path / "lora")
+    pipe = DiffusionPipeline.from_pretrained(tiny_pipelines(family), **({"text_encoder_3": None, "tokenizer_3": None}
+                                                                         if family == "sd3" else {}))
+    pipe.load_lora_weights(tmp_path / "lora")
+    net = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
+    (name, config), = net.peft_config.items()
+    assert config.r == 4 and config.lora_alpha == 8

@@ -1,0 +1,894 @@
+"""Flash-DMD (arXiv 2511.20549): few-step distillation by distribution matching (DMD2, arXiv 2405.14867, reference code
+tianweiy/DMD2) with Flash-DMD's timestep-aware split and joint RL (Flash-DMD stage 2; public anchor: DMDR).
+
+Flash-DMD has no public code and only its abstract was readable to us: what DMD2 or DMDR fix is reproduced here as
+they publish it; Flash-DMD's own pieces (the split threshold, the RL loss, the GAN) are configurable and their
+defaults are assumptions, said so in the config help (see ../shared/research/dmd_rlg_rpo_dreambench.md section 1).
+
+Networks (`DMDNetworks`): the teacher = the real score mu_real (frozen); the student G (few-step generator) and the
+fake score mu_fake, both initialised from the teacher. LoRA layout: student and fake are two named adapters
+("student", "fake") on the one teacher network, the teacher is that network with adapters disabled (one copy of
+the base in memory, as DMDR). Full layout: the pipeline's denoiser is the frozen teacher, student and fake score are
+fp32 copies. A GAN head (`GANHead`, DMD2's classification branch) reads the fake network's bottleneck: the UNet's
+mid-block output, or for SD3/FLUX transformers the image tokens after the middle block of the stack (laid out on their
+2-D grid); the forward stops at that block. Critic = fake score + GAN head, one AdamW; the student its own AdamW.
+
+One optimizer step i (run.max_steps of them), read top to bottom:
+  1. per sample: a prompt; the student step k it trains (per step, as DMD2, or per sample); backward simulation: from
+     pure noise the current student (no grad) runs steps 0..k-1 with LCM-style re-noising (fresh noise), giving the
+     input x_k of step k (`simulate_input`). Student timesteps `StudentSchedule`: [999, 749, 499, 249] for 4 steps on
+     SD schedules, the flow-shifted sigmas on flow teachers.
+  2. student turn (i % dmd.ttur == 0, TTUR): x = G(x_k) as an x0 estimate, with grad. Per sample, by Flash-DMD's
+     split (dmd.split_threshold; null = DMD2, every loss on every sample):
+       DM    fresh t in [0.02, 0.98] of the schedule, the SAME x_t to the teacher (CFG dmd.real_guidance) and the fake
+             score (no CFG); g = dm_gradient(x, x0_real, x0_fake); loss 0.5 mean (x - sg(x - g))^2
+       GAN   softplus(-D(x_t')) on the diffusion-GAN-noised x, critic frozen (weight dmd.gan_weight)
+       RL    after rl.start_step: sum_i w_i relu(tau_i - r_i(decode(x))) (DMDR's hinge; gradient by backprop through
+             the VAE and a differentiable reward, or Gaussian smoothing for a non-differentiable one)
+  3. critic turn (every step): on the detached x of step 2, the family's denoising loss of the fake score over the full
+     range, plus dmd.gan_critic_weight * [softplus(D(fake)) + softplus(-D(real))] on noised real and fake latents.
+Each turn's gradients reach only its own parameters; the other network's gradients are cleared after each update.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Literal
+
+import torch
+from torch import Tensor, nn
+
+from imgalign._paths import TOY_ASSETS
+from imgalign.config import ConfigError, cfg_field, check_local_source
+from imgalign.losses.distill import (
+    dm_gradient,
+    dm_surrogate_loss,
+    gan_critic_loss,
+    gan_generator_loss,
+    reward_hinge_loss,
+    student_timesteps,
+    timestep_split,
+)
+from imgalign.models.adapters import adapters_disabled, cat_cond, check_noise_range
+from imgalign.recipes.common import LoraConfig, ModelConfig, ValidationConfig, load_model, validation_images
+from imgalign.train.checkpoint import read_safetensors_folder
+from imgalign.train.loop import Run, lora_layout
+from imgalign.train.seeding import derive_seed, global_positions, randn_per_sample, sample_generators
+from imgalign.train.setup import MeanMetrics, OptimConfig, RunConfig, captioned_grid
+
+TOY_PROMPTS = TOY_ASSETS / "prompts" / "train.txt"
+STUDENT_FILE = "flash_dmd_student.json"  # the student's sampling schedule, beside its weights
+
+
+# ------------------------------------------------------------------------------------------------
+# Config
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class FlashLoraConfig(LoraConfig):
+    fake_rank: int | None = cfg_field(None, "LoRA rank of the fake-score adapter (null: lora.rank; DMDR: critic 32, "
+                                      "student 64)", ge=1)
+    fake_alpha: float | None = cfg_field(None, "LoRA alpha of the fake-score adapter (null: lora.alpha when fake_rank "
+                                         "is null, else fake_rank)", gt=0)
+
+
+@dataclass
+class DataConfig:
+    prompts: str | None = cfg_field(None, "the student's training prompts (.txt/.jsonl/.csv); null: the toy train "
+                                    "prompts")
+    max_prompts: int | None = cfg_field(None, "use only the first N prompts", ge=1)
+    real_source: str | None = cfg_field(None, "real images for the GAN: 'toy_renders' (the toy renderer draws the "
+                                        "training prompts, which must be toy-grammar prompts), an unpaired JSONL {image, caption, label} (rows with label true) or "
+                                        "Pick-a-Pic-layout pairs (the winners); null: none (needs dmd.gan_weight=0). "
+                                        "DMD2: ~500k LAION images")
+    split: str = cfg_field("train", "split name for `datasets` pair sources")
+    image_root: str | None = cfg_field(None, "JSONL sources: folder the image paths are relative to")
+    max_rows: int | None = cfg_field(None, "real images: use only the first N rows", ge=1)
+    resolution: int = cfg_field(512, "training resolution R (student samples and real images, R x R)", ge=8)
+    hflip: bool = cfg_field(False, "random horizontal flip of the real images")
+
+    def __post_init__(self):
+        check_local_source("data.prompts", self.prompts)
+        if self.real_source != "toy_renders":
+            check_local_source("data.real_source", self.real_source)
+
+
+@dataclass
+class DMDConfig:
+    student_steps: int = cfg_field(4, "N: the student's sampling steps (DMD2 SDXL/Flash-DMD: 4; DMD2 SD1.5: 1)", ge=1)
+    student_shift: float | None = cfg_field(None, "flow teachers: shift of the student's sigmas (null: the scheduler's "
+                                            "static shift; DMDR SD3-M: 3)", gt=0)
+    k_per_sample: bool = cfg_field(False, "backward simulation: draw the trained student step k per sample (false: "
+                                   "one k per optimizer step, as DMD2)")
+    ttur: int = cfg_field(5, "critic updates per student update (TTUR; DMD2: 5 SDXL, 10 SD1.5; DMDR: 5)", ge=1)
+    real_guidance: float = cfg_field(6.0, "CFG scale of the teacher in the DM gradient (DMD2: 1.75 SD1.5, 8 SDXL, "
+                                     "default 6; DMDR SD3: 7)")
+    dm_range: list[float] = cfg_field([0.02, 0.98], "DM timesteps as a fraction of the noise schedule (DMD2: "
+                                      "[0.02, 0.98]; SD: uniform t, flow: model.timestep_sampling, DMDR: logit-normal)")
+    gan_weight: float = cfg_field(0.0, "generator GAN weight (DMD2: 5e-3 SDXL, 1e-3 SD1.5); 0: no GAN (no head, no real "
+                                  "images)", ge=0)
+    gan_critic_weight: float = cfg_field(1e-2, "critic GAN weight (DMD2: 1e-2)", ge=0)
+    gan_noise_max: float = cfg_field(1.0, "diffusion-GAN: real and fake latents are noised at a t drawn from this "
+                                     "fraction of the schedule before classification (DMD2: 1000 of 1000)", gt=0, le=1)
+    gan_head_width: int | None = cfg_field(None, "channels of the GAN head's convs (null: the bottleneck width, as "
+                                           "DMD2)", ge=1)
+    split_threshold: float | None = cfg_field(None, "Flash-DMD's timestep-aware split as a fraction of the noise "
+                                              "schedule (SD: t/T; flow: the pre-shift position, on the same 1000-step "
+                                              "grid): student steps at or above it get the DM loss only, below it "
+                                              "the GAN loss only; null: DMD2 "
+                                              "(every loss on every step). ASSUMPTION: the paper's value is not "
+                                              "public; 0.5 puts 999/749 on DM and 499/249 on GAN", gt=0, le=1)
+
+    def __post_init__(self):
+        if len(self.dm_range) != 2:
+            raise ValueError(f"dmd.dm_range must be [lo, hi], got {list(self.dm_range)}")
+        check_noise_range(self.dm_range)
+        if self.split_threshold is not None and self.gan_weight == 0:
+            raise ValueError("dmd.split_threshold routes the low-noise student steps to the GAN loss, but "
+                             "dmd.gan_weight is 0; set dmd.gan_weight (DMD2: 5e-3 SDXL) or dmd.split_threshold=null")
+
+
+@dataclass
+class RLConfig:
+    rewards: list[str] = cfg_field([], "reward specs NAME:WEIGHT (imgalign.rewards) of the joint RL term "
+                                   "sum_i w_i relu(tau_i - r_i) on the student's decoded x0; empty: no RL. DMDR SD3: "
+                                   "DFN-CLIP-H 0.3 and HPSv2.1 0.3")
+    thresholds: list[float] = cfg_field([], "tau_i, one per reward, in the reward's own units (DMDR: 0.7 on cosine "
+                                        "scores)")
+    kwargs: dict[str, dict] = cfg_field({}, "constructor arguments per reward name")
+    start_step: int = cfg_field(2000, "cold start: optimizer steps of pure distillation before the reward term joins "
+                                "(DMDR: 2000); distillation continues after it", ge=0)
+    estimator: Literal["auto", "backprop", "smoothed"] = cfg_field(
+        "auto", "gradient of the hinge: backprop (ReFL/DMDR: through the VAE decoder and a differentiable reward), "
+        "smoothed (Gaussian smoothing in latent space with antithetic pairs, for a non-differentiable reward such as "
+        "the toy rater; an ASSUMPTION: Flash-DMD's RL loss is not public), auto: backprop when every reward is "
+        "differentiable")
+    smoothing_sigma: float = cfg_field(0.25, "smoothed: std of the latent perturbations", gt=0)
+    smoothing_pairs: int = cfg_field(4, "smoothed: antithetic perturbation pairs per sample", ge=1)
+
+    def __post_init__(self):
+        if len(self.thresholds) != len(self.rewards):
+            raise ValueError(f"rl.thresholds has {len(self.thresholds)} values for {len(self.rewards)} rl.rewards; "
+                             "give one threshold tau per reward")
+
+
+@dataclass
+class FlashDMDConfig:
+    model: ModelConfig = cfg_field(ModelConfig, "the teacher pipeline")
+    lora: FlashLoraConfig = cfg_field(FlashLoraConfig, "LoRA (student and fake score = two adapters on the shared "
+                                      "teacher) or full copies")
+    data: DataConfig = cfg_field(DataConfig, "prompts and real images")
+    dmd: DMDConfig = cfg_field(DMDConfig, "student schedule, TTUR, DM and GAN losses, Flash-DMD's split")
+    rl: RLConfig = cfg_field(RLConfig, "joint RL (Flash-DMD stage 2 / DMDR)")
+    optim: OptimConfig = cfg_field(OptimConfig, "the student's optimizer (DMD2: lr 1e-5 SD1.5, 5e-7 SDXL, 5e-5 LoRA; "
+                                   "AdamW wd 0.01, clip 10)")
+    critic_optim: OptimConfig = cfg_field(OptimConfig, "the critic's optimizer (fake score + GAN head; DMD2: the "
+                                          "student's settings; DMDR: lr 2e-7 vs 5e-7)")
+    run: RunConfig = cfg_field(RunConfig, "optimizer steps (critic updates), batch, precision, checkpoints")
+    validation: ValidationConfig = cfg_field(ValidationConfig, "grids of the teacher (num_inference_steps, CFG "
+                                             "guidance_scale) beside the student (dmd.student_steps, no CFG)")
+
+    def __post_init__(self):
+        if self.lora.ref_cpu_offload:
+            raise ValueError("lora.ref_cpu_offload is not supported by flash-dmd (the teacher is evaluated every "
+                             "step); leave it false")
+        if self.dmd.gan_weight > 0 and self.data.real_source is None:
+            raise ValueError("dmd.gan_weight > 0 needs real images: set data.real_source (toy_renders, an unpaired "
+                             "JSONL or preference pairs), or dmd.gan_weight=0")
+
+
+Config = FlashDMDConfig
+
+
+# ------------------------------------------------------------------------------------------------
+# Student schedule and sampling
+# ------------------------------------------------------------------------------------------------
+class StudentSchedule:
+    """The student's N steps: model time t_k (DDPM timesteps or flow sigmas), x = alpha_k x0 + sigma_k eps, and frac_k,
+    the step's position in the noise schedule for the split: SD t_k / T; flow (u_k T - 1) / T for the pre-shift
+    position u_k = (N - k) / N, the same rule on a 1000-step grid, so both give 0.999, 0.749, 0.499, 0.249 for N = 4."""
+
+    def __init__(self, adapter, num_steps: int, shift: float | None = None):
+        if adapter.is_flow:
+            self.shift = shift if shift is not None else adapter.shift
+            self.t = student_timesteps(num_steps, shift=self.shift)
+            self.u = torch.tensor([(num_steps - k) / num_steps for k in range(num_steps)])
+            self.frac = self.u - 1 / 1000
+            self.alpha, self.sigma = 1 - self.t, self.t.clone()
+        else:
+            self.shift = None
+            self.t = student_timesteps(num_steps, adapter.num_train_timesteps)
+            self.frac = self.t.float() / adapter.num_train_timesteps
+            ac = adapter.noise_scheduler.alphas_cumprod.double()[self.t]
+            self.alpha, self.sigma = ac.sqrt().float(), (1 - ac).sqrt().float()
+        self.n = num_steps
+
+    def coef(self, k: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        shape = (-1,) + (1,) * (like.dim() - 1)
+        return self.alpha[k].view(shape).to(like), self.sigma[k].view(shape).to(like)
+
+    def renoise(self, x0: Tensor, k: Tensor, z: Tensor) -> Tensor:
+        """LCM-style: the clean estimate re-noised to step k with fresh noise z."""
+        a, s = self.coef(k, x0)
+        return a * x0 + s * z
+
+    def describe(self) -> dict:
+        """timesteps (SD: LCMScheduler's `timesteps=`; flow: sigma * 1000), sigmas, shift and unshifted_sigmas (flow:
+        FlowMatchEulerDiscreteScheduler(shift=shift, stochastic_sampling=True) takes `sigmas=unshifted_sigmas`)."""
+        if self.shift is None:
+            return {"num_steps": self.n, "timesteps": [int(t) for t in self.t], "sigmas": None, "shift": None}
+        return {"num_steps": self.n, "timesteps": [round(float(t) * 1000, 3) for t in self.t],
+                "sigmas": [round(float(t), 6) for t in self.t], "shift": self.shift,
+                "unshifted_sigmas": [round(float(u), 6) for u in self.u]}  # FlowMatchEuler's `sigmas=` (it shifts)
+
+
+def student_x0(adapter, model, sched: StudentSchedule, x: Tensor, k: Tensor, cond) -> Tensor:
+    """The student at its step k [B] on input x [B, C, h, w] -> its clean estimate x0 [B, C, h, w] (fp32)."""
+    pred = adapter.predict(model, x, sched.t[k].to(x.device), cond)
+    a, s = sched.coef(k, x)
+    return adapter.to_x0_eps(pred.float(), x.float(), a.float(), s.float())[0]
+
+
+def _rows(cond, idx: Tensor):
+    return {key: v[idx] for key, v in cond.items()}
+
+
+@torch.no_grad()
+def simulate_input(adapter, model, sched: StudentSchedule, cond, k: Tensor, gens, latent_shape) -> Tensor:
+    """Backward simulation (DMD2): pure noise, then the current student (no grad) through steps 0..k_b - 1 with
+    re-noising by fresh noise -> the input of step k_b per sample [B, C, h, w]. Sample b draws from gens[b] its
+    initial noise, then one re-noising draw per simulated step."""
+    dev = adapter.device
+    x = randn_per_sample(latent_shape, gens).to(dev)
+    for j in range(int(k.max())):
+        act = torch.nonzero(k > j).flatten()
+        step = torch.full((len(act),), j)
+        x0 = student_x0(adapter, model, sched, x[act.to(dev)], step, _rows(cond, act.to(dev)))
+        z = randn_per_sample(latent_shape, [gens[int(b)] for b in act]).to(dev)
+        x[act.to(dev)] = sched.renoise(x0, step + 1, z).to(x.dtype)
+    return x
+
+
+@torch.no_grad()
+def sample_student(adapter, model, sched: StudentSchedule, prompts: list[str], generator: torch.Generator,
+                   latent_shape, cond=None) -> Tensor:
+    """The student's N-step sampler: pure noise, x0 at each step, re-noised with fresh noise to the next step (LCM-
+    style; `LCMScheduler` with the student's timesteps in diffusers) -> clean latents [B, C, h, w]. Draws from the one
+    CPU `generator` in the order diffusers' pipelines do (initial noise, then one draw per re-noising)."""
+    dev = adapter.device
+    cond = cond if cond is not None else adapter.encode_prompts(prompts)
+    x = torch.randn((len(prompts), *latent_shape), generator=generator).to(dev)
+    for k in range(sched.n):
+        step = torch.full((len(prompts),), k)
+        x0 = student_x0(adapter, model, sched, x, step, cond)
+        if k + 1 < sched.n:
+            x = sched.renoise(x0, step + 1, torch.randn(x.shape, generator=generator).to(dev))
+    return x0
+
+
+def alpha_sigma(adapter, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+    """x_t = alpha x0 + sigma eps at the adapter's time t [B] (DDPM timesteps, or flow sigmas), shaped like `like`."""
+    shape = (-1,) + (1,) * (like.dim() - 1)
+    if adapter.is_flow:
+        s = t.float().view(shape).to(like.device)
+        return 1 - s, s
+    ac = adapter.noise_scheduler.alphas_cumprod.to(like.device)[t.long().to(like.device)].float().view(shape)
+    return ac.sqrt(), (1 - ac).sqrt()
+
+
+def timesteps_per_sample(adapter, gens, noise_range) -> Tensor:
+    return torch.cat([adapter.sample_timesteps(1, g, tuple(noise_range)) for g in gens])
+
+
+# ------------------------------------------------------------------------------------------------
+# Networks: teacher, student, fake score; the GAN head on the fake score's bottleneck
+# ------------------------------------------------------------------------------------------------
+def fake_lora(lora: FlashLoraConfig) -> tuple[int, float]:
+    """(rank, alpha) of the fake-score adapter: the student's unless lora.fake_rank / fake_alpha say otherwise."""
+    if lora.fake_rank is None:
+        return lora.rank, lora.fake_alpha or lora.alpha or lora.rank
+    return lora.fake_rank, lora.fake_alpha or lora.fake_rank
+
+
+class DMDNetworks:
+    """LoRA: one base, adapters "student" and "fake", teacher = adapters disabled. Full: three modules."""
+
+    def __init__(self, adapter, lora: FlashLoraConfig, dtype: torch.dtype, gradient_checkpointing: bool):
+        self.adapter, self.use_lora = adapter, lora.enabled
+        base = adapter.denoiser
+        if gradient_checkpointing:
+            base.enable_gradient_checkpointing()
+        if self.use_lora:
+            adapter.add_lora(rank=lora.rank, alpha=lora.alpha, target_modules=lora.target_modules, init=lora.init,
+                             adapter_name="student")
+            fake_rank, fake_alpha = fake_lora(lora)
+            adapter.add_lora(rank=fake_rank, alpha=fake_alpha, target_modules=lora.target_modules, init=lora.init,
+                             adapter_name="fake")
+            self.student = self.fake = self.teacher = base
+        else:
+            self.teacher = base.to(dtype).requires_grad_(False).eval()
+            self.student = copy.deepcopy(base).to(torch.float32).requires_grad_(True).train()
+            self.fake = copy.deepcopy(base).to(torch.float32).requires_grad_(True).train()
+
+    def named_params(self, role: str) -> list[tuple[str, nn.Parameter]]:
+        if self.use_lora:
+            return [(n, p) for n, p in self.student.named_parameters() if "lora_" in n and f".{role}." in n]
+        return list((self.student if role == "student" else self.fake).named_parameters())
+
+    @contextlib.contextmanager
+    def role(self, name: str):
+        """-> the network to call as `name` (teacher | student | fake). LoRA: selects the adapter (peft makes the active
+        adapter's parameters the ones that require grad), restoring the student's after."""
+        if not self.use_lora:
+            yield {"teacher": self.teacher, "student": self.student, "fake": self.fake}[name]
+        elif name == "teacher":
+            with adapters_disabled(self.student):
+                yield self.student
+        else:
+            with self.adapter.adapter_active(name):
+                yield self.student
+
+    # weights: the student into a folder that `pipe.load_lora_weights` loads; the critic beside its GAN head
+    def save(self, role: str, module, folder: Path) -> None:
+        if self.use_lora:
+            self.adapter.save_lora(folder, module, adapter_name=role)
+        else:
+            module.save_pretrained(folder / self.adapter.denoiser_name, safe_serialization=True)
+
+    def load(self, role: str, module, folder: Path) -> None:
+        if self.use_lora:
+            self.adapter.load_lora_into_denoiser(folder, adapter_name=role)
+        else:
+            module.load_state_dict(read_safetensors_folder(folder / self.adapter.denoiser_name))
+
+
+class _StopForward(Exception):
+    pass
+
+
+class BottleneckFeatures:
+    """Features of the fake network's bottleneck through a forward hook; the forward stops there (DMD2 runs only the
+    encoder and mid block). UNet: the mid-block output [B, C, h, w]. SD3/FLUX transformers (no mid block): the image
+    tokens after the middle block of the whole stack (FLUX: dual- then single-stream blocks), [B, L, D] laid out on
+    their sqrt(L) x sqrt(L) grid as [B, D, s, s]; a choice of ours, DMD2 has only UNets. A transformer stops at the
+    start of the next block, outside the middle block's gradient-checkpointing region (stopping inside it would break
+    its recomputation in the backward pass)."""
+
+    def __init__(self, net: nn.Module):
+        net = getattr(net, "module", net)
+        self._unet = getattr(net, "mid_block", None) is not None
+        if self._unet:
+            block, stop = net.mid_block, None
+        else:
+            blocks = list(getattr(net, "transformer_blocks", [])) + list(getattr(net, "single_transformer_blocks", []))
+            if not blocks:
+                raise ConfigError(f"the GAN head needs a mid block or transformer blocks; {type(net).__name__} has "
+                                  "neither: set dmd.gan_weight=0")
+            i = (len(blocks) - 1) // 2
+            block, stop = blocks[i], blocks[i + 1] if i + 1 < len(blocks) else None
+        self._armed, self._value = False, None
+        block.register_forward_hook(self._capture)
+        if stop is not None:
+            stop.register_forward_pre_hook(self._stop)
+
+    def _capture(self, module, args, output):
+        if self._armed and self._value is None:  # unarmed (other forwards, recomputation): a plain pass-through
+            self._value = output if isinstance(output, Tensor) else output[1]  # blocks return (text, image) tokens
+            if self._unet:  # the UNet's mid block is never inside a checkpointed region
+                raise _StopForward
+
+    def _stop(self, module, args):
+        if self._armed and self._value is not None:
+            raise _StopForward
+
+    def __call__(self, forward) -> Tensor:
+        self._armed, self._value = True, None
+        try:
+            forward()  # a transformer whose middle block is its last one runs to the end
+        except _StopForward:
+            pass
+        finally:
+            self._armed = False
+        value, self._value = self._value, None
+        if value is None:
+            raise RuntimeError("the bottleneck hook did not fire")
+        if value.dim() == 3:  # tokens [B, L, D] -> [B, D, s, s]
+            b, n, dim = value.shape
+            s = math.isqrt(n)
+            if s * s != n:
+                raise ConfigError(f"GAN head: {n} image tokens are not a square grid; train at a square resolution")
+            value = value.transpose(1, 2).reshape(b, dim, s, s)
+        return value
+
+
+class GANHead(nn.Module):
+    """DMD2's classification branch: [Conv4x4 stride 2, GroupNorm, SiLU] until the map is at most 4 x 4, a conv over
+    the whole remaining map (DMD2: 4x4 stride 4), GroupNorm, SiLU, Conv1x1 -> one logit per sample [B, 1]."""
+
+    def __init__(self, channels: int, size: int, width: int | None = None):
+        super().__init__()
+        width = width or channels
+        # GroupNorm as DMD2's GroupNorm(32, C), with at least 4 channels per group: at 1 x 1 a group of one channel
+        # would normalise every logit to the same value
+        groups = max(g for g in range(1, 33) if width % g == 0 and width // g >= 4) if width >= 4 else 1
+        layers, c, s = [], channels, size
+        while s > 4:
+            layers += [nn.Conv2d(c, width, 4, 2, 1), nn.GroupNorm(groups, width), nn.SiLU()]
+            c, s = width, (s - 2) // 2 + 1
+        layers += [nn.Conv2d(c, width, s, s), nn.GroupNorm(groups, width), nn.SiLU(), nn.Conv2d(width, 1, 1)]
+        self.net = nn.Sequential(*layers)
+        self.shape = (channels, size, size)
+
+    def forward(self, features: Tensor) -> Tensor:
+        return self.net(features.float()).flatten(1)
+
+
+# ------------------------------------------------------------------------------------------------
+# Data: prompts and real images
+# ------------------------------------------------------------------------------------------------
+class RealImages:
+    """Real images with their captions for the GAN: toy renders of the prompts, or a folder of images in the unpaired
+    JSONL / Pick-a-Pic pair layouts. `batch(gens, epoch)` -> (pixels [B, 3, R, R] in [-1, 1], captions)."""
+
+    def __init__(self, cfg: DataConfig, prompts: list[str], seed: int):
+        self.cfg, self.prompts = cfg, prompts
+        if cfg.real_source == "toy_renders":
+            self.data, self.rows, self.summary = None, None, f"toy renders of {len(prompts)} prompts"
+            return
+        from imgalign.data import load_preference_pairs
+        from imgalign.data.unpaired import ImageTransform, detect_layout, load_unpaired_images, split_pairs
+
+        if detect_layout(cfg.real_source) == "unpaired":
+            self.data = load_unpaired_images(cfg.real_source, image_root=cfg.image_root, max_rows=cfg.max_rows)
+            self.rows = [i for i, label in enumerate(self.data._labels) if label == 1.0]
+        else:
+            self.data = split_pairs(load_preference_pairs(cfg.real_source, split=cfg.split, image_root=cfg.image_root,
+                                                          max_rows=cfg.max_rows))
+            self.rows = list(range(0, len(self.data), 2))  # item 2i is pair i's winner
+        if not self.rows:
+            from imgalign.data.errors import DataError
+
+            raise DataError(f"data.real_source={cfg.real_source}: no real images (label true, or pair winners)")
+        self.transform = ImageTransform(cfg.resolution, hflip=cfg.hflip, seed=seed)
+        self.summary = f"{len(self.rows)} images of {self.data.stats.summary()}"
+
+    def batch(self, gens, epoch: int) -> tuple[Tensor, list[str]]:
+        if self.data is None:
+            import numpy as np
+            import torchvision.transforms.functional as TF
+
+            from imgalign.toy import render
+
+            pixels, captions = [], []
+            for g in gens:
+                prompt = self.prompts[int(torch.randint(len(self.prompts), (1,), generator=g))]
+                rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=g)))
+                image, _ = render(prompt, rng, size=self.cfg.resolution)
+                pixels.append(TF.pil_to_tensor(image).float() / 127.5 - 1)
+                captions.append(prompt)
+            return torch.stack(pixels), captions
+        rows = [self.rows[int(torch.randint(len(self.rows), (1,), generator=g))] for g in gens]
+        items = [self.transform(self.data[r], index=r, epoch=epoch) for r in rows]
+        return torch.stack([it["pixels"] for it in items]), [it["caption"] for it in items]
+
+
+def load_prompts(cfg: DataConfig) -> list[str]:
+    from imgalign.data import load_prompt_file
+
+    source = cfg.prompts or str(TOY_PROMPTS)
+    prompts = load_prompt_file(source)[: cfg.max_prompts]
+    if not prompts:
+        raise ConfigError(f"data.prompts: no prompts in {source}")
+    return prompts
+
+
+# ------------------------------------------------------------------------------------------------
+# Joint RL: DMDR's reward hinge on the student's decoded x0
+# ------------------------------------------------------------------------------------------------
+def decode_with_grad(adapter, latents: Tensor) -> Tensor:
+    """latents -> pixels [B, 3, H, W] in [-1, 1], differentiable (adapter.decode_latents runs without grad)."""
+    cfg = adapter.vae.config
+    z = latents / cfg.scaling_factor + (cfg.get("shift_factor") or 0.0)
+    return adapter.vae.decode(z.to(adapter.vae.dtype)).sample.float().clamp(-1, 1)
+
+
+def smoothed_gradient(h, x: Tensor, xi: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
+    """Gaussian smoothing with antithetic pairs: for x [B, ...] and directions xi [B, K, ...],
+        grad_b = mean_k (h(x_b + sigma xi_bk) - h(x_b - sigma xi_bk)) / (2 sigma) * xi_bk
+    an unbiased estimate of the gradient of E_xi h(x + sigma xi) (exact in expectation for a linear h); h maps
+    latents [M, ...] -> [M] and is called once, on [x, x + sigma xi, x - sigma xi]. -> (h(x) [B], grad [B, ...])."""
+    b, k = xi.shape[:2]
+    xs = torch.cat([x, (x[:, None] + sigma * xi).flatten(0, 1), (x[:, None] - sigma * xi).flatten(0, 1)])
+    values = h(xs).float()
+    h0, plus, minus = values[:b], values[b:b + b * k].view(b, k), values[b + b * k:].view(b, k)
+    coef = ((plus - minus) / (2 * sigma)).view(b, k, *([1] * (x.dim() - 1))).to(xi)
+    return h0, (coef * xi).mean(1)
+
+
+class RewardTerm:
+    """sum_i w_i relu(tau_i - r_i(decode(x0))) per sample (imgalign.losses.reward_hinge_loss), with its gradient."""
+
+    def __init__(self, cfg: RLConfig, device):
+        from imgalign.rewards.online import build_reward_list
+
+        self.specs, self.rewards = build_reward_list(SimpleNamespace(mode="pointwise", rewards=cfg.rewards,
+                                                                     kwargs=cfg.kwargs), device)
+        names = [s.name for s in self.specs]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"rl.rewards names a reward twice: {cfg.rewards}")
+        self.weights = {s.name: s.weight for s in self.specs}
+        self.thresholds = dict(zip(names, cfg.thresholds))
+        differentiable = all(r.differentiable for r in self.rewards)
+        if cfg.estimator == "backprop" and not differentiable:
+            rough = [s.name for s, r in zip(self.specs, self.rewards) if not r.differentiable]
+            raise ConfigError(f"rl.estimator=backprop needs differentiable rewards; {rough} are not: use "
+                              "rl.estimator=smoothed (or auto)")
+        self.backprop = cfg.estimator == "backprop" or (cfg.estimator == "auto" and differentiable)
+        self.cfg = cfg
+
+    def describe(self) -> str:
+        terms = " + ".join(f"{s.weight:g} relu({self.thresholds[s.name]:g} - {s.name})" for s in self.specs)
+        how = "backprop through the VAE" if self.backprop else (
+            f"Gaussian smoothing, sigma {self.cfg.smoothing_sigma:g}, {self.cfg.smoothing_pairs} pairs")
+        return f"{terms} ({how}) from step {self.cfg.start_step}"
+
+    def _scores(self, pixels: Tensor, prompts: list[str]) -> dict[str, Tensor]:
+        return {s.name: r.score(pixels, prompts, value_range=(-1, 1)).float().to(pixels.device)
+                for s, r in zip(self.specs, self.rewards)}
+
+    def __call__(self, adapter, x0: Tensor, prompts: list[str], gens) -> tuple[Tensor, dict]:
+        """-> (per-sample term [B] whose value is the hinge and whose gradient reaches x0, metrics)."""
+        if self.backprop:
+            scores = self._scores(decode_with_grad(adapter, x0), prompts)
+            hinge = reward_hinge_loss(scores, self.thresholds, self.weights)
+            return hinge, {f"reward/{k}": v.detach().mean() for k, v in scores.items()}
+        k = self.cfg.smoothing_pairs
+        seen = {}
+
+        def h(latents):  # [x, x + sigma xi, x - sigma xi]: the prompts of x, then each prompt k times, twice
+            with torch.no_grad():
+                scores = self._scores(adapter.decode_latents(latents),
+                                      list(prompts) + [p for p in prompts for _ in range(k)] * 2)
+                seen.update({name: v[: len(prompts)] for name, v in scores.items()})
+                return reward_hinge_loss(scores, self.thresholds, self.weights)
+
+        xi = randn_per_sample((k, *x0.shape[1:]), gens).to(x0)  # [B, K, C, h, w]
+        h0, grad = smoothed_gradient(h, x0.detach(), xi, self.cfg.smoothing_sigma)
+        surrogate = (grad.detach() * x0).flatten(1).sum(1)  # d/dx0 = the estimated gradient of the hinge
+        return h0.to(x0) + surrogate - surrogate.detach(), {f"reward/{n}": v.mean() for n, v in seen.items()}
+
+
+# ------------------------------------------------------------------------------------------------
+# Losses of one micro-batch
+# ------------------------------------------------------------------------------------------------
+@dataclass
+class Batch:
+    prompts: list[str]
+    cond: dict
+    uncond: dict | None
+    k: Tensor          # [B] the student step each sample trains
+    positions: list[int]
+
+
+def discriminate(ctx, x: Tensor, cond, gens) -> Tensor:
+    """Diffusion-GAN logits [B, 1]: x noised at t ~ [0, dmd.gan_noise_max) of the schedule, the fake network's
+    bottleneck at (x_t, t, cond), the head. Call inside nets.role("fake")."""
+    adapter = ctx.adapter
+    t = timesteps_per_sample(adapter, gens, (0.0, ctx.cfg.dmd.gan_noise_max))
+    xt, _ = adapter.noise_and_target(x, randn_per_sample(x.shape[1:], gens).to(x), t)
+    with ctx.nets.role("fake") as net, ctx.accelerator.autocast():
+        features = ctx.features(lambda: adapter.predict(net, xt, t, cond))
+    return ctx.head(features)
+
+
+def adversarial_term(ctx, x: Tensor, cond, gens) -> Tensor:
+    """The student's GAN loss softplus(-D(x)) per sample [B] whose gradient reaches x only. The gradient is taken at
+    once, inside the fake role with the critic frozen, so that gradient checkpointing recomputes the fake network
+    with its own adapter; x then receives it through a surrogate (value: the loss)."""
+    leaf = x.detach().requires_grad_(True)
+    params = [p for _, p in ctx.critic_params]
+    with ctx.nets.role("fake"):
+        flags = [p.requires_grad for p in params]
+        for p in params:
+            p.requires_grad_(False)
+        try:
+            loss = gan_generator_loss(discriminate(ctx, leaf, cond, gens))
+            (grad,) = torch.autograd.grad(loss.sum(), leaf)
+        finally:
+            for p, flag in zip(params, flags):
+                p.requires_grad_(flag)
+    surrogate = (grad * x).flatten(1).sum(1)
+    return loss.detach() + surrogate - surrogate.detach()
+
+
+def routes(ctx, k: Tensor) -> tuple[Tensor, Tensor]:
+    """Which samples get the DM and which the adversarial loss: Flash-DMD's split by the student step's position in
+    the noise schedule, or (split_threshold null, DMD2) every sample both (the adversarial one only with a GAN)."""
+    d = ctx.cfg.dmd
+    if d.split_threshold is None:
+        return torch.ones_like(k, dtype=torch.bool), torch.full_like(k, ctx.head is not None, dtype=torch.bool)
+    return timestep_split(ctx.sched.frac[k], d.split_threshold)
+
+
+def student_loss(ctx, x0: Tensor, batch: Batch, step: int, rl_on: bool) -> tuple[Tensor, dict]:
+    """The student's loss on its clean estimates x0 [B] (with grad): per-sample DM / GAN by the split, plus RL."""
+    adapter, nets, d, seed, acc = ctx.adapter, ctx.nets, ctx.cfg.dmd, ctx.cfg.run.seed, ctx.accelerator
+    b, dev = x0.shape[0], x0.device
+    dm, adv = routes(ctx, batch.k)
+    per_dm, per_adv = torch.zeros(b, device=dev), torch.zeros(b, device=dev)
+    m = {"dm_share": dm.float().mean(), "adv_share": adv.float().mean(), "dm_grad_abs": torch.zeros(())}
+    if dm.any():
+        idx = torch.nonzero(dm).flatten().to(dev)
+        gens = sample_generators(seed, "flash-dmd/dm", step, [batch.positions[i] for i in idx.tolist()])
+        x = x0[idx]
+        t = timesteps_per_sample(adapter, gens, d.dm_range)
+        xt, _ = adapter.noise_and_target(x.detach(), randn_per_sample(x.shape[1:], gens).to(x), t)
+        cond, uncond = _rows(batch.cond, idx), _rows(batch.uncond, idx) if batch.uncond is not None else None
+        with torch.no_grad(), acc.autocast():
+            with nets.role("teacher") as net:  # the same x_t to both scores
+                pred_real = adapter.predict_cfg(net, xt, t, cond, uncond, d.real_guidance)
+            with nets.role("fake") as net:
+                pred_fake = adapter.predict(net, xt, t, cond)
+        a, s = alpha_sigma(adapter, t, xt)
+        x0_real = adapter.to_x0_eps(pred_real.float(), xt.float(), a, s)[0]
+        x0_fake = adapter.to_x0_eps(pred_fake.float(), xt.float(), a, s)[0]
+        g = dm_gradient(x.detach(), x0_real, x0_fake)
+        per_dm = per_dm.index_copy(0, idx, dm_surrogate_loss(x, g))
+        m["dm_grad_abs"] = g.abs().mean() * len(idx) / b
+    if adv.any():
+        idx = torch.nonzero(adv).flatten().to(dev)
+        gens = sample_generators(seed, "flash-dmd/gan-g", step, [batch.positions[i] for i in idx.tolist()])
+        per_adv = per_adv.index_copy(0, idx, adversarial_term(ctx, x0[idx], _rows(batch.cond, idx), gens))
+    distill = per_dm + d.gan_weight * per_adv
+    loss = distill.mean()
+    # batch means of the per-sample terms (0 for samples routed to the other loss): what each adds to the loss
+    m.update({"loss_dm": per_dm.mean().detach(), "gan_g": per_adv.mean().detach(), "loss_distill": loss.detach()})
+    if rl_on:
+        gens = sample_generators(seed, "flash-dmd/rl", step, batch.positions)
+        term, rm = ctx.reward(adapter, x0, batch.prompts, gens)
+        loss = loss + term.mean()
+        m.update({"loss_rl": term.detach().mean(), **rm})
+    m["loss_student"] = loss.detach()
+    return loss, m
+
+
+def critic_loss(ctx, x0: Tensor, batch: Batch, step: int) -> tuple[Tensor, dict]:
+    """The critic's loss on detached student samples x0 [B]: the fake score's denoising loss over the full range (no
+    CFG), plus the GAN discriminator loss on noised real and fake latents. Run inside nets.role("fake")."""
+    adapter, d, seed, acc = ctx.adapter, ctx.cfg.dmd, ctx.cfg.run.seed, ctx.accelerator
+    gens = sample_generators(seed, "flash-dmd/fake", step, batch.positions)
+    t = timesteps_per_sample(adapter, gens, (0.0, 1.0))
+    xt, target = adapter.noise_and_target(x0, randn_per_sample(x0.shape[1:], gens).to(x0), t)
+    with ctx.nets.role("fake") as net, acc.autocast():
+        pred = adapter.predict(net, xt, t, batch.cond)
+    l_fake = (pred.float() - target.float()).pow(2).mean(dim=(1, 2, 3))
+    loss = l_fake.mean()
+    m = {"loss_fake": loss.detach()}
+    if ctx.head is not None:
+        gens_real = sample_generators(seed, "flash-dmd/real", step, batch.positions)
+        pixels, captions = ctx.real.batch(gens_real, epoch=step)
+        x_real = adapter.encode_images(pixels, generator=gens_real).to(x0)
+        gens_d = (sample_generators(seed, "flash-dmd/gan-d-real", step, batch.positions)
+                  + sample_generators(seed, "flash-dmd/gan-d-fake", step, batch.positions))
+        logits = discriminate(ctx, torch.cat([x_real, x0]), cat_cond(adapter.encode_prompts(captions), batch.cond),
+                              gens_d)
+        real, fake = logits.chunk(2)
+        l_d = gan_critic_loss(real, fake)
+        loss = loss + d.gan_critic_weight * l_d.mean()
+        m.update({"gan_d": l_d.mean().detach(), "d_real": torch.sigmoid(real).mean().detach(),
+                  "d_fake": torch.sigmoid(fake).mean().detach()})
+    m["loss_critic"] = loss.detach()
+    return loss, m
+
+
+def draw_k(cfg: FlashDMDConfig, step: int, positions: list[int]) -> Tensor:
+    """The student step each sample trains [B]: one per optimizer step (DMD2) or one per sample."""
+    n = cfg.dmd.student_steps
+    if cfg.dmd.k_per_sample:
+        gens = sample_generators(cfg.run.seed, "flash-dmd/k", step, positions)
+        return torch.cat([torch.randint(n, (1,), generator=g) for g in gens])
+    k = int(torch.randint(n, (1,), generator=torch.Generator().manual_seed(derive_seed(cfg.run.seed, "flash-dmd/k",
+                                                                                        step))))
+    return torch.full((len(positions),), k)
+
+
+# ------------------------------------------------------------------------------------------------
+# Validation: the teacher at many steps beside the student at N steps, same prompts and seed
+# ------------------------------------------------------------------------------------------------
+def make_validator(ctx, vcfg: ValidationConfig, resolution: int, out_dir: Path):
+    if not vcfg.enabled:
+        return None
+    reward = None
+    if vcfg.reward:
+        from imgalign.rewards import build_reward
+
+        reward = build_reward(vcfg.reward)
+    teacher_cache: dict = {}
+    adapter, nets = ctx.adapter, ctx.nets
+    f = adapter.pipe.vae_scale_factor
+
+    def validate(step: int) -> dict:
+        if "images" not in teacher_cache:  # the teacher does not change: sample it once
+            with nets.role("teacher"):
+                teacher_cache["images"], teacher_cache["prompts"] = validation_images(adapter, vcfg, resolution)
+        teacher, prompts = teacher_cache["images"], teacher_cache["prompts"]
+        size = vcfg.resolution or resolution
+        shape = (adapter.vae.config.latent_channels, size // f, size // f)
+        with nets.role("student") as net, ctx.accelerator.autocast():
+            was = net.training
+            net.eval()
+            latents = sample_student(adapter, net, ctx.sched, prompts, torch.Generator().manual_seed(vcfg.seed), shape)
+            net.train(was)
+        student = (adapter.decode_latents(latents) + 1) / 2
+        k = vcfg.images_per_prompt
+        rows = [torch.cat([teacher[i:i + k], student[i:i + k]]) for i in range(0, len(prompts), k)]
+        (out_dir / "validation").mkdir(parents=True, exist_ok=True)
+        cols = [f"teacher {vcfg.num_inference_steps} steps"] * k + [f"student {ctx.sched.n} steps"] * k
+        captioned_grid(torch.cat(rows) * 2 - 1, row_labels=prompts[::k], col_labels=cols,
+                       title=f"validation, step {step}").save(out_dir / "validation" / f"step-{step:06d}.png")
+        if reward is None:
+            return {}
+        logs = {f"val/{vcfg.reward}": float(reward.score(student, prompts).mean()),
+                f"val/{vcfg.reward}_teacher": float(reward.score(teacher, prompts).mean())}
+        ctx.accelerator.log(logs, step=step)
+        return logs
+
+    return validate
+
+
+# ------------------------------------------------------------------------------------------------
+# Training
+# ------------------------------------------------------------------------------------------------
+def train(cfg: FlashDMDConfig) -> dict:
+    run, d = cfg.run, cfg.dmd
+    book = Run(cfg, "flash-dmd")
+    acc, dtype = book.accelerator, book.dtype
+    if acc.num_processes > 1:
+        raise ConfigError("flash-dmd runs on one process: the student and the fake score share one module whose "
+                          "trained adapter changes between forwards, which DDP's gradient reduction does not follow; "
+                          "launch it without accelerate launch / torchrun")
+    adapter = load_model(cfg.model, acc.device, dtype)
+    nets = DMDNetworks(adapter, cfg.lora, dtype, run.gradient_checkpointing)
+    sched = StudentSchedule(adapter, d.student_steps, d.student_shift)
+    prompts = load_prompts(cfg.data)
+    f = adapter.pipe.vae_scale_factor
+    latent_shape = (adapter.vae.config.latent_channels, cfg.data.resolution // f, cfg.data.resolution // f)
+
+    ctx = SimpleNamespace(cfg=cfg, adapter=adapter, nets=nets, sched=sched, accelerator=acc, head=None, features=None,
+                          real=None, reward=None, critic_params=[])
+    if d.gan_weight > 0:
+        ctx.real = RealImages(cfg.data, prompts, run.seed)
+        ctx.features = BottleneckFeatures(nets.fake)
+        with torch.no_grad(), nets.role("fake") as net, acc.autocast():  # the bottleneck's shape, for the head
+            probe = ctx.features(lambda: adapter.predict(net, torch.zeros(1, *latent_shape, device=acc.device),
+                                                         sched.t[:1].to(acc.device), adapter.encode_prompts([""])))
+        ctx.head = GANHead(probe.shape[1], probe.shape[-1], d.gan_head_width).to(acc.device)
+    if cfg.rl.rewards:
+        ctx.reward = RewardTerm(cfg.rl, acc.device)
+
+    # ---- two trained networks: the student first (its weights are the checkpoint folder's own), then the critic --
+    head_params = [(f"gan_head.{n}", p) for n, p in ctx.head.named_parameters()] if ctx.head is not None else []
+    layout = lora_layout(cfg.lora)
+    fake_layout = layout if not cfg.lora.enabled else "lora r={} alpha={}".format(*fake_lora(cfg.lora))
+    fake_layout += f"; gan head {ctx.head.shape if ctx.head is not None else 'none'} width {d.gan_head_width}"
+    n_student_updates = len(range(0, run.max_steps, d.ttur))
+
+    def save_critic(module, folder):
+        nets.save("fake", module, folder)
+        if ctx.head is not None:
+            from safetensors.torch import save_file
+
+            save_file({k: v.detach().contiguous() for k, v in ctx.head.state_dict().items()},
+                      str(folder / "gan_head.safetensors"))
+
+    def load_critic(module, folder):
+        nets.load("fake", module, folder)
+        if ctx.head is not None:
+            from safetensors.torch import load_file
+
+            ctx.head.load_state_dict(load_file(str(folder / "gan_head.safetensors")))
+
+    with nets.role("student"):
+        student_params = nets.named_params("student")
+        nets.student, _, _ = book.prepare(nets.student, cfg.optim, layout, lambda m, p: nets.save("student", m, p),
+                                          lambda m, p: nets.load("student", m, p), max_steps=n_student_updates,
+                                          name="student", params=student_params)
+    with nets.role("fake"):
+        ctx.critic_params = nets.named_params("fake") + head_params
+        nets.fake, _, _ = book.prepare(nets.fake, cfg.critic_optim, fake_layout, save_critic, load_critic,
+                                       name="critic", params=ctx.critic_params)
+    state = book.resume()
+    counts = {"student": state.get("student_updates", 0), "critic": state.get("critic_updates", 0)}
+
+    count = lambda params: sum(p.numel() for _, p in params)  # noqa: E731
+    total = sum(p.numel() for p in adapter.denoiser.parameters())
+    book.banner("imgalign flash-dmd", {
+        "teacher": f"{cfg.model.pretrained} ({adapter.family}, {adapter.prediction_type})",
+        "layout": "student and fake score = LoRA adapters on the one teacher network (teacher = adapters off)"
+                  if cfg.lora.enabled else "three copies: frozen teacher, student, fake score",
+        "trainable": f"student {count(student_params):,}, critic {count(ctx.critic_params):,} "
+                     f"(GAN head {count(head_params):,}) of {total:,} params per denoiser",
+        "student": f"{sched.n} steps at {sched.describe()['timesteps']}, backward simulation "
+                   f"(k per {'sample' if d.k_per_sample else 'step'}), LCM-style re-noising",
+        "TTUR": f"critic every step, student every {d.ttur} ({n_student_updates} student updates)",
+        "losses": f"DM (teacher CFG {d.real_guidance:g}, t in {list(d.dm_range)}), GAN "
+                  + (f"G {d.gan_weight:g} / D {d.gan_critic_weight:g} on the bottleneck {ctx.head.shape}"
+                     if ctx.head is not None else "off")
+                  + (f"; split at {d.split_threshold:g} (DM >=, GAN <)" if d.split_threshold is not None else
+                     "; no split (DMD2)"),
+        "joint RL": ctx.reward.describe() if ctx.reward is not None else "off",
+        "data": f"{len(prompts)} prompts" + (f"; real images: {ctx.real.summary}" if ctx.real is not None else ""),
+        "effective batch": f"{run.batch_size} x {run.grad_accum} accum = {run.batch_size * run.grad_accum}/step",
+    })
+    book.start(make_validator(ctx, cfg.validation, cfg.data.resolution, book.out_dir), cfg.validation.every)
+
+    step = book.start_step
+    while step < run.max_steps:
+        logs = train_step(ctx, book, step, prompts, latent_shape, counts)
+        step += 1
+        logs = book.end_step(step, logs, {"student_updates": counts["student"], "critic_updates": counts["critic"]})
+        book.bar.set_postfix(critic=f"{logs['train/loss_critic']:.4f}")
+
+    def save_final(unwrapped):
+        nets.save("student", unwrapped, book.out_dir)
+        (book.out_dir / STUDENT_FILE).write_text(json.dumps({**sched.describe(), "family": adapter.family,
+                                                             "prediction_type": adapter.prediction_type}, indent=2))
+
+    return book.finish(step, {"student_updates": counts["student"], "critic_updates": counts["critic"]}, save_final)
+
+
+def train_step(ctx, book: Run, i: int, prompts: list[str], latent_shape, counts: dict) -> dict:
+    """Optimizer step i: the student's turn (every dmd.ttur-th step), then the critic's; -> this step's logs."""
+    cfg, adapter, nets, acc = ctx.cfg, ctx.adapter, ctx.nets, ctx.accelerator
+    run, d = cfg.run, cfg.dmd
+    student_turn = i % d.ttur == 0
+    rl_on = ctx.reward is not None and i >= cfg.rl.start_step
+    student_metrics, critic_metrics, stash = MeanMetrics(), MeanMetrics(), []
+    for a in range(run.grad_accum):  # 1. inputs by backward simulation; 2. the student's loss on its turn
+        positions = global_positions(0, 1, a, run.batch_size)
+        gens = sample_generators(run.seed, "flash-dmd/prompt", i, positions)
+        chosen = [prompts[int(torch.randint(len(prompts), (1,), generator=g))] for g in gens]
+        cond = adapter.encode_prompts(chosen)
+        uncond = adapter.encode_uncond(len(chosen), cond) if d.real_guidance != 1.0 else None
+        batch = Batch(chosen, cond, uncond, draw_k(cfg, i, positions), positions)
+        sim_gens = sample_generators(run.seed, "flash-dmd/sim", i, positions)
+        with nets.role("student") as net:
+            with acc.autocast():
+                x_in = simulate_input(adapter, net, ctx.sched, cond, batch.k, sim_gens, latent_shape)
+            with torch.set_grad_enabled(student_turn), acc.autocast():
+                x0 = student_x0(adapter, net, ctx.sched, x_in, batch.k, cond)
+            if student_turn:
+                loss, m = student_loss(ctx, x0, batch, i, rl_on)
+                book.backward(loss)
+                student_metrics.add(m)
+        stash.append((x0.detach(), batch))
+    logs = {}
+    if student_turn:
+        with nets.role("student"):
+            book.apply_gradients("student")
+        logs["train/grad_norm_student"] = book.grad_norm
+        counts["student"] += 1
+        for _, p in ctx.critic_params:  # nothing of the student's turn may reach the critic's next update
+            p.grad = None
+    with nets.role("fake"):  # 3. the critic's turn, every step, on the student's samples of this step
+        for x0, batch in stash:
+            loss, m = critic_loss(ctx, x0, batch, i)
+            book.backward(loss)
+            critic_metrics.add(m)
+        book.apply_gradients("critic")
+    counts["critic"] += 1
+    for _, p in book.networks["student"].params:
+        p.grad = None
+    for metrics in (student_metrics, critic_metrics):
+        logs.update({f"train/{k}": v for k, v in metrics.reduce(acc).items()})
+    logs["train/loss"] = logs["train/loss_critic"] + logs.get("train/loss_student", 0.0)
+    logs.update({"train/grad_norm_critic": book.grad_norm, "train/lr_critic":
+                 book.networks["critic"].scheduler.get_last_lr()[0], "train/student_turn": float(student_turn),
+                 "train/rl_active": float(rl_on and student_turn), "train/k_mean": float(torch.cat([b.k for _, b in stash]).float().mean()),
+                 "train/student_updates": float(counts["student"]), "train/critic_updates": float(counts["critic"])})
+    return logs

@@ -1,0 +1,273 @@
+"""Flash-DMD on tiny pipelines: the student schedule and sampler (against diffusers' LCM pipeline), backward simulation,
+TTUR, optimiser separation, the timestep split, every family, full fine-tuning, kill and resume. The DM gradient, its
+surrogate, the GAN losses, the split and the hinge are tested on hand-computed values in
+tests/unit/test_losses_distill.py."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from imgalign.config import ConfigError, load_config
+from imgalign.recipes import flash_dmd
+from imgalign.train.loop import Run
+
+FAMILIES = ("sd15", "sd2-v", "sdxl", "sd3", "flux")
+GAN = ("dmd.gan_weight=1e-2", "data.real_source=toy_renders")
+LORA = "pytorch_lora_weights.safetensors"
+
+
+def make_cfg(pipeline: str, out: Path, *extra: str):
+    return load_config(flash_dmd.Config, None, [
+        f"model.pretrained={pipeline}", "data.resolution=32", f"run.output_dir={out}", "run.max_steps=2",
+        "run.batch_size=2", "run.checkpoint_every=1", "run.keep_last=2", "run.progress=false", "run.log_with=none",
+        "optim.lr=1e-3", "critic_optim.lr=1e-3", "lora.rank=4", "dmd.ttur=2", "validation.enabled=false", *extra,
+    ])
+
+
+def lora_b(weights: dict) -> list[torch.Tensor]:
+    return [v for k, v in weights.items() if "lora_B" in k or "lora.up" in k]
+
+
+def test_student_schedules_match_dmd2_and_the_flow_shift(tiny_pipelines):
+    """SD: DMD2's [999, 749, 499, 249] with alpha = sqrt(alphabar_t); flow (tiny SD3, shift 3): sigmas 3u / (1 + 2u)
+    for u = 1, 3/4, 1/2, 1/4 = 1, 0.9, 0.75, 0.5 with alpha = 1 - sigma. Both place the split the same way."""
+    from imgalign.models.adapters import load_adapter
+
+    sd, flow = load_adapter(tiny_pipelines("sd15")), load_adapter(tiny_pipelines("sd3"))
+    s_sd, s_flow = flash_dmd.StudentSchedule(sd, 4), flash_dmd.StudentSchedule(flow, 4)
+    assert s_sd.t.tolist() == [999, 749, 499, 249]
+    ac = sd.noise_scheduler.alphas_cumprod[s_sd.t]
+    torch.testing.assert_close(s_sd.alpha, ac.sqrt())
+    torch.testing.assert_close(s_flow.t, torch.tensor([1.0, 0.9, 0.75, 0.5]))
+    torch.testing.assert_close(s_flow.alpha, 1 - s_flow.t)
+    torch.testing.assert_close(s_sd.frac, s_flow.frac)
+    assert flash_dmd.timestep_split(s_sd.frac, 0.5)[0].tolist() == [True, True, False, False]
+
+
+def test_backward_simulation_input_equals_a_manual_rollout(tiny_pipelines):
+    """Per sample b, from its generator: noise x; k_b times (x0 = the student's epsilon -> x0 at t_j; x = sqrt(ab_{j+1})
+    x0 + sqrt(1 - ab_{j+1}) z with fresh z from the same generator). Samples with k = 0, 2, 3, 1 in one batch."""
+    from imgalign.models.adapters import load_adapter
+
+    adapter = load_adapter(tiny_pipelines("sd15"))
+    adapter.freeze_all()
+    adapter.add_lora(rank=4, adapter_name="student")
+    with torch.no_grad():  # a student that differs from the teacher
+        for p in adapter.lora_parameters("student"):
+            p.add_(0.1 * torch.randn_like(p))
+    unet, ab = adapter.denoiser, adapter.noise_scheduler.alphas_cumprod
+    sched = flash_dmd.StudentSchedule(adapter, 4)
+    prompts = ["a red circle", "two blue squares", "a green star", ""]
+    cond = adapter.encode_prompts(prompts)
+    k = torch.tensor([0, 2, 3, 1])
+    shape = (4, 16, 16)
+    seeds = [11, 12, 13, 14]
+    got = flash_dmd.simulate_input(adapter, unet, sched, cond, k, [torch.Generator().manual_seed(s) for s in seeds],
+                                   shape)
+    ts = [999, 749, 499, 249]
+    with torch.no_grad():
+        for b in range(4):
+            g = torch.Generator().manual_seed(seeds[b])
+            x = torch.randn(shape, generator=g)[None]
+            for j in range(int(k[b])):
+                eps = unet(x, torch.tensor([ts[j]]), encoder_hidden_states=cond["encoder_hidden_states"][b:b + 1]).sample
+                x0 = (x - (1 - ab[ts[j]]).sqrt() * eps) / ab[ts[j]].sqrt()
+                z = torch.randn(shape, generator=g)[None]
+                x = ab[ts[j + 1]].sqrt() * x0 + (1 - ab[ts[j + 1]]).sqrt() * z
+            torch.testing.assert_close(got[b:b + 1], x, rtol=1e-4, atol=1e-4)  # x0 at t=999 amplifies 15x
+
+
+def test_ttur_counts_the_student_every_kth_step_and_the_critic_every_step(tiny_pipelines, tmp_path, monkeypatch):
+    """dmd.ttur=5 over 10 steps: the critic is updated 10 times, the student at steps 0 and 5 (DMD2: k % 5 == 0)."""
+    calls = []
+    real = Run.apply_gradients
+    monkeypatch.setattr(Run, "apply_gradients", lambda self, name=None: calls.append(name) or real(self, name))
+    result = flash_dmd.train(make_cfg(tiny_pipelines("sd15"), tmp_path / "run", "run.max_steps=10", "dmd.ttur=5",
+                                      "run.batch_size=1", "run.checkpoint_every=0"))
+    assert calls.count("critic") == 10 and calls.count("student") == 2
+    hist = result["history"]
+    assert [h["train/student_turn"] for h in hist] == [1.0, 0, 0, 0, 0, 1.0, 0, 0, 0, 0]
+    assert hist[-1]["train/student_updates"] == 2 and hist[-1]["train/critic_updates"] == 10
+    assert "train/loss_student" in hist[5] and "train/loss_student" not in hist[4]
+
+
+@pytest.mark.parametrize("lora", [True, False], ids=["lora", "full"])
+def test_each_update_moves_only_its_own_network(lora, tiny_pipelines, tmp_path, monkeypatch):
+    """At every update, the other network holds no gradient (nothing leaked into it) and is bit-identical after the
+    step; its own parameters moved. LoRA: two adapters on one module; the critic includes the GAN head; RL is on."""
+    seen = []
+    real = Run.apply_gradients
+
+    def checked(self, name=None):
+        mine, other = self.networks[name].params, self.networks["critic" if name == "student" else "student"].params
+        assert all(p.grad is None for _, p in other), f"gradients of the {name}'s loss reached the other network"
+        before = {n: p.detach().clone() for n, p in mine + other}
+        updated = real(self, name)
+        assert all(torch.equal(before[n], p) for n, p in other), f"the {name} update changed the other network"
+        assert any(not torch.equal(before[n], p) for n, p in mine), f"the {name} update changed nothing"
+        seen.append(name)
+        return updated
+
+    monkeypatch.setattr(Run, "apply_gradients", checked)
+    flash_dmd.train(make_cfg(tiny_pipelines("sd15"), tmp_path / "run", *GAN, "run.max_steps=3", "run.checkpoint_every=0",
+                             "rl.rewards=[compressibility]", "rl.thresholds=[0]", "rl.start_step=0",
+                             "rl.smoothing_pairs=1", f"lora.enabled={str(lora).lower()}"))
+    assert seen == ["student", "critic", "critic", "student", "critic"]
+
+
+@pytest.mark.parametrize("split", [0.5, None], ids=["split", "dmd2"])
+def test_the_split_routes_each_sample_to_its_loss(split, tiny_pipelines, tmp_path, monkeypatch):
+    """Samples at the student steps 999, 749, 499, 249 (k = 0..3 in one batch): with split_threshold 0.5 the DM
+    gradient is computed on exactly the first two samples' x0 and the GAN term on the last two; without a split
+    (DMD2) both on all four."""
+    seen = {}
+    real_x0, real_dm, real_adv = flash_dmd.student_x0, flash_dmd.dm_gradient, flash_dmd.adversarial_term
+
+    def x0_spy(*a, **k):
+        out = real_x0(*a, **k)
+        if torch.is_grad_enabled():  # the trained forward (backward simulation runs without grad)
+            seen["x0"] = out.detach().clone()
+        return out
+
+    monkeypatch.setattr(flash_dmd, "draw_k", lambda cfg, step, positions: torch.arange(4))
+    monkeypatch.setattr(flash_dmd, "student_x0", x0_spy)
+    monkeypatch.setattr(flash_dmd, "dm_gradient", lambda x, *a: seen.setdefault("dm", x.clone()) is not None
+                        and real_dm(x, *a))
+    monkeypatch.setattr(flash_dmd, "adversarial_term", lambda ctx, x, *a: seen.setdefault("adv", x.detach().clone())
+                        is not None and real_adv(ctx, x, *a))
+    extra = [f"dmd.split_threshold={split}"] if split is not None else []
+    result = flash_dmd.train(make_cfg(tiny_pipelines("sd15"), tmp_path / "run", *GAN, *extra, "run.max_steps=1",
+                                      "run.batch_size=4", "run.checkpoint_every=0"))
+    dm_rows, adv_rows = ([0, 1], [2, 3]) if split is not None else ([0, 1, 2, 3], [0, 1, 2, 3])
+    torch.testing.assert_close(seen["dm"], seen["x0"][dm_rows], rtol=0, atol=0)
+    torch.testing.assert_close(seen["adv"], seen["x0"][adv_rows], rtol=0, atol=0)
+    first = result["history"][0]
+    assert first["train/dm_share"] == len(dm_rows) / 4 and first["train/adv_share"] == len(adv_rows) / 4
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_steps_train_both_lora_adapters_and_the_gan_head(family, tiny_pipelines, tmp_path):
+    """Two steps with the GAN and RL (compressibility, smoothed) on each family. Step 1: a fresh fake adapter equals the
+    teacher, so with teacher CFG 1 the DM gradient is exactly 0. Both adapters and the head are trained and saved."""
+    out = tmp_path / "run"
+    result = flash_dmd.train(make_cfg(tiny_pipelines(family), out, *GAN, "dmd.real_guidance=1.0", "dmd.ttur=1",
+                                      "rl.rewards=[compressibility]", "rl.thresholds=[0]", "rl.start_step=1",
+                                      "rl.smoothing_pairs=1"))
+    hist = result["history"]
+    assert [h["step"] for h in hist] == [1, 2]
+    assert hist[0]["train/dm_grad_abs"] == 0.0 and hist[0]["train/loss_dm"] == 0.0
+    assert hist[0]["train/rl_active"] == 0.0 and hist[1]["train/rl_active"] == 1.0 and "train/loss_rl" in hist[1]
+    for key in ("loss_critic", "loss_fake", "gan_d", "gan_g", "loss_student", "grad_norm_critic", "grad_norm_student"):
+        assert math.isfinite(hist[-1][f"train/{key}"]), key
+    ckpt = out / "checkpoint-2"
+    for name in (LORA, f"critic/{LORA}", "critic/gan_head.safetensors", "trainer_state.json", "optimizer_1.bin"):
+        assert (ckpt / name).is_file(), name
+    assert any(v.abs().sum() > 0 for v in lora_b(load_file(str(out / LORA))))
+    assert any(v.abs().sum() > 0 for v in lora_b(load_file(str(ckpt / "critic" / LORA))))
+    schedule = json.loads((out / flash_dmd.STUDENT_FILE).read_text())
+    assert schedule["num_steps"] == 4 and schedule["family"] == {"sd15": "sd", "sd2-v": "sd"}.get(family, family)
+
+
+def test_full_finetuning_trains_student_and_fake_copies(tiny_pipelines, tmp_path):
+    out = tmp_path / "full"
+    result = flash_dmd.train(make_cfg(tiny_pipelines("sd15"), out, *GAN, "lora.enabled=false", "optim.lr=1e-4",
+                                      "critic_optim.lr=1e-4", "dmd.real_guidance=1.0"))
+    hist = result["history"]
+    assert hist[0]["train/dm_grad_abs"] == 0.0  # fresh copies: fake == teacher
+    assert all(math.isfinite(h["train/loss"]) for h in hist)
+    assert (out / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (out / "checkpoint-2" / "critic" / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    base = load_file(str(Path(tiny_pipelines("sd15")) / "unet" / "diffusion_pytorch_model.safetensors"))
+    student = load_file(str(out / "unet" / "diffusion_pytorch_model.safetensors"))
+    assert any(not torch.equal(base[k], student[k]) for k in base)
+
+
+def test_kill_and_resume_equals_uninterrupted(tiny_pipelines, tmp_path, run_killed, assert_same_continuation):
+    """Killed in step 3 (after checkpoint-2): resumed from latest, the run reproduces the uninterrupted one: losses, the
+    student, the fake adapter and the GAN head. TTUR 3 (student at steps 0 and 3) and RL from step 3 make the resumed
+    steps depend on the restored step counter; two micro-batches per step, the split with k per sample."""
+    pipe = tiny_pipelines("sd15")
+    extra = (*GAN, "run.max_steps=5", "run.checkpoint_every=2", "run.keep_last=0", "run.grad_accum=2",
+             "run.batch_size=1", "dmd.ttur=3", "dmd.split_threshold=0.5", "dmd.k_per_sample=true",
+             "rl.rewards=[compressibility]", "rl.thresholds=[0]", "rl.start_step=3", "rl.smoothing_pairs=1",
+             "optim.lr_scheduler=cosine")
+    full = flash_dmd.train(make_cfg(pipe, tmp_path / "full", *extra))
+    # critic_loss runs once per micro-batch: calls 1-4 are steps 1-2; die in step 3
+    run_killed(flash_dmd, "critic_loss", 5, lambda: flash_dmd.train(make_cfg(pipe, tmp_path / "killed", *extra)))
+    assert sorted(p.name for p in (tmp_path / "killed").glob("checkpoint-*")) == ["checkpoint-2"]
+    resumed = flash_dmd.train(make_cfg(pipe, tmp_path / "killed", *extra, "run.resume_from=latest"))
+    assert [h["step"] for h in resumed["history"]] == [3, 4, 5]
+    assert [h["train/rl_active"] for h in resumed["history"]] == [0.0, 1.0, 0.0]
+    assert resumed["history"][-1]["train/student_updates"] == 2
+    files = [("", LORA), ("checkpoint-5/critic", LORA), ("checkpoint-5/critic", "gan_head.safetensors")]
+    assert_same_continuation(full["history"], resumed["history"],
+                             ("train/loss", "train/loss_critic", "train/loss_student", "train/loss_rl", "train/gan_d",
+                              "train/grad_norm_critic", "train/lr"),
+                             [(tmp_path / "full" / d / f, tmp_path / "killed" / d / f) for d, f in files], abs=1e-9)
+
+
+def test_saved_student_loads_in_diffusers_and_samples_in_n_steps(tiny_pipelines, tmp_path):
+    """The saved student LoRA (rank 4, alpha 2: the alpha travels in the adapter metadata) loads with
+    pipe.load_lora_weights; diffusers' LCMScheduler at the saved timesteps, without CFG, reproduces the recipe's own
+    N-step sampler from the same generator, and differs from the teacher's weights. The validation grid is written."""
+    from diffusers import LCMScheduler, StableDiffusionPipeline
+
+    from imgalign.models.adapters import load_adapter
+
+    pipe_dir, out = tiny_pipelines("sd15"), tmp_path / "run"
+    flash_dmd.train(make_cfg(pipe_dir, out, "lora.alpha=2", "dmd.ttur=1", "optim.lr=1e-2", "run.checkpoint_every=0",
+                             "validation.enabled=true", "validation.num_inference_steps=2",
+                             "validation.images_per_prompt=1"))
+    assert sorted(p.name for p in (out / "validation").iterdir()) == ["step-000000.png", "step-000002.png"]
+    schedule = json.loads((out / flash_dmd.STUDENT_FILE).read_text())
+    prompts = ["a red circle", "two blue squares"]
+
+    pipe = StableDiffusionPipeline.from_pretrained(pipe_dir, safety_checker=None)
+    pipe.set_progress_bar_config(disable=True)
+    pipe.load_lora_weights(out)
+    pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+    run = dict(timesteps=schedule["timesteps"], guidance_scale=0.0, height=32, width=32)
+    latents = pipe(prompts, generator=torch.Generator().manual_seed(7), output_type="latent", **run).images
+    images = pipe(prompts, generator=torch.Generator().manual_seed(7), output_type="np", **run).images
+    assert images.shape == (2, 32, 32, 3) and pipe.scheduler.timesteps.tolist() == [999, 749, 499, 249]
+
+    adapter = load_adapter(pipe_dir)
+    adapter.freeze_all()
+    adapter.add_lora(rank=4, alpha=2, adapter_name="student")
+    adapter.load_lora_into_denoiser(out, adapter_name="student")
+    sched = flash_dmd.StudentSchedule(adapter, 4)
+    ours = flash_dmd.sample_student(adapter, adapter.denoiser, sched, prompts, torch.Generator().manual_seed(7),
+                                    (4, 16, 16))
+    torch.testing.assert_close(latents, ours, rtol=1e-4, atol=1e-4)
+    pipe.unload_lora_weights()
+    teacher = pipe(prompts, generator=torch.Generator().manual_seed(7), output_type="latent", **run).images
+    assert (teacher - latents).abs().max() > 1e-3
+
+
+def test_smoothed_gradient_recovers_a_linear_gradient():
+    """For h(x) = <a, x> each antithetic pair gives exactly <a, xi> xi, whose mean over many xi tends to a."""
+    torch.manual_seed(0)
+    k = 4096
+    a, x, xi = torch.randn(2, 6), torch.randn(2, 6), torch.randn(2, k, 6)
+    weights = torch.cat([a, a.repeat_interleave(k, 0), a.repeat_interleave(k, 0)])  # rows: x, x + s xi, x - s xi
+    h0, grad = flash_dmd.smoothed_gradient(lambda z: (z * weights).sum(1), x, xi, sigma=0.3)
+    torch.testing.assert_close(h0, (a * x).sum(1))
+    torch.testing.assert_close(grad, ((xi * a[:, None]).sum(-1, keepdim=True) * xi).mean(1))
+    assert torch.nn.functional.cosine_similarity(grad, a).min() > 0.95
+
+
+@pytest.mark.parametrize("override,match", [
+    (["dmd.split_threshold=0.5"], "gan_weight"),
+    (["dmd.gan_weight=0.01"], "real_source"),
+    (["rl.rewards=[toy]"], "one threshold"),
+    (["data.prompts=<captions.txt>"], "placeholder"),
+])
+def test_config_errors_name_the_key(override, match):
+    with pytest.raises(ConfigError, match=match):
+        load_config(flash_dmd.Config, None, ["model.pretrained=x", *override])
