@@ -306,17 +306,12 @@ def train(cfg: DiffusionDPOConfig) -> dict:
         # effective batch): resume reproduces them, and so does any split over processes and micro-steps
         positions = global_positions(rank, world, micro % run.grad_accum, len(batch["labels"]))
         gens = sample_generators(run.seed, "dpo", micro // run.grad_accum, positions)
-        with accelerator.accumulate(model):
-            loss, m = step_fn(adapter, model, reference, batch, gens, cfg, accelerator)
-            book.backward(loss)
-            if accelerator.sync_gradients:
-                book.apply_gradients()
-        book.metrics.add(m)
+        done = book.micro_step(model, step_fn, adapter, model, reference, batch, gens, cfg, accelerator)
         micro += 1
-        if not accelerator.sync_gradients:
+        if not done:
             continue
         step += 1
-        logs = book.end_step(step, {f"train/{k}": v for k, v in book.metrics.reduce(accelerator).items()},
+        logs = book.end_step(step, book.step_metrics(),
                              {"micro_step": micro})
         book.bar.set_postfix(loss=f"{logs['train/loss']:.4f}", acc=f"{logs['train/rewards/accuracies']:.2f}",
                              lr=f"{logs['train/lr']:.2e}")

@@ -377,21 +377,16 @@ def train(cfg: DiffusionDROConfig) -> dict:
         batch = buffer.sample(gens) if not sft else expert_batch(experts, data, levels, gens)
         experts_in = cache if cache is not None else torch.stack(  # 2. the batch's experts: pixels, or the cache
             [transform(data[r], index=r, epoch=micro)["pixels"] for r in batch["rows"]])
-        with accelerator.accumulate(model):
-            loss, m = _step(adapter, model, reference, levels, batch, experts_in, gens, cfg, accelerator)
-            book.backward(loss)
-            if accelerator.sync_gradients:
-                book.apply_gradients()
-        book.metrics.add(m)
+        done = book.micro_step(model, _step, adapter, model, reference, levels, batch, experts_in, gens, cfg, accelerator)
         micro += 1
-        if not accelerator.sync_gradients:
+        if not done:
             continue
         if ema is not None:
             ema.step(step)
         step += 1
         if step % d.sync_every == 0:
             lagged.sync()
-        logs = book.end_step(step, {f"train/{k_}": v for k_, v in book.metrics.reduce(accelerator).items()},
+        logs = book.end_step(step, book.step_metrics(),
                              {"micro_step": micro})
         book.bar.set_postfix(loss=f"{logs['train/loss']:.4f}")
 

@@ -437,17 +437,12 @@ def train(cfg: LLMDPOConfig) -> dict:
     model.train()
     while step < run.max_steps:
         batch = {k: v.to(accelerator.device) for k, v in next(data_iter).items()}
-        with accelerator.accumulate(model):
-            loss, m = _step(model, reference, batch, cfg, accelerator, reference_free, running)
-            book.backward(loss)
-            if accelerator.sync_gradients:
-                book.apply_gradients()
-        book.metrics.add(m)
+        done = book.micro_step(model, _step, model, reference, batch, cfg, accelerator, reference_free, running)
         micro += 1
-        if not accelerator.sync_gradients:
+        if not done:
             continue
         step += 1
-        logs = {f"train/{k}": v for k, v in book.metrics.reduce(accelerator).items()}
+        logs = book.step_metrics()
         if (cfg.eval.every and step % cfg.eval.every == 0) or step == run.max_steps:
             logs.update(evaluate(step))
         logs = book.end_step(step, logs, {"micro_step": micro})

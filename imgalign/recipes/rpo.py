@@ -436,17 +436,12 @@ def train(cfg: RPOConfig) -> dict:
         positions = global_positions(rank, world, micro % run.grad_accum, run.batch_size)
         gens = sample_generators(run.seed, "rpo", micro // run.grad_accum, positions)
         batch = draw_pairs(gens, prefer, subject, negatives.items, neg_images, transform, step, positions)
-        with accelerator.accumulate(model):
-            loss, m = _step(adapter, model, reference, batch, gens, cfg, accelerator)
-            book.backward(loss)
-            if accelerator.sync_gradients:
-                book.apply_gradients()
-        book.metrics.add(m)
+        done = book.micro_step(model, _step, adapter, model, reference, batch, gens, cfg, accelerator)
         micro += 1
-        if not accelerator.sync_gradients:
+        if not done:
             continue
         step += 1
-        logs = book.end_step(step, {f"train/{k}": v for k, v in book.metrics.reduce(accelerator).items()},
+        logs = book.end_step(step, book.step_metrics(),
                              {"micro_step": micro})
         book.bar.set_postfix(loss=f"{logs['train/loss']:.4f}", label=f"{logs['train/label']:.2f}")
     return book.finish(step, {"micro_step": micro}, lambda m: save_weights(adapter, m, book.out_dir, use_lora))

@@ -251,18 +251,13 @@ def train(cfg: SelfNPOConfig) -> dict:
         gens = sample_generators(run.seed, "self-npo", micro // run.grad_accum, positions)
         idx = [int(torch.randint(0, len(latents), (1,), generator=g)) for g in gens]
         batch = {"latents": latents[idx].to(accelerator.device), "prompts": [prompts[i] for i in idx]}
-        with accelerator.accumulate(model):
-            loss, m = _step(adapter, model, teacher, levels, batch, gens, cfg, accelerator)
-            book.backward(loss)
-            if accelerator.sync_gradients:
-                book.apply_gradients()
-        book.metrics.add(m)
+        done = book.micro_step(model, _step, adapter, model, teacher, levels, batch, gens, cfg, accelerator)
         micro += 1
-        if not accelerator.sync_gradients:
+        if not done:
             continue
         teacher.step(step)
         step += 1
-        logs = book.end_step(step, {f"train/{k}": v for k, v in book.metrics.reduce(accelerator).items()},
+        logs = book.end_step(step, book.step_metrics(),
                              {"micro_step": micro})
         book.bar.set_postfix(loss=f"{logs['train/loss']:.4f}", lr=f"{logs['train/lr']:.2e}")
     return book.finish(step, {"micro_step": micro}, lambda m: save_weights(adapter, m, book.out_dir, use_lora))

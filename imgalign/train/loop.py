@@ -268,6 +268,23 @@ class Run:
         """The gradient norm of the latest apply_gradients (before clipping; NaN where the backend gives none)."""
         return self._grad_norm
 
+    def micro_step(self, model: torch.nn.Module, compute: Callable[..., tuple[torch.Tensor, dict]], *args) -> bool:
+        """One micro-batch under accelerate's gradient accumulation: (loss, metrics) = compute(*args), backward, and at an
+        optimizer-step boundary apply_gradients() (clip, non-finite guard, update); the metrics are accumulated.
+        Returns whether an optimizer step ended."""
+        acc = self.accelerator
+        with acc.accumulate(model):
+            loss, metrics = compute(*args)
+            self.backward(loss)
+            if acc.sync_gradients:
+                self.apply_gradients()
+        self.metrics.add(metrics)
+        return acc.sync_gradients
+
+    def step_metrics(self) -> dict[str, float]:
+        """This optimizer step's metrics, averaged over its micro-steps and the processes, as train/<name>."""
+        return {f"train/{k}": v for k, v in self.metrics.reduce(self.accelerator).items()}
+
     # ---- after each step ------------------------------------------------------------------------------
     def end_step(self, step: int, logs: dict[str, float], state: dict[str, Any],
                  postfix: dict[str, str] | None = None) -> dict[str, float]:
