@@ -67,8 +67,10 @@ def _generate(args) -> int:
     n = 0
     if todo:
         adapter = load_adapter(args.model, device=args.device)
+        few_step = {}
         if args.lora:
             adapter.pipe.load_lora_weights(args.lora)
+            few_step = _few_step_student(adapter.pipe, Path(args.lora))
         sample = prepare_guidance(args, adapter)
         from tqdm.auto import tqdm
 
@@ -76,9 +78,9 @@ def _generate(args) -> int:
             for i in tqdm(todo, desc="generate", unit="prompt"):
                 gen = torch.Generator("cpu").manual_seed(args.seed + i)
                 kw = {"height": args.size, "width": args.size} if args.size else {}
-                images = sample(prompt=prompts[i], num_images_per_prompt=args.num_images,
-                                num_inference_steps=args.steps, guidance_scale=args.guidance_scale, generator=gen,
-                                **kw).images
+                steps = {} if few_step else {"num_inference_steps": args.steps, "guidance_scale": args.guidance_scale}
+                images = sample(prompt=prompts[i], num_images_per_prompt=args.num_images, generator=gen, **steps,
+                                **few_step, **kw).images
                 for name, img in zip(names(i), images):
                     img.save(out / name)
                     mapping.write(f"{name}\t{one_line(prompts[i])}\n")
@@ -87,6 +89,34 @@ def _generate(args) -> int:
     (out / "prompts.txt").write_text("\n".join(p for p in prompts for _ in range(args.num_images)) + "\n")
     print(f"wrote {n} images to {out}" + (f" ({len(done)} prompts skipped)" if done else ""))
     return 0
+
+
+def _few_step_student(pipe, lora_dir) -> dict:
+    """A Flash-DMD student (its LoRA folder holds flash_dmd_student.json): switch the pipeline to the student's
+    sampler and return the call arguments of its schedule. SD-type: LCMScheduler at the student's timesteps, no CFG;
+    flow: FlowMatchEulerDiscreteScheduler with the student's shift and stochastic re-noising at its sigmas."""
+    import json
+
+    from imgalign.recipes.flash_dmd import STUDENT_FILE
+
+    path = lora_dir / STUDENT_FILE
+    if not path.is_file():
+        return {}
+    info = json.loads(path.read_text(encoding="utf-8"))
+    if info.get("shift") is None:
+        from diffusers import LCMScheduler
+
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+        call = {"timesteps": info["timesteps"], "guidance_scale": 0.0}
+    else:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+            pipe.scheduler.config, shift=info["shift"], stochastic_sampling=True, use_dynamic_shifting=False)
+        call = {"sigmas": info["unshifted_sigmas"], "guidance_scale": 1.0}
+    print(f"{lora_dir} is a {info['num_steps']}-step Flash-DMD student: sampling its schedule "
+          f"({', '.join(f'{k}={v}' for k, v in call.items())}); --steps and --guidance-scale are not used")
+    return call
 
 
 def _env(args) -> int:

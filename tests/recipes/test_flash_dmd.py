@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from safetensors.torch import load_file
 
 from imgalign.config import ConfigError, load_config
@@ -215,7 +216,8 @@ def test_kill_and_resume_equals_uninterrupted(tiny_pipelines, tmp_path, run_kill
 def test_saved_student_loads_in_diffusers_and_samples_in_n_steps(tiny_pipelines, tmp_path):
     """The saved student LoRA (rank 4, alpha 2: the alpha travels in the adapter metadata) loads with
     pipe.load_lora_weights; diffusers' LCMScheduler at the saved timesteps, without CFG, reproduces the recipe's own
-    N-step sampler from the same generator, and differs from the teacher's weights. The validation grid is written."""
+    N-step sampler from the same generator, and differs from the teacher's weights; `imgalign generate --lora` samples
+    the same schedule by itself. The validation grid is written."""
     from diffusers import LCMScheduler, StableDiffusionPipeline
 
     from imgalign.models.adapters import load_adapter
@@ -245,6 +247,16 @@ def test_saved_student_loads_in_diffusers_and_samples_in_n_steps(tiny_pipelines,
     ours = flash_dmd.sample_student(adapter, adapter.denoiser, sched, prompts, torch.Generator().manual_seed(7),
                                     (4, 16, 16))
     torch.testing.assert_close(latents, ours, rtol=1e-4, atol=1e-4)
+    # `imgalign generate --lora <student>` finds flash_dmd_student.json and samples the same schedule
+    import numpy as np
+
+    from imgalign.cli import main
+
+    assert main(["generate", "--model", pipe_dir, "--lora", str(out), "--prompt", prompts[0], "--size", "32",
+                 "--out", str(tmp_path / "gen")]) == 0
+    cli_image = np.asarray(Image.open(tmp_path / "gen" / "00000_00.png"), dtype=np.int16)
+    direct = pipe(prompts[0], generator=torch.Generator("cpu").manual_seed(0), output_type="pil", **run).images[0]
+    assert np.abs(cli_image - np.asarray(direct, dtype=np.int16)).max() <= 1
     pipe.unload_lora_weights()
     teacher = pipe(prompts, generator=torch.Generator().manual_seed(7), output_type="latent", **run).images
     assert (teacher - latents).abs().max() > 1e-3
