@@ -43,6 +43,13 @@ def test_surrogate_gradient_is_the_dm_direction():
     torch.testing.assert_close(x.grad, g / 16)  # d/dx of 0.5 mean((x - sg(x - g))^2) = g / numel per sample
 
 
+def _exact_prediction(mu, x_t, alpha, sigma, prediction_type):
+    """The exact denoiser of N(mu, 1) data at x_t = alpha x0 + sigma eps, in the family's parameterisation."""
+    x0 = mu + alpha * (x_t - alpha * mu) / (alpha**2 + sigma**2)
+    e = (x_t - alpha * x0) / sigma
+    return {"epsilon": e, "v_prediction": alpha * e - sigma * x0, "flow": e - x0}[prediction_type]
+
+
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction", "flow"])
 def test_dm_step_moves_a_gaussian_toward_the_real_one(prediction_type):
     """Real data N(0, 1), fake (student) samples N(2, 1); both posterior means are exact:
@@ -57,13 +64,10 @@ def test_dm_step_moves_a_gaussian_toward_the_real_one(prediction_type):
         eps = torch.randn_like(x)
         x_t = alpha * x + sigma * eps
 
-        def prediction(mu):  # the exact denoiser of N(mu, 1) data, written in the family's parameterisation
-            x0 = mu + alpha * (x_t - alpha * mu) / (alpha**2 + sigma**2)
-            e = (x_t - alpha * x0) / sigma
-            return {"epsilon": e, "v_prediction": alpha * e - sigma * x0, "flow": e - x0}[prediction_type]
-
-        real = to_x0_eps(prediction(0.0), x_t, alpha, sigma, prediction_type)[0]
-        fake = to_x0_eps(prediction(float(x.mean())), x_t, alpha, sigma, prediction_type)[0]
+        real = to_x0_eps(_exact_prediction(0.0, x_t, alpha, sigma, prediction_type), x_t, alpha, sigma,
+                         prediction_type)[0]
+        fake = to_x0_eps(_exact_prediction(float(x.mean()), x_t, alpha, sigma, prediction_type), x_t, alpha, sigma,
+                         prediction_type)[0]
         g = dm_gradient(x, real, fake)
         assert float(g.mean()) > 0
         x = x - 0.05 * g
