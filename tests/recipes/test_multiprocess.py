@@ -124,6 +124,32 @@ def test_self_npo_two_processes_equal_one_with_accumulation(tiny_pipelines, tmp_
     assert_complete_checkpoints(tmp_path / "two")
 
 
+def test_rpo_two_processes_equal_one_with_accumulation(tiny_pipelines, tmp_path):
+    """The main process generates the negatives (the other waits at a barrier) and validates; every pair's draws are
+    keyed by its global position, so 2 processes x 2 pairs equal 1 process x 2 pairs x 2 accumulation steps; the
+    best-model state is in every checkpoint of both ranks' run."""
+    from imgalign._paths import TOY_ASSETS
+
+    def overrides(out, accum):
+        return [f"model.pretrained={tiny_pipelines('sd15')}",
+                f"data.subject_dir={TOY_ASSETS / 'subjects' / 'dataset' / 'checker_square'}",
+                "data.train_prompts=['a {0} {1} left of a red circle','a blue {0} {1}']", "data.resolution=32",
+                f"reward.model={TOY_ASSETS / 'clip'}", "rpo.num_negatives=2", "rpo.negatives_steps=2",
+                f"run.output_dir={out}", "run.batch_size=2", f"run.grad_accum={accum}", "run.max_steps=2",
+                "run.checkpoint_every=1", "run.progress=false", "run.log_with=none", "optim.lr=1e-3", ADAM_EPS,
+                "lora.rank=4", "validation.every=1", "validation.images_per_prompt=1",
+                "validation.num_inference_steps=1"]
+
+    h2 = torchrun("rpo", overrides(tmp_path / "two", 1))
+    h1 = one_process("rpo", overrides(tmp_path / "one", 2))
+    w = "pytorch_lora_weights.safetensors"
+    assert_same_run(h1, h2, load_file(str(tmp_path / "one" / w)), load_file(str(tmp_path / "two" / w)),
+                    ("train/loss", "train/label", "train/sim_loss"))
+    assert_complete_checkpoints(tmp_path / "two")
+    assert all((c / "rpo_best.json").is_file() for c in (tmp_path / "two").glob("checkpoint-*"))
+    assert (tmp_path / "two" / "best" / w).is_file()
+
+
 def test_pref_grpo_two_processes_split_rollouts_and_equal_one(tiny_pipelines, tmp_path):
     """2 groups of 2 images: each rank samples one group; random per-sample training steps; KL to the reference.
     Group statistics are computed over the gathered rewards, so both layouts give the same advantages."""
