@@ -147,30 +147,6 @@ def cost(args) -> None:
     print(f"  lagged sampler: {extra:,} extra parameters ({100 * extra / base_params:.2f} % of the denoiser's {base_params:,})")
 
 
-def build_sd15_size_pipeline(out: Path) -> Path:
-    """StableDiffusionPipeline with SD1.5's architecture and random weights (fixed seed), saved to `out` once."""
-    import torch
-    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
-    from transformers import CLIPTextConfig, CLIPTextModel
-
-    from imgalign.models.tiny import _tokenizer
-
-    if (out / "model_index.json").is_file():
-        return out
-    torch.manual_seed(0)
-    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8)
-    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512)
-    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
-                                        num_attention_heads=12, max_position_embeddings=77, projection_dim=768))
-    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
-                              set_alpha_to_one=False, steps_offset=1)
-    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=_tokenizer(77), unet=unet, scheduler=scheduler,
-                            safety_checker=None, feature_extractor=None,
-                            requires_safety_checker=False).save_pretrained(out)
-    return out
-
-
 def memory_child(args) -> None:
     """One process: load the pipeline only, or train `--memory-steps` steps of a recipe; print its peak RSS."""
     import resource
@@ -206,7 +182,9 @@ def memory(args) -> None:
     from imgalign.data import write_preference_jsonl
 
     args.memory_dir.mkdir(parents=True, exist_ok=True)
-    build_sd15_size_pipeline(args.memory_dir / "sd15-size")
+    from imgalign.models.tiny import save_sd15_architecture
+
+    save_sd15_architecture(args.memory_dir / "sd15-size")
     red, blue = Image.new("RGB", (64, 64), (220, 30, 30)), Image.new("RGB", (64, 64), (30, 30, 220))
     write_preference_jsonl(args.memory_dir / "pairs.jsonl", args.memory_dir / "images",
                            [("a red square", red, blue, 1.0)] * 8)

@@ -139,3 +139,30 @@ def save_tiny_pipeline(family: str, out_dir: str | Path, seed: int = 0) -> Path:
     out = Path(out_dir)
     build_tiny_pipeline(family, seed=seed).save_pretrained(out, safe_serialization=True)
     return out
+
+
+def save_sd15_architecture(out_dir: str | Path, unet_width: int = 320, seed: int = 0) -> Path:
+    """A StableDiffusionPipeline in SD1.5's architecture (UNet blocks unet_width x (1, 2, 4, 4), cross-attention 768;
+    CLIP ViT-L/14 text tower; the SD VAE) with random weights, saved once to `out_dir` (kept when it exists). At the
+    default width it has SD1.5's 860M-parameter UNet: for memory measurements without downloading weights."""
+    import torch
+    from diffusers import AutoencoderKL, DDIMScheduler, StableDiffusionPipeline, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    out = Path(out_dir)
+    if (out / "model_index.json").is_file():
+        return out
+    torch.manual_seed(seed)
+    w = unet_width
+    unet = UNet2DConditionModel(sample_size=64, cross_attention_dim=768, attention_head_dim=8,
+                                block_out_channels=(w, 2 * w, 4 * w, 4 * w))
+    vae = AutoencoderKL(down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+                        block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512)
+    text = CLIPTextModel(CLIPTextConfig(hidden_size=768, intermediate_size=3072, num_hidden_layers=12,
+                                        num_attention_heads=12, max_position_embeddings=77, projection_dim=768))
+    scheduler = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
+                              set_alpha_to_one=False, steps_offset=1)
+    StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=_tokenizer(77), unet=unet, scheduler=scheduler,
+                            safety_checker=None, feature_extractor=None,
+                            requires_safety_checker=False).save_pretrained(out)
+    return out
