@@ -74,8 +74,6 @@ LIVE_PROMPTS = (
     "a {0} {1} on the Moon",
     "a green {0} {1}",
 )
-LIVE_CLASSES = ("dog", "cat")  # DreamBench's live subjects
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 
 
 @dataclass
@@ -168,9 +166,10 @@ class Subject:
 def load_subject(cfg: DataConfig) -> Subject:
     """The subject's images, class and prompts; errors name the folder or file and the fix."""
     from imgalign.data.images import read_image
+    from imgalign.eval.dreambench import IMAGE_SUFFIXES, LIVE_CLASSES, reference_images
 
     folder = Path(cfg.subject_dir)
-    paths = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_SUFFIXES)
+    paths = list(reference_images(folder))  # the images DreamBench scores against: train on the same set
     if not paths:
         raise DataError(f"data.subject_dir={folder}: no images ({', '.join(IMAGE_SUFFIXES)}); give the folder of one "
                         "subject, e.g. dataset/dog")
@@ -186,9 +185,9 @@ def load_subject(cfg: DataConfig) -> Subject:
 
 
 def _class_from_table(folder: Path) -> str:
-    from imgalign.eval.dreambench import parse_prompts_and_classes
+    from imgalign.eval.dreambench import PROMPTS_FILE, parse_prompts_and_classes
 
-    table = folder.parent / "prompts_and_classes.txt"
+    table = folder.parent / PROMPTS_FILE
     if not table.is_file():
         raise ConfigError(f"data.class_token is not set and {table} does not exist; set data.class_token (e.g. dog)")
     classes = parse_prompts_and_classes(table).classes
