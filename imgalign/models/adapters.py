@@ -145,6 +145,11 @@ class ModelAdapter:
     def noise_and_target(self, latents: Tensor, noise: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
         raise NotImplementedError
 
+    def alpha_sigma(self, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
+        """alpha, sigma of x_t = alpha x0 + sigma eps at this family's time values t [B] (those `noise_and_target`
+        and `predict` take), shaped [B, 1, ...] like `like` (fp32, on its device)."""
+        raise NotImplementedError
+
     def predict(self, model: nn.Module, noisy: Tensor, t: Tensor, cond: Cond) -> Tensor:
         raise NotImplementedError
 
@@ -266,6 +271,11 @@ class _DDPMAdapter(ModelAdapter):
         t_hi = max(round(hi * self.num_train_timesteps), t_lo + 1)
         return torch.randint(t_lo, t_hi, (n,), generator=generator).to(self.device)
 
+    def alpha_sigma(self, t, like):
+        shape = (-1,) + (1,) * (like.dim() - 1)
+        ac = self.noise_scheduler.alphas_cumprod.to(like.device)[t.long().to(like.device)].float().view(shape)
+        return ac.sqrt(), (1 - ac).sqrt()
+
     def noise_and_target(self, latents, noise, t):
         noisy = self.noise_scheduler.add_noise(latents, noise, t)
         if self.prediction_type == "epsilon":
@@ -361,6 +371,10 @@ class _FlowAdapter(ModelAdapter):
         u = (lo + (hi - lo) * u).clamp(1e-4, 1 - 1e-4)
         s = self.shift
         return (s * u / (1 + (s - 1) * u)).to(self.device)
+
+    def alpha_sigma(self, t, like):
+        s = t.float().view((-1,) + (1,) * (like.dim() - 1)).to(like.device)
+        return 1 - s, s
 
     def noise_and_target(self, latents, noise, t):
         sigma = t.view(-1, *([1] * (latents.dim() - 1))).to(latents.dtype)

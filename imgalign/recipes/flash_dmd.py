@@ -271,16 +271,6 @@ def sample_student(adapter, model, sched: StudentSchedule, prompts: list[str], g
     return x0
 
 
-def alpha_sigma(adapter, t: Tensor, like: Tensor) -> tuple[Tensor, Tensor]:
-    """x_t = alpha x0 + sigma eps at the adapter's time t [B] (DDPM timesteps, or flow sigmas), shaped like `like`."""
-    shape = (-1,) + (1,) * (like.dim() - 1)
-    if adapter.is_flow:
-        s = t.float().view(shape).to(like.device)
-        return 1 - s, s
-    ac = adapter.noise_scheduler.alphas_cumprod.to(like.device)[t.long().to(like.device)].float().view(shape)
-    return ac.sqrt(), (1 - ac).sqrt()
-
-
 def timesteps_per_sample(adapter, gens, noise_range) -> Tensor:
     return torch.cat([adapter.sample_timesteps(1, g, tuple(noise_range)) for g in gens])
 
@@ -634,7 +624,7 @@ def student_loss(ctx, x0: Tensor, batch: Batch, step: int, rl_on: bool) -> tuple
                 pred_real = adapter.predict_cfg(net, xt, t, cond, uncond, d.real_guidance)
             with nets.role("fake") as net:
                 pred_fake = adapter.predict(net, xt, t, cond)
-        a, s = alpha_sigma(adapter, t, xt)
+        a, s = adapter.alpha_sigma(t, xt)
         x0_real = adapter.to_x0_eps(pred_real.float(), xt.float(), a, s)[0]
         x0_fake = adapter.to_x0_eps(pred_fake.float(), xt.float(), a, s)[0]
         g = dm_gradient(x.detach(), x0_real, x0_fake)

@@ -250,3 +250,15 @@ def test_saved_lora_keeps_its_alpha_in_diffusers(family, tiny_pipelines, tmp_pat
     net = pipe.unet if hasattr(pipe, "unet") else pipe.transformer
     (name, config), = net.peft_config.items()
     assert config.r == 4 and config.lora_alpha == 8
+
+
+def test_alpha_sigma_is_the_noising_of_noise_and_target(adapter):
+    """x_t from noise_and_target equals alpha x0 + sigma eps with the family's alpha_sigma at the same t."""
+    _, a = adapter
+    g = torch.Generator().manual_seed(0)
+    x0, eps = torch.randn(3, 4, 4, 4, generator=g), torch.randn(3, 4, 4, 4, generator=g)
+    t = torch.cat([a.sample_timesteps(1, generator=g) for _ in range(3)])
+    noisy, _ = a.noise_and_target(x0, eps, t)
+    alpha, sigma = a.alpha_sigma(t, x0)
+    assert alpha.shape == (3, 1, 1, 1)
+    torch.testing.assert_close(noisy, alpha * x0 + sigma * eps, rtol=1e-5, atol=1e-5)
