@@ -242,6 +242,52 @@ def _over(start, args) -> bool:
     return bool(args.stage_minutes) and time.time() - start > args.stage_minutes * 60
 
 
+class RepeatedTokenJointAttn:
+    """SD3 joint attention in which the last context token stands for ``copies`` identical tokens.
+
+    Without T5 the SD3 pipeline appends `max_sequence_length` zero T5 tokens. They enter as the context
+    embedder's bias and get the same adaLN modulation, so they stay identical through every block: k copies act
+    in attention exactly like one token whose attention logit is raised by log k (the same key and value k times
+    in the softmax). Training with one zero token and this bias costs what a 33-token context costs instead of
+    up to 288 tokens; `tests/unit/test_build_toy_assets.py` checks it against real copies. Training only: the
+    saved model keeps diffusers' processor and sees real zero tokens."""
+
+    def __init__(self, copies: torch.Tensor):
+        self.copies = copies  # [B] float: how many zero tokens the last context token stands for
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, **kwargs):
+        b, n_img = hidden_states.shape[0], hidden_states.shape[1]
+
+        def heads(x):
+            return x.view(b, -1, attn.heads, x.shape[-1] // attn.heads).transpose(1, 2)
+
+        q, k, v = heads(attn.to_q(hidden_states)), heads(attn.to_k(hidden_states)), heads(attn.to_v(hidden_states))
+        if attn.norm_q is not None:
+            q, k = attn.norm_q(q), attn.norm_k(k)
+        cq = heads(attn.add_q_proj(encoder_hidden_states))
+        ck = heads(attn.add_k_proj(encoder_hidden_states))
+        cv = heads(attn.add_v_proj(encoder_hidden_states))
+        if attn.norm_added_q is not None:
+            cq, ck = attn.norm_added_q(cq), attn.norm_added_k(ck)
+        q, k, v = torch.cat([q, cq], 2), torch.cat([k, ck], 2), torch.cat([v, cv], 2)
+        bias = torch.zeros(b, 1, 1, k.shape[2], dtype=q.dtype, device=q.device)
+        bias[:, 0, 0, -1] = self.copies.to(q).log()
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
+        out = out.transpose(1, 2).reshape(b, -1, attn.heads * out.shape[-1])
+        img, ctx = out[:, :n_img], out[:, n_img:]
+        if not attn.context_pre_only:
+            ctx = attn.to_add_out(ctx)
+        return attn.to_out[1](attn.to_out[0](img)), ctx
+
+
+def use_repeated_token_attention(transformer, copies: torch.Tensor) -> None:
+    """Route every joint attention of an SD3 transformer through `RepeatedTokenJointAttn` (a fresh
+    processor per call, holding this batch's copy counts)."""
+    proc = RepeatedTokenJointAttn(copies)
+    for block in transformer.transformer_blocks:
+        block.attn.set_processor(proc)
+
+
 def _train_denoiser(name: str, pipe, args, steps: int, batch: int, lr: float, seed: int, extra_zero_tokens=None):
     """Train the pipeline's denoiser through its family adapter; returns the info dict."""
     from tqdm.auto import tqdm
@@ -250,7 +296,8 @@ def _train_denoiser(name: str, pipe, args, steps: int, batch: int, lr: float, se
 
     work = Path(args.work_dir) / f"{name}_init"
     pipe.save_pretrained(str(work), safe_serialization=True)
-    adapter_kw = {"max_sequence_length": 1, "drop_t5": True} if extra_zero_tokens else {}
+    adapter_kw = ({"max_sequence_length": 1, "drop_t5": True, "timestep_sampling": args.sd3_timestep_sampling}
+                  if extra_zero_tokens else {})
     adapter = load_adapter(str(work), **adapter_kw)
     seed_all(seed)
     prompts = train_prompts()
@@ -286,10 +333,12 @@ def _train_denoiser(name: str, pipe, args, steps: int, batch: int, lr: float, se
         drop = torch.rand(batch, generator=gen) < args.prompt_dropout
         c = {k: torch.where(drop.view(-1, *[1] * (v.dim() - 1)), uncond[k].expand_as(v[index[rows]]), v[index[rows]])
              for k, v in cond.items()}
-        if extra_zero_tokens:
-            k = extra_zero_tokens[int(torch.randint(0, len(extra_zero_tokens), (1,), generator=gen))]
+        if extra_zero_tokens:  # one zero token per row standing for k of them (see RepeatedTokenJointAttn)
+            copies = torch.tensor(extra_zero_tokens, dtype=torch.float32)[
+                torch.randint(0, len(extra_zero_tokens), (batch,), generator=gen)]
             ehs = c["encoder_hidden_states"]
-            c["encoder_hidden_states"] = torch.cat([ehs, ehs.new_zeros(batch, k, ehs.shape[-1])], dim=1)
+            c["encoder_hidden_states"] = torch.cat([ehs, ehs.new_zeros(batch, 1, ehs.shape[-1])], dim=1)
+            use_repeated_token_attention(model, copies)
         t = adapter.sample_timesteps(batch, generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         noisy, target = adapter.noise_and_target(x0, noise, t)
@@ -309,6 +358,10 @@ def _train_denoiser(name: str, pipe, args, steps: int, batch: int, lr: float, se
             print(f"{name}: stage time limit reached after {done} steps")
             break
     model.eval().requires_grad_(False)
+    if extra_zero_tokens:
+        from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+        model.set_attn_processor(JointAttnProcessor2_0())
     with torch.no_grad():
         for p, e in zip(model.parameters(), ema):
             p.copy_(e)
@@ -318,7 +371,11 @@ def _train_denoiser(name: str, pipe, args, steps: int, batch: int, lr: float, se
             "kind_weights": args.kind_weights, "watermark_fraction": watermark_fraction,
             "ema_decay": args.ema_decay, "prediction_type": adapter.prediction_type,
             "final_loss_ema": ema_loss, "seconds": round(time.time() - start, 1), "storage_dtype": "float16",
-            "train_images": len(latents), "size_mb": round(M.file_size_mb(out), 2)}
+            "train_images": len(latents), "size_mb": round(M.file_size_mb(out), 2),
+            **({"architecture": {k: model.config[k] for k in ("num_layers", "num_attention_heads",
+                                                               "attention_head_dim", "patch_size")},
+                "shift": adapter.shift, "timestep_sampling": adapter.timestep_sampling,
+                "zero_tokens": list(extra_zero_tokens)} if extra_zero_tokens else {})}
 
 
 def _denoiser_stage(name: str, args) -> None:
@@ -332,14 +389,16 @@ def _denoiser_stage(name: str, args) -> None:
     seed = args.seed + (10 if name == "sd" else 20)
     # SD3 without T5: the pipeline appends `max_sequence_length` zero tokens (adapter default 128, pipeline
     # default 256); train with varying counts so the model ignores them.
-    extra = {"extra_zero_tokens": (1, 128, 256)} if name == "sd3" else {}
+    extra = ({"extra_zero_tokens": tuple(int(k) for k in args.sd3_zero_tokens.split(","))} if name == "sd3"
+             else {})
 
     def build(denoiser=None):
         clip, vae = _load_clip_and_vae(args)
         if name == "sd":
             return M.build_sd_pipeline(clip, vae, unet=denoiser, seed=seed)
         vae.register_to_config(shift_factor=0.0)  # SD3's decode adds shift_factor; ours is centred
-        return M.build_sd3_pipeline(clip, vae, transformer=denoiser, seed=seed)
+        return M.build_sd3_pipeline(clip, vae, transformer=denoiser, seed=seed, shift=args.sd3_shift,
+                                    width=args.sd3_width, layers=args.sd3_layers, patch=args.sd3_patch)
 
     previous = read_manifest().get(name)
     if not args.resume:
@@ -533,6 +592,15 @@ def main(argv=None) -> None:
     p.add_argument("--sd3-steps", type=int, default=2800)
     p.add_argument("--sd3-batch", type=int, default=32)
     p.add_argument("--sd3-lr", type=float, default=1e-3)
+    p.add_argument("--sd3-width", type=int, default=64, help="sd3: transformer width (heads of 32 channels)")
+    p.add_argument("--sd3-layers", type=int, default=4, help="sd3: joint transformer blocks")
+    p.add_argument("--sd3-patch", type=int, default=2, help="sd3: latent patch size")
+    p.add_argument("--sd3-shift", type=float, default=1.5, help="sd3: the scheduler's timestep shift (training and sampling)")
+    p.add_argument("--sd3-timestep-sampling", choices=["logit_normal", "uniform"], default="logit_normal",
+                   help="sd3: training sigmas before the shift")
+    p.add_argument("--sd3-zero-tokens", default="1,128,256",
+                   help="sd3: counts of zero T5 tokens to train with (drawn per row; the pipeline appends "
+                        "max_sequence_length of them)")
     p.add_argument("--sd-phase2-steps", type=int, default=0)
     p.add_argument("--sd3-phase2-steps", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="sd/sd3: run phase 2 only, from assets/toy/<name>")

@@ -150,20 +150,24 @@ def build_unet(seed: int = 0):
     )
 
 
-def build_sd3_transformer(seed: int = 0):
+def build_sd3_transformer(seed: int = 0, width: int = 64, layers: int = 4, patch: int = 2):
+    """The toy MMDiT: ``width`` / 32 heads of 32 channels, ``layers`` joint blocks, ``patch`` x ``patch`` latent
+    patches (2: 64 image tokens at 16x16 latents)."""
     from diffusers import SD3Transformer2DModel
 
+    if width % 32:
+        raise ValueError(f"width must be a multiple of 32 (heads of 32 channels), got {width}")
     torch.manual_seed(seed)
     return SD3Transformer2DModel(
         sample_size=LATENT_SIZE,
-        patch_size=2,
+        patch_size=patch,
         in_channels=LATENT_CHANNELS,
         out_channels=LATENT_CHANNELS,
-        num_layers=4,
+        num_layers=layers,
         attention_head_dim=32,
-        num_attention_heads=2,
+        num_attention_heads=width // 32,
         joint_attention_dim=2 * TEXT_WIDTH,
-        caption_projection_dim=64,
+        caption_projection_dim=width,
         pooled_projection_dim=2 * PROJECTION_DIM,
         pos_embed_max_size=LATENT_SIZE,
     )
@@ -196,10 +200,10 @@ def sd_scheduler():
     )
 
 
-def sd3_scheduler():
+def sd3_scheduler(shift: float = 1.5):
     from diffusers import FlowMatchEulerDiscreteScheduler
 
-    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.5)
+    return FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=shift)
 
 
 def build_sd_pipeline(clip, vae, unet=None, seed: int = 0):
@@ -217,12 +221,13 @@ def build_sd_pipeline(clip, vae, unet=None, seed: int = 0):
     )
 
 
-def build_sd3_pipeline(clip, vae, transformer=None, seed: int = 0):
+def build_sd3_pipeline(clip, vae, transformer=None, seed: int = 0, shift: float = 1.5, **arch):
+    """``arch``: `build_sd3_transformer`'s width / layers / patch for a new transformer."""
     from diffusers import StableDiffusion3Pipeline
 
     return StableDiffusion3Pipeline(
-        transformer=transformer if transformer is not None else build_sd3_transformer(seed),
-        scheduler=sd3_scheduler(),
+        transformer=transformer if transformer is not None else build_sd3_transformer(seed, **arch),
+        scheduler=sd3_scheduler(shift),
         vae=vae,
         text_encoder=text_tower(clip, projection=True),
         tokenizer=tokenizer(),

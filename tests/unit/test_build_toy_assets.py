@@ -128,3 +128,37 @@ def test_run_chain_orders_the_lanes_and_stops_on_failure(tmp_path, monkeypatch, 
         build.run_chain(args)
     started = {step for step, _ in calls}
     assert "sd_1" not in started and "sd3_1" not in started  # both wait on a step that never finished
+
+
+@pytest.mark.parametrize("copies", [[1, 7, 40], [3, 3, 3]])
+def test_repeated_token_attention_equals_real_zero_tokens(copies):
+    """Training with one zero T5 token whose attention logit is raised by log k == the pipeline's k real zero tokens
+    (per row), through every joint block of a toy MMDiT; and gradients flow."""
+    from diffusers.models.attention_processor import JointAttnProcessor2_0
+
+    from imgalign.toy.models import build_sd3_transformer
+
+    net = build_sd3_transformer(0, width=64, layers=3).eval()
+    g = torch.Generator().manual_seed(0)
+    x, ehs = torch.randn(3, 4, 16, 16, generator=g), torch.randn(3, 32, 96, generator=g)
+    pooled, t = torch.randn(3, 96, generator=g), torch.rand(3, generator=g) * 1000
+    with torch.no_grad():
+        real = torch.cat([net(hidden_states=x[i:i + 1], timestep=t[i:i + 1], pooled_projections=pooled[i:i + 1],
+                              encoder_hidden_states=torch.cat([ehs[i:i + 1], torch.zeros(1, k, 96)], 1)).sample
+                          for i, k in enumerate(copies)])
+    build.use_repeated_token_attention(net, torch.tensor(copies, dtype=torch.float32))
+    one = net(hidden_states=x, timestep=t, pooled_projections=pooled,
+              encoder_hidden_states=torch.cat([ehs, torch.zeros(3, 1, 96)], 1)).sample
+    torch.testing.assert_close(one, real, atol=2e-5, rtol=1e-4)
+    one.square().mean().backward()
+    assert all(p.grad is not None for p in net.transformer_blocks[0].attn.add_k_proj.parameters())
+    # and with a count of 1 it is diffusers' own processor
+    build.use_repeated_token_attention(net, torch.ones(3))
+    with torch.no_grad():
+        ones = net(hidden_states=x, timestep=t, pooled_projections=pooled,
+                   encoder_hidden_states=torch.cat([ehs, torch.zeros(3, 1, 96)], 1)).sample
+    net.set_attn_processor(JointAttnProcessor2_0())
+    with torch.no_grad():
+        plain = net(hidden_states=x, timestep=t, pooled_projections=pooled,
+                    encoder_hidden_states=torch.cat([ehs, torch.zeros(3, 1, 96)], 1)).sample
+    torch.testing.assert_close(ones, plain)
