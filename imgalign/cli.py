@@ -208,6 +208,8 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="outputs/demo", help="output folder")
     d.add_argument("--steps", type=int, default=None, help="override the number of DPO steps")
     d.add_argument("--tiny", action="store_true", help="use a tiny random pipeline built in code instead of the toy model")
+    d.add_argument("--model", default=None, help="another toy-world pipeline folder, e.g. assets/toy/sd3 (the "
+                   "flow-matching toy); default: assets/toy/sd")
     d.set_defaults(func=_demo)
 
     e = sub.add_parser("env", help="print versions and hardware, for bug reports")

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from imgalign._paths import TOY_ASSETS
+from imgalign.config import ConfigError
 from imgalign.eval.preference import bootstrap_ci, pair_error_margins
 
 
@@ -258,8 +259,15 @@ def run_demo(args) -> int:
 
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    if (TOY_PIPELINE / "model_index.json").is_file() and not args.tiny:
-        return run_toy_demo(out, ToyDemoSettings(**({"dpo_steps": args.steps} if args.steps else {})))
+    model = getattr(args, "model", None)
+    if model and args.tiny:
+        raise ConfigError("imgalign demo: --model and --tiny exclude each other; pass one")
+    if model and not (Path(model) / "model_index.json").is_file():
+        raise ConfigError(f"imgalign demo --model {model}: no model_index.json there; pass a diffusers pipeline folder "
+                          "such as assets/toy/sd3")
+    if model or ((TOY_PIPELINE / "model_index.json").is_file() and not args.tiny):
+        settings = {"dpo_steps": args.steps} if args.steps else {}
+        return run_toy_demo(out, ToyDemoSettings(**settings, **({"pipeline": model} if model else {})))
     steps = args.steps or 150
     print(f"[demo] building a tiny SD pipeline and toy preference pairs in {out}", flush=True)
     base = save_tiny_pipeline("sd15", out / "base_pipeline", seed=0)

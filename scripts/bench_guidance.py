@@ -148,7 +148,7 @@ def toy(args) -> dict:
 
     model = _model_path(args.model)
     if not (Path(model) / "model_index.json").is_file() or "toy" not in model:
-        print("toy benchmark needs the trained toy model (assets/toy/sd); build it first", file=sys.stderr)
+        print("toy benchmark needs a trained toy model (assets/toy/sd or assets/toy/sd3); build it first", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     train_prompts = load_prompts(PROMPT_DIR / "train.txt")
@@ -193,7 +193,8 @@ def toy(args) -> dict:
     # 2. Self-NPO negative model (full fine-tuning from the model's own samples) + NPO guidance vs plain CFG
     if args.npo_steps > 0:
         npo_dir = out / "self_npo"
-        if not (npo_dir / "unet").is_dir():
+        sub = "transformer" if json.loads((Path(model) / "model_index.json").read_text()).get("transformer") else "unet"
+        if not (npo_dir / sub).is_dir():
             cfg = load_config(self_npo.Config, None, [
                 f"model.pretrained={model}", f"data.prompts_file={PROMPT_DIR / 'train.txt'}",
                 f"data.num_samples={args.npo_samples}", f"data.sample_steps={args.steps}", "data.resolution=32",
@@ -205,7 +206,7 @@ def toy(args) -> dict:
             ])
             self_npo.train(cfg)
         base = load_adapter(model)
-        neg = type(base.denoiser).from_pretrained(str(npo_dir), subfolder="unet").eval()
+        neg = type(base.denoiser).from_pretrained(str(npo_dir), subfolder=sub).eval()
         plain = _score(base.pipe, test_prompts, args)
         guided = _score(base.pipe, test_prompts, args, NPOGuidance(negative=neg))
         report["npo"] = {m: {"plain": plain.summary[m][:3], "npo": guided.summary[m][:3],

@@ -33,3 +33,23 @@ def test_toy_demo_writes_its_report_grid_curves_and_lora(tmp_path):
     before, after = (grid[y:y + 128, 192:192 + 6 * 128] for y in starts)
     assert np.abs(before - after).max() > 0
     assert Image.open(tmp_path / "training_curves.png").width > 0
+
+
+
+def test_demo_on_the_flow_toy_and_its_argument_errors(tmp_path, capsys):
+    """`imgalign demo --model assets/toy/sd3`: the same protocol on the flow-matching toy (flow-target DPO); a folder
+    without a pipeline, or --model with --tiny, is refused before anything loads."""
+    from imgalign._paths import TOY_ASSETS
+    from imgalign.cli import main
+
+    sd3 = str(TOY_ASSETS / "sd3")
+    assert main(["demo", "--model", str(tmp_path / "nothing"), "--out", str(tmp_path / "o1")]) == 2
+    assert "nothing: no model_index.json" in capsys.readouterr().err
+    assert main(["demo", "--model", sd3, "--tiny", "--out", str(tmp_path / "o2")]) == 2
+    assert "exclude each other" in capsys.readouterr().err
+    settings = ToyDemoSettings(pairs=12, sampler_steps=3, dpo_steps=2, batch_size=2, eval_prompts=4,
+                               validation_prompts=2, pipeline=sd3)
+    assert run_toy_demo(tmp_path / "flow", settings) == 0
+    report = (tmp_path / "flow" / "report.txt").read_text()
+    assert f"base model {sd3}" in report and "2 DPO steps" in report
+    assert (tmp_path / "flow" / "dpo" / "pytorch_lora_weights.safetensors").is_file()
