@@ -115,6 +115,7 @@ def cost(args) -> None:
     from imgalign.config import load_config
     from imgalign.losses.distill import dm_gradient, dm_surrogate_loss, gan_critic_loss, gan_generator_loss
     from imgalign.models.adapters import adapters_disabled, load_adapter
+    from imgalign.models.gan_head import BottleneckFeatures, GANHead
     from imgalign.models.tiny import save_tiny_pipeline
     from imgalign.recipes import flash_dmd as F
 
@@ -163,10 +164,10 @@ def cost(args) -> None:
     batch_prompts = [prompts[b % 3] for b in range(args.batch)]
     features = head = None
     if args.gan:
-        features = F.BottleneckFeatures(net)
+        features = BottleneckFeatures(net)
         with adapter.adapter_active("fake"), torch.no_grad():
             probe = features(lambda: adapter.predict(net, torch.zeros(1, *shape), sched.t[:1], adapter.encode_prompts([""])))
-        head = F.GANHead(probe.shape[1], probe.shape[-1])
+        head = GANHead(probe.shape[1], probe.shape[-1])
     opt_s = torch.optim.AdamW(adapter.lora_parameters("student"), lr=1e-5)
     opt_c = torch.optim.AdamW(adapter.lora_parameters("fake") + (list(head.parameters()) if head else []), lr=1e-5)
     real_pixels = torch.rand(args.batch, 3, 32, 32) * 2 - 1

@@ -301,7 +301,7 @@ def _train_denoiser(name: str, pipe, args, steps: int, batch: int, lr: float, se
     adapter = load_adapter(str(work), **adapter_kw)
     seed_all(seed)
     prompts = train_prompts()
-    watermark_fraction = args.watermark_fraction if name == "sd" else 0.0  # sd3 trains on clean renders
+    watermark_fraction = args.watermark_fraction
     images, index = M.render_dataset(prompts, args.renders_per_prompt, seed=seed + 1,
                                      watermark_fraction=watermark_fraction)
     gen = torch.Generator().manual_seed(seed + 2)
@@ -491,6 +491,8 @@ def shipped_chain(work_dir: str, assets: str) -> dict[str, list[tuple[str, str |
     work = ["--work-dir", work_dir]
     sd_phase = ["--only", "sd", "--resume", "--sd-phase2-steps", "3000", *work]
     sd3_phase = ["--only", "sd3", "--resume", "--sd3-phase2-steps", "3000", *work]
+    sd3_long = ["--only", "sd3", "--resume", "--sd3-timestep-sampling", "uniform", "--watermark-fraction", "0.3",
+                "--sd3-phase2-steps"]
     return {
         "a": [("clip", None, ["--only", "clip", *work]),
               ("sd_1", "vae", ["--only", "sd", "--kind-weights", "uniform", "--sd-steps", "2000", *work]),
@@ -505,6 +507,10 @@ def shipped_chain(work_dir: str, assets: str) -> dict[str, list[tuple[str, str |
               ("vae_watermark", None, ["--only", "vae", "--vae-decoder-only", "--vae-from",
                                        str(Path(assets) / "sd3" / "vae"), "--vae-watermark-fraction", "0.5",
                                        "--vae-steps", "400", "--vae-lr", "3e-4", "--work-dir", wm]),
+              # sd3's phases 5-6 (2026-12-07): one zero T5 token standing for k (3.7x cheaper steps), uniform
+              # timesteps, the watermark decoder and 30 % watermarked renders; phase 6 on fresh renders (seed 1)
+              ("sd3_5_watermark", None, [*sd3_long, "15000", "--work-dir", wm]),
+              ("sd3_6_watermark", None, [*sd3_long, "12000", "--seed", "1", "--work-dir", wm]),
               ("eval_sd3", None, ["--only", "eval", "--eval-models", "sd3", *work]),
               ("subjects", None, ["--only", "subjects", *work])],
     }
@@ -578,8 +584,8 @@ def main(argv=None) -> None:
                    help="fine-tune the decoder of --vae-from (encoder frozen, scaling factor kept) instead of a new VAE")
     p.add_argument("--vae-from", default=str(ASSETS / "sd" / "vae"), help="the VAE that --vae-decoder-only starts from")
     p.add_argument("--watermark-fraction", type=float, default=0.0,
-                   help="sd: share of the training renders that carry the toy watermark, drawn independently of "
-                        "the prompt (0: the shipped sd); sd3 trains on clean renders")
+                   help="sd/sd3: share of the training renders that carry the toy watermark, drawn independently of "
+                        "the prompt (needs a VAE decoder that draws the band, see --vae-decoder-only)")
     p.add_argument("--renders-per-prompt", type=int, default=8)
     p.add_argument("--prompt-dropout", type=float, default=0.1)
     p.add_argument("--kind-weights", default="single=0.3,count=0.25,pair=0.25,relation=0.2",

@@ -87,3 +87,16 @@ def reward_hinge_loss(scores: dict[str, Tensor], thresholds: dict[str, float], w
     if missing:
         raise ValueError(f"reward_hinge_loss: no score or threshold for {sorted(missing)}")
     return sum(w * torch.relu(thresholds[k] - scores[k].float()) for k, w in weights.items())
+
+
+def smoothed_gradient(h, x: Tensor, xi: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
+    """Gaussian smoothing with antithetic pairs: for x [B, ...] and directions xi [B, K, ...],
+        grad_b = mean_k (h(x_b + sigma xi_bk) - h(x_b - sigma xi_bk)) / (2 sigma) * xi_bk
+    an unbiased estimate of the gradient of E_xi h(x + sigma xi) (exact in expectation for a linear h); h maps
+    latents [M, ...] -> [M] and is called once, on [x, x + sigma xi, x - sigma xi]. -> (h(x) [B], grad [B, ...])."""
+    b, k = xi.shape[:2]
+    xs = torch.cat([x, (x[:, None] + sigma * xi).flatten(0, 1), (x[:, None] - sigma * xi).flatten(0, 1)])
+    values = h(xs).float()
+    h0, plus, minus = values[:b], values[b:b + b * k].view(b, k), values[b + b * k:].view(b, k)
+    coef = ((plus - minus) / (2 * sigma)).view(b, k, *([1] * (x.dim() - 1))).to(xi)
+    return h0, (coef * xi).mean(1)

@@ -35,7 +35,6 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
-import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -52,10 +51,12 @@ from imgalign.losses.distill import (
     gan_critic_loss,
     gan_generator_loss,
     reward_hinge_loss,
+    smoothed_gradient,
     student_timesteps,
     timestep_split,
 )
 from imgalign.models.adapters import adapters_disabled, cat_cond, check_noise_range
+from imgalign.models.gan_head import BottleneckFeatures, GANHead
 from imgalign.recipes.common import LoraConfig, ModelConfig, ValidationConfig, load_model, validation_images
 from imgalign.train.checkpoint import read_safetensors_folder
 from imgalign.train.loop import Run, lora_layout
@@ -337,87 +338,6 @@ class DMDNetworks:
             module.load_state_dict(read_safetensors_folder(folder / self.adapter.denoiser_name))
 
 
-class _StopForward(Exception):
-    pass
-
-
-class BottleneckFeatures:
-    """Features of the fake network's bottleneck through a forward hook; the forward stops there (DMD2 runs only the
-    encoder and mid block). UNet: the mid-block output [B, C, h, w]. SD3/FLUX transformers (no mid block): the image
-    tokens after the middle block of the whole stack (FLUX: dual- then single-stream blocks), [B, L, D] laid out on
-    their sqrt(L) x sqrt(L) grid as [B, D, s, s]; a choice of ours, DMD2 has only UNets. A transformer stops at the
-    start of the next block, outside the middle block's gradient-checkpointing region (stopping inside it would break
-    its recomputation in the backward pass)."""
-
-    def __init__(self, net: nn.Module):
-        net = getattr(net, "module", net)
-        self._unet = getattr(net, "mid_block", None) is not None
-        if self._unet:
-            block, stop = net.mid_block, None
-        else:
-            blocks = list(getattr(net, "transformer_blocks", [])) + list(getattr(net, "single_transformer_blocks", []))
-            if not blocks:
-                raise ConfigError(f"the GAN head needs a mid block or transformer blocks; {type(net).__name__} has "
-                                  "neither: set dmd.gan_weight=0")
-            i = (len(blocks) - 1) // 2
-            block, stop = blocks[i], blocks[i + 1] if i + 1 < len(blocks) else None
-        self._armed, self._value = False, None
-        block.register_forward_hook(self._capture)
-        if stop is not None:
-            stop.register_forward_pre_hook(self._stop)
-
-    def _capture(self, module, args, output):
-        if self._armed and self._value is None:  # unarmed (other forwards, recomputation): a plain pass-through
-            self._value = output if isinstance(output, Tensor) else output[1]  # blocks return (text, image) tokens
-            if self._unet:  # the UNet's mid block is never inside a checkpointed region
-                raise _StopForward
-
-    def _stop(self, module, args):
-        if self._armed and self._value is not None:
-            raise _StopForward
-
-    def __call__(self, forward) -> Tensor:
-        self._armed, self._value = True, None
-        try:
-            forward()  # a transformer whose middle block is its last one runs to the end
-        except _StopForward:
-            pass
-        finally:
-            self._armed = False
-        value, self._value = self._value, None
-        if value is None:
-            raise RuntimeError("the bottleneck hook did not fire")
-        if value.dim() == 3:  # tokens [B, L, D] -> [B, D, s, s]
-            b, n, dim = value.shape
-            s = math.isqrt(n)
-            if s * s != n:
-                raise ConfigError(f"GAN head: {n} image tokens are not a square grid; train at a square resolution")
-            value = value.transpose(1, 2).reshape(b, dim, s, s)
-        return value
-
-
-class GANHead(nn.Module):
-    """DMD2's classification branch: [Conv4x4 stride 2, GroupNorm, SiLU] until the map is at most 4 x 4, a conv over
-    the whole remaining map (DMD2: 4x4 stride 4), GroupNorm, SiLU, Conv1x1 -> one logit per sample [B, 1]."""
-
-    def __init__(self, channels: int, size: int, width: int | None = None):
-        super().__init__()
-        width = width or channels
-        # GroupNorm as DMD2's GroupNorm(32, C), with at least 4 channels per group: at 1 x 1 a group of one channel
-        # would normalise every logit to the same value
-        groups = max(g for g in range(1, 33) if width % g == 0 and width // g >= 4) if width >= 4 else 1
-        layers, c, s = [], channels, size
-        while s > 4:
-            layers += [nn.Conv2d(c, width, 4, 2, 1), nn.GroupNorm(groups, width), nn.SiLU()]
-            c, s = width, (s - 2) // 2 + 1
-        layers += [nn.Conv2d(c, width, s, s), nn.GroupNorm(groups, width), nn.SiLU(), nn.Conv2d(width, 1, 1)]
-        self.net = nn.Sequential(*layers)
-        self.shape = (channels, size, size)
-
-    def forward(self, features: Tensor) -> Tensor:
-        return self.net(features.float()).flatten(1)
-
-
 # ------------------------------------------------------------------------------------------------
 # Data: prompts and real images
 # ------------------------------------------------------------------------------------------------
@@ -485,19 +405,6 @@ def decode_with_grad(adapter, latents: Tensor) -> Tensor:
     cfg = adapter.vae.config
     z = latents / cfg.scaling_factor + (cfg.get("shift_factor") or 0.0)
     return adapter.vae.decode(z.to(adapter.vae.dtype)).sample.float().clamp(-1, 1)
-
-
-def smoothed_gradient(h, x: Tensor, xi: Tensor, sigma: float) -> tuple[Tensor, Tensor]:
-    """Gaussian smoothing with antithetic pairs: for x [B, ...] and directions xi [B, K, ...],
-        grad_b = mean_k (h(x_b + sigma xi_bk) - h(x_b - sigma xi_bk)) / (2 sigma) * xi_bk
-    an unbiased estimate of the gradient of E_xi h(x + sigma xi) (exact in expectation for a linear h); h maps
-    latents [M, ...] -> [M] and is called once, on [x, x + sigma xi, x - sigma xi]. -> (h(x) [B], grad [B, ...])."""
-    b, k = xi.shape[:2]
-    xs = torch.cat([x, (x[:, None] + sigma * xi).flatten(0, 1), (x[:, None] - sigma * xi).flatten(0, 1)])
-    values = h(xs).float()
-    h0, plus, minus = values[:b], values[b:b + b * k].view(b, k), values[b + b * k:].view(b, k)
-    coef = ((plus - minus) / (2 * sigma)).view(b, k, *([1] * (x.dim() - 1))).to(xi)
-    return h0, (coef * xi).mean(1)
 
 
 class RewardTerm:

@@ -72,6 +72,14 @@ def test_shipped_chain_reproduces_the_manifests_phases():
     assert int(wm_vae[wm_vae.index("--vae-steps") + 1]) == manifest["vae"]["steps"]
     # phase 4 reads the watermark decoder from the work dir the decoder step wrote
     assert wm_sd[wm_sd.index("--work-dir") + 1] == wm_vae[wm_vae.index("--work-dir") + 1] != "/tmp/w"
+    # so do sd3's watermark phases, after it in the same lane, at the fraction the manifest recorded
+    lane_b = [step for step, _, _ in lanes["b"]]
+    for step in ("sd3_5_watermark", "sd3_6_watermark"):
+        argv = next(argv for name, _, argv in steps if name == step)
+        assert lane_b.index(step) > lane_b.index("vae_watermark")
+        assert argv[argv.index("--work-dir") + 1] == wm_vae[wm_vae.index("--work-dir") + 1]
+        assert float(argv[argv.index("--watermark-fraction") + 1]) == manifest["sd3"]["watermark_fraction"]
+        assert argv[argv.index("--sd3-timestep-sampling") + 1] == manifest["sd3"]["timestep_sampling"]
 
 
 def test_eval_of_one_model_keeps_the_others_entry(tmp_path, monkeypatch):
