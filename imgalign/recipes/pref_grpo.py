@@ -236,6 +236,8 @@ def train(cfg: PrefGRPOConfig) -> dict:
 
     trainable, total = count_params(adapter.denoiser)
     n_trainable_steps = len(_candidate_steps(sampler.num_steps, None, tcfg))
+    if sample.sde_window_size:  # only the window's steps are stochastic, hence trainable
+        n_trainable_steps = min(n_trainable_steps, sample.sde_window_size)
     book.banner("imgalign pref-grpo", {
         "model": f"{cfg.model.pretrained} ({adapter.family}, {adapter.prediction_type})",
         "trainable": f"{trainable:,} of {total:,} params ({f'LoRA r={cfg.lora.rank}' if use_lora else 'full'})",
