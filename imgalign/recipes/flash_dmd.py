@@ -109,6 +109,8 @@ class DMDConfig:
     ttur: int = cfg_field(5, "critic updates per student update (TTUR; DMD2: 5 SDXL, 10 SD1.5; DMDR: 5)", ge=1)
     real_guidance: float = cfg_field(6.0, "CFG scale of the teacher in the DM gradient (DMD2: 1.75 SD1.5, 8 SDXL, "
                                      "default 6; DMDR SD3: 7)")
+    real_guidance_jitter: float = cfg_field(0.0, "the teacher's CFG scale is drawn uniformly from real_guidance +- "
+                                            "this, once per optimizer step (DMDR SD3: 0.5); 0: fixed", ge=0)
     dm_range: list[float] = cfg_field([0.02, 0.98], "DM timesteps as a fraction of the noise schedule (DMD2: "
                                       "[0.02, 0.98]; SD: uniform t, flow: model.timestep_sampling, DMDR: logit-normal)")
     gan_weight: float = cfg_field(0.0, "generator GAN weight (DMD2: 5e-3 SDXL, 1e-3 SD1.5); 0: no GAN (no head, no real "
@@ -512,6 +514,15 @@ def routes(ctx, k: Tensor) -> tuple[Tensor, Tensor]:
     return timestep_split(ctx.sched.frac[k], d.split_threshold)
 
 
+def teacher_guidance(d: DMDConfig, seed: int, step: int) -> float:
+    """The teacher's CFG scale at optimizer step `step`: d.real_guidance, or with DMDR's jitter a draw from
+    U(real_guidance - jitter, real_guidance + jitter) seeded by (seed, step), so a resumed run draws the same."""
+    if not d.real_guidance_jitter:
+        return d.real_guidance
+    g = torch.Generator().manual_seed(derive_seed(seed, "flash-dmd/cfg", step))
+    return d.real_guidance + d.real_guidance_jitter * (2 * float(torch.rand((), generator=g)) - 1)
+
+
 def student_loss(ctx, x0: Tensor, batch: Batch, step: int, rl_on: bool) -> tuple[Tensor, dict]:
     """The student's loss on its clean estimates x0 [B] (with grad): per-sample DM / GAN by the split, plus RL."""
     adapter, nets, d, seed, acc = ctx.adapter, ctx.nets, ctx.cfg.dmd, ctx.cfg.run.seed, ctx.accelerator
@@ -528,7 +539,7 @@ def student_loss(ctx, x0: Tensor, batch: Batch, step: int, rl_on: bool) -> tuple
         cond, uncond = _rows(batch.cond, idx), _rows(batch.uncond, idx) if batch.uncond is not None else None
         with torch.no_grad(), acc.autocast():
             with nets.role("teacher") as net:  # the same x_t to both scores
-                pred_real = adapter.predict_cfg(net, xt, t, cond, uncond, d.real_guidance)
+                pred_real = adapter.predict_cfg(net, xt, t, cond, uncond, teacher_guidance(d, seed, step))
             with nets.role("fake") as net:
                 pred_fake = adapter.predict(net, xt, t, cond)
         a, s = adapter.alpha_sigma(t, xt)
@@ -713,7 +724,8 @@ def train(cfg: FlashDMDConfig) -> dict:
         "student": f"{sched.n} steps at {sched.describe()['timesteps']}, backward simulation "
                    f"(k per {'sample' if d.k_per_sample else 'step'}), LCM-style re-noising",
         "TTUR": f"critic every step, student every {d.ttur} ({n_student_updates} student updates)",
-        "losses": f"DM (teacher CFG {d.real_guidance:g}, t in {list(d.dm_range)}), GAN "
+        "losses": f"DM (teacher CFG {d.real_guidance:g}" + (f" +- {d.real_guidance_jitter:g}" if d.real_guidance_jitter
+                                                           else "") + f", t in {list(d.dm_range)}), GAN "
                   + (f"G {d.gan_weight:g} / D {d.gan_critic_weight:g} on the bottleneck {ctx.head.shape}"
                      if ctx.head is not None else "off")
                   + (f"; split at {d.split_threshold:g} (DM >=, GAN <)" if d.split_threshold is not None else
@@ -751,7 +763,7 @@ def train_step(ctx, book: Run, i: int, prompts: list[str], latent_shape, counts:
         gens = sample_generators(run.seed, "flash-dmd/prompt", i, positions)
         chosen = [prompts[int(torch.randint(len(prompts), (1,), generator=g))] for g in gens]
         cond = adapter.encode_prompts(chosen)
-        uncond = adapter.encode_uncond(len(chosen), cond) if d.real_guidance != 1.0 else None
+        uncond = adapter.encode_uncond(len(chosen), cond) if d.real_guidance != 1.0 or d.real_guidance_jitter else None
         batch = Batch(chosen, cond, uncond, draw_k(cfg, i, positions), positions)
         sim_gens = sample_generators(run.seed, "flash-dmd/sim", i, positions)
         with nets.role("student") as net:

@@ -284,3 +284,32 @@ def test_smoothed_gradient_recovers_a_linear_gradient():
 def test_config_errors_name_the_key(override, match):
     with pytest.raises(ConfigError, match=match):
         load_config(flash_dmd.Config, None, ["model.pretrained=x", *override])
+
+
+def test_teacher_cfg_jitter_draws_per_step_within_its_range(tiny_pipelines, tmp_path, monkeypatch):
+    """DMDR's jittered teacher CFG: fixed without jitter; with it, one draw per optimizer step, uniform in
+    real_guidance +- jitter (both sides reached), the same for the same (seed, step); and the recipe's teacher pass
+    uses exactly that scale on each student turn."""
+    from imgalign.models.adapters import ModelAdapter
+
+    d = flash_dmd.DMDConfig(real_guidance=7.0)
+    assert flash_dmd.teacher_guidance(d, 0, 3) == 7.0
+    d = flash_dmd.DMDConfig(real_guidance=7.0, real_guidance_jitter=0.5)
+    draws = [flash_dmd.teacher_guidance(d, 0, step) for step in range(400)]
+    assert all(6.5 <= g <= 7.5 for g in draws) and min(draws) < 6.6 and max(draws) > 7.4
+    assert abs(sum(draws) / len(draws) - 7.0) < 0.05  # the mean of 400 uniforms: sd 0.014
+    assert draws == [flash_dmd.teacher_guidance(d, 0, step) for step in range(400)]
+    assert draws != [flash_dmd.teacher_guidance(d, 1, step) for step in range(400)]
+
+    seen = []
+    real = ModelAdapter.predict_cfg
+
+    def spy(self, model, noisy, t, cond, uncond, scale):
+        seen.append(scale)
+        return real(self, model, noisy, t, cond, uncond, scale)
+
+    monkeypatch.setattr(ModelAdapter, "predict_cfg", spy)
+    cfg = make_cfg(tiny_pipelines("sd15"), tmp_path / "run", "dmd.real_guidance=3.0", "dmd.real_guidance_jitter=1.0",
+                   "run.max_steps=4", "run.checkpoint_every=0")
+    flash_dmd.train(cfg)
+    assert seen == [flash_dmd.teacher_guidance(cfg.dmd, cfg.run.seed, step) for step in (0, 2)]  # TTUR 2
