@@ -35,6 +35,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from types import SimpleNamespace
@@ -111,6 +112,13 @@ class DMDConfig:
                                      "default 6; DMDR SD3: 7)")
     real_guidance_jitter: float = cfg_field(0.0, "the teacher's CFG scale is drawn uniformly from real_guidance +- "
                                             "this, once per optimizer step (DMDR SD3: 0.5); 0: fixed", ge=0)
+    dynamic_guidance_steps: int = cfg_field(0, "DMDR's dynamic distribution guidance (LoRA only): for this many "
+                                            "optimizer steps the real score is the teacher plus the fake score's "
+                                            "LoRA at a scale decaying from dynamic_guidance_scale to 0 (DMDR: 2000); "
+                                            "0: the plain teacher", ge=0)
+    dynamic_guidance_scale: float = cfg_field(0.25, "that LoRA's scale at step 0, as a fraction of the fake score's "
+                                              "own (DMDR: 0.5 against its fake score's 2.0). ASSUMPTION: the decay "
+                                              "is the half-cosine s (1 + cos(pi step / steps)) / 2", ge=0)
     dm_range: list[float] = cfg_field([0.02, 0.98], "DM timesteps as a fraction of the noise schedule (DMD2: "
                                       "[0.02, 0.98]; SD: uniform t, flow: model.timestep_sampling, DMDR: logit-normal)")
     gan_weight: float = cfg_field(0.0, "generator GAN weight (DMD2: 5e-3 SDXL, 1e-3 SD1.5); 0: no GAN (no head, no real "
@@ -180,6 +188,9 @@ class FlashDMDConfig:
         if self.lora.ref_cpu_offload:
             raise ValueError("lora.ref_cpu_offload is not supported by flash-dmd (the teacher is evaluated every "
                              "step); leave it false")
+        if self.dmd.dynamic_guidance_steps and not self.lora.enabled:
+            raise ValueError("dmd.dynamic_guidance_steps needs lora.enabled=true (the real score borrows the fake "
+                             "score's LoRA at a reduced scale); set dmd.dynamic_guidance_steps=0 for full copies")
         if self.dmd.gan_weight > 0 and self.data.real_source is None:
             raise ValueError("dmd.gan_weight > 0 needs real images: set data.real_source (toy_renders, an unpaired "
                              "JSONL or preference pairs), or dmd.gan_weight=0")
@@ -312,6 +323,22 @@ class DMDNetworks:
         if self.use_lora:
             return [(n, p) for n, p in self.student.named_parameters() if "lora_" in n and f".{role}." in n]
         return list((self.student if role == "student" else self.fake).named_parameters())
+
+    @contextlib.contextmanager
+    def fake_at_scale(self, scale: float):
+        """-> the network with the fake score's LoRA at `scale` x its own strength (0: the teacher; 1: the fake score);
+        the LoRA's strength is restored after. DMDR's dynamic distribution guidance."""
+        from peft.tuners.lora import LoraLayer
+
+        layers = [m for m in self.student.modules() if isinstance(m, LoraLayer)]
+        with self.role("fake") as net:
+            for m in layers:
+                m.set_scale("fake", scale)
+            try:
+                yield net
+            finally:
+                for m in layers:
+                    m.set_scale("fake", 1.0)
 
     @contextlib.contextmanager
     def role(self, name: str):
@@ -523,13 +550,22 @@ def teacher_guidance(d: DMDConfig, seed: int, step: int) -> float:
     return d.real_guidance + d.real_guidance_jitter * (2 * float(torch.rand((), generator=g)) - 1)
 
 
+def real_score_lora_scale(d: DMDConfig, step: int) -> float:
+    """The fake LoRA's scale inside the real score at optimizer step `step` (dynamic distribution guidance):
+    dynamic_guidance_scale (1 + cos(pi step / steps)) / 2 until dynamic_guidance_steps, then 0 (the teacher)."""
+    if step >= d.dynamic_guidance_steps:
+        return 0.0
+    return d.dynamic_guidance_scale * (1 + math.cos(math.pi * step / d.dynamic_guidance_steps)) / 2
+
+
 def student_loss(ctx, x0: Tensor, batch: Batch, step: int, rl_on: bool) -> tuple[Tensor, dict]:
     """The student's loss on its clean estimates x0 [B] (with grad): per-sample DM / GAN by the split, plus RL."""
     adapter, nets, d, seed, acc = ctx.adapter, ctx.nets, ctx.cfg.dmd, ctx.cfg.run.seed, ctx.accelerator
     b, dev = x0.shape[0], x0.device
     dm, adv = routes(ctx, batch.k)
     per_dm, per_adv = torch.zeros(b, device=dev), torch.zeros(b, device=dev)
-    m = {"dm_share": dm.float().mean(), "adv_share": adv.float().mean(), "dm_grad_abs": torch.zeros(())}
+    m = {"dm_share": dm.float().mean(), "adv_share": adv.float().mean(), "dm_grad_abs": torch.zeros(()),
+         "real_lora_scale": torch.tensor(real_score_lora_scale(d, step))}
     if dm.any():
         idx = torch.nonzero(dm).flatten().to(dev)
         gens = sample_generators(seed, "flash-dmd/dm", step, [batch.positions[i] for i in idx.tolist()])
@@ -538,7 +574,9 @@ def student_loss(ctx, x0: Tensor, batch: Batch, step: int, rl_on: bool) -> tuple
         xt, _ = adapter.noise_and_target(x.detach(), randn_per_sample(x.shape[1:], gens).to(x), t)
         cond, uncond = _rows(batch.cond, idx), _rows(batch.uncond, idx) if batch.uncond is not None else None
         with torch.no_grad(), acc.autocast():
-            with nets.role("teacher") as net:  # the same x_t to both scores
+            lora_scale = real_score_lora_scale(d, step)
+            real = nets.fake_at_scale(lora_scale) if lora_scale else nets.role("teacher")
+            with real as net:  # the same x_t to both scores
                 pred_real = adapter.predict_cfg(net, xt, t, cond, uncond, teacher_guidance(d, seed, step))
             with nets.role("fake") as net:
                 pred_fake = adapter.predict(net, xt, t, cond)
@@ -725,7 +763,9 @@ def train(cfg: FlashDMDConfig) -> dict:
                    f"(k per {'sample' if d.k_per_sample else 'step'}), LCM-style re-noising",
         "TTUR": f"critic every step, student every {d.ttur} ({n_student_updates} student updates)",
         "losses": f"DM (teacher CFG {d.real_guidance:g}" + (f" +- {d.real_guidance_jitter:g}" if d.real_guidance_jitter
-                                                           else "") + f", t in {list(d.dm_range)}), GAN "
+                                                           else "") + f", t in {list(d.dm_range)})"
+                  + (f" + the fake LoRA at {d.dynamic_guidance_scale:g} -> 0 over {d.dynamic_guidance_steps} steps"
+                     if d.dynamic_guidance_steps else "") + ", GAN "
                   + (f"G {d.gan_weight:g} / D {d.gan_critic_weight:g} on the bottleneck {ctx.head.shape}"
                      if ctx.head is not None else "off")
                   + (f"; split at {d.split_threshold:g} (DM >=, GAN <)" if d.split_threshold is not None else

@@ -313,3 +313,39 @@ def test_teacher_cfg_jitter_draws_per_step_within_its_range(tiny_pipelines, tmp_
                    "run.max_steps=4", "run.checkpoint_every=0")
     flash_dmd.train(cfg)
     assert seen == [flash_dmd.teacher_guidance(cfg.dmd, cfg.run.seed, step) for step in (0, 2)]  # TTUR 2
+
+
+def test_dynamic_distribution_guidance_borrows_the_fake_lora_at_a_decaying_scale(tiny_pipelines, tmp_path):
+    """DMDR's dynamic distribution guidance: the real score's share of the fake LoRA decays as a half cosine from
+    dynamic_guidance_scale to 0 at dynamic_guidance_steps; at scale 0 the scaled network is the teacher exactly, at 1
+    the fake score exactly, and the fake score's strength is restored after; full copies are refused."""
+    from imgalign.models.adapters import load_adapter
+
+    d = flash_dmd.DMDConfig(dynamic_guidance_steps=100, dynamic_guidance_scale=0.5)
+    scales = [flash_dmd.real_score_lora_scale(d, step) for step in (0, 50, 99, 100, 500)]
+    assert scales[0] == 0.5 and scales[1] == pytest.approx(0.25) and 0 < scales[2] < 1e-3 and scales[3:] == [0, 0]
+    assert flash_dmd.real_score_lora_scale(flash_dmd.DMDConfig(), 0) == 0.0  # off by default
+
+    adapter = load_adapter(tiny_pipelines("sd15"))
+    nets = flash_dmd.DMDNetworks(adapter, flash_dmd.FlashLoraConfig(rank=4, init=False), torch.float32, False)
+    for p in adapter.lora_parameters("fake"):  # a fake score that differs from the teacher
+        p.data.normal_(0, 0.5, generator=torch.Generator().manual_seed(p.numel()))
+    x, t = torch.randn(2, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500, 700])
+    cond = adapter.encode_prompts(["a red circle", "two blue squares"])
+
+    def pred(ctx):
+        with torch.no_grad(), ctx as net:
+            return adapter.predict(net, x, t, cond)
+
+    teacher, fake = pred(nets.role("teacher")), pred(nets.role("fake"))
+    assert (teacher - fake).abs().max() > 1e-3
+    torch.testing.assert_close(pred(nets.fake_at_scale(0.0)), teacher)
+    torch.testing.assert_close(pred(nets.fake_at_scale(1.0)), fake)
+    half = pred(nets.fake_at_scale(0.5))
+    assert (half - teacher).abs().max() > 1e-4 and (half - fake).abs().max() > 1e-4
+    torch.testing.assert_close(pred(nets.role("fake")), fake)  # restored
+
+    flash_dmd.train(make_cfg(tiny_pipelines("sd15"), tmp_path / "run", "dmd.dynamic_guidance_steps=2",
+                             "run.checkpoint_every=0"))  # runs through the scaled real score at step 0
+    with pytest.raises(ConfigError, match="dynamic_guidance_steps needs lora.enabled"):
+        make_cfg(tiny_pipelines("sd15"), tmp_path / "full", "lora.enabled=false", "dmd.dynamic_guidance_steps=10")
