@@ -69,21 +69,37 @@ def _step_of(path: Path) -> int | None:
     return int(m.group(1)) if m else None
 
 
-def trainable_fingerprint(model: torch.nn.Module) -> str:
-    """A short hash of the trainable parameters' names and shapes: what a checkpoint's weights must fit."""
+def trainable_named(model: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The (name, parameter) pairs of `model` that require grad."""
+    return [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+
+
+def params_fingerprint(named) -> str:
+    """A short hash of (name, parameter) pairs' names and shapes: what a checkpoint's weights must fit."""
     h = hashlib.sha256()
-    for name, p in model.named_parameters():
-        if p.requires_grad:
-            h.update(f"{name}:{tuple(p.shape)};".encode())
+    for name, p in named:
+        h.update(f"{name}:{tuple(p.shape)};".encode())
     return h.hexdigest()[:16]
 
 
-def check_finite_weights(model: torch.nn.Module, step: int) -> None:
-    """Refuse to save non-finite trainable weights (a checkpoint must never poison a resume)."""
-    bad = [n for n, p in model.named_parameters() if p.requires_grad and not torch.isfinite(p.detach()).all()]
+def trainable_fingerprint(model: torch.nn.Module) -> str:
+    """`params_fingerprint` of the trainable parameters."""
+    return params_fingerprint(trainable_named(model))
+
+
+def check_finite_params(named, step: int, owner: str = "") -> None:
+    """Refuse to save non-finite weights among (name, parameter) pairs (a checkpoint must never poison a resume);
+    `owner` names the network in the message."""
+    bad = [n for n, p in named if not torch.isfinite(p.detach()).all()]
     if bad:
-        raise CheckpointError(f"step {step}: {len(bad)} trainable tensors hold NaN/inf (e.g. {bad[0]}); no checkpoint "
-                              "was written. Lower optim.lr (or loss.beta) and resume from the last checkpoint")
+        where = f" of {owner}" if owner else ""
+        raise CheckpointError(f"step {step}: {len(bad)} trainable tensors{where} hold NaN/inf (e.g. {bad[0]}); no "
+                              "checkpoint was written. Lower optim.lr (or loss.beta) and resume from the last checkpoint")
+
+
+def check_finite_weights(model: torch.nn.Module, step: int) -> None:
+    """`check_finite_params` over the trainable parameters of `model`."""
+    check_finite_params(trainable_named(model), step)
 
 
 def save_checkpoint(accelerator, output_dir: str | Path, step: int, state: dict[str, Any], keep_last: int | None) -> Path:

@@ -39,15 +39,17 @@ from typing import Any
 import torch
 
 from imgalign.config import save_run_info
-from imgalign.errors import CheckpointError, NonFiniteError
+from imgalign.errors import NonFiniteError
 from imgalign.train.checkpoint import (
-    check_finite_weights,
+    check_finite_params,
     clean_stale,
     list_checkpoints,
     load_checkpoint,
+    params_fingerprint,
     resolve_resume,
     save_checkpoint,
     trainable_fingerprint,
+    trainable_named,
 )
 from imgalign.train.setup import (
     MeanMetrics,
@@ -76,24 +78,14 @@ class _Network:
     raw: torch.nn.Module | None = None  # the module as given to prepare (to spot a module shared by two networks)
     params: list[tuple[str, torch.nn.Parameter]] | None = None  # explicit trained parameters; None: all of `module`
 
+    def named(self) -> list[tuple[str, torch.nn.Parameter]]:
+        """What this network's optimizer trains, by name (the finite-weight check)."""
+        return self.params if self.params is not None else trainable_named(self.module)
+
     def parameters(self) -> list[torch.nn.Parameter]:
-        """What this network's optimizer trains (gradient clipping and the finite-weight check use the same)."""
+        """For gradient clipping: the explicit parameters, else all of the module (accelerate's FSDP clipping
+        recognises the model by its full parameter list)."""
         return [p for _, p in self.params] if self.params is not None else list(self.module.parameters())
-
-    def check_finite(self, step: int) -> None:
-        if self.params is None:
-            check_finite_weights(self.module, step)
-            return
-        bad = [n for n, p in self.params if not torch.isfinite(p.detach()).all()]
-        if bad:
-            raise CheckpointError(f"step {step}: {len(bad)} trainable tensors of {self.name} hold NaN/inf (e.g. "
-                                  f"{bad[0]}); no checkpoint was written. Lower the learning rate and resume from the "
-                                  "last checkpoint")
-
-
-def _params_fingerprint(params: list[tuple[str, torch.nn.Parameter]]) -> str:
-    """As checkpoint.trainable_fingerprint, over an explicit list of named parameters."""
-    return trainable_fingerprint_of(f"{name}:{tuple(p.shape)}" for name, p in params)
 
 
 def trainable_fingerprint_of(parts) -> str:
@@ -163,7 +155,7 @@ class Run:
             acc.register_load_state_pre_hook(self._load_hook)
         optimizer, scheduler = make_optimizer([p for _, p in named] if named is not None else model.parameters(),
                                               optim_cfg, max_steps or self.run.max_steps, acc.num_processes)
-        fingerprint = _params_fingerprint(named) if named is not None else trainable_fingerprint(model)
+        fingerprint = params_fingerprint(named) if named is not None else trainable_fingerprint(model)
         shared = next((n for n in self.networks.values() if n.raw is model), None)
         if shared is not None:  # one module, two networks: accelerate wraps it once
             prepared = shared.module
@@ -323,9 +315,13 @@ class Run:
             self.save(step, state)
         return logs
 
-    def save(self, step: int, state: dict[str, Any]) -> Path:
+    def _check_finite(self, step: int) -> None:
+        """No checkpoint or final weights with NaN/inf among what the networks train (named where there are several)."""
         for net in self.networks.values():
-            net.check_finite(step)
+            check_finite_params(net.named(), step, net.name if len(self.networks) > 1 else "")
+
+    def save(self, step: int, state: dict[str, Any]) -> Path:
+        self._check_finite(step)
         return save_checkpoint(self.accelerator, self.out_dir, step,
                                {**state, **self.identity, "nonfinite_skipped": self.skipped}, self.run.keep_last)
 
@@ -340,8 +336,7 @@ class Run:
             self.save(step, state)
         acc.wait_for_everyone()
         if acc.is_main_process:
-            for net in self.networks.values():
-                net.check_finite(step)
+            self._check_finite(step)
             save_final(acc.unwrap_model(self.model))
         acc.end_training()
         return {"steps": step, "history": self.history, "validation": self.validation,
