@@ -70,7 +70,9 @@ def _generate(args) -> int:
         few_step = {}
         if args.lora:
             adapter.pipe.load_lora_weights(args.lora)
-            few_step = _few_step_student(adapter.pipe, Path(args.lora))
+            from imgalign.recipes.flash_dmd import use_student_sampler
+
+            few_step = use_student_sampler(adapter.pipe, Path(args.lora))
         sample = prepare_guidance(args, adapter)
         from tqdm.auto import tqdm
 
@@ -89,34 +91,6 @@ def _generate(args) -> int:
     (out / "prompts.txt").write_text("\n".join(p for p in prompts for _ in range(args.num_images)) + "\n")
     print(f"wrote {n} images to {out}" + (f" ({len(done)} prompts skipped)" if done else ""))
     return 0
-
-
-def _few_step_student(pipe, lora_dir) -> dict:
-    """A Flash-DMD student (its LoRA folder holds flash_dmd_student.json): switch the pipeline to the student's
-    sampler and return the call arguments of its schedule. SD-type: LCMScheduler at the student's timesteps, no CFG;
-    flow: FlowMatchEulerDiscreteScheduler with the student's shift and stochastic re-noising at its sigmas."""
-    import json
-
-    from imgalign.recipes.flash_dmd import STUDENT_FILE
-
-    path = lora_dir / STUDENT_FILE
-    if not path.is_file():
-        return {}
-    info = json.loads(path.read_text(encoding="utf-8"))
-    if info.get("shift") is None:
-        from diffusers import LCMScheduler
-
-        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
-        call = {"timesteps": info["timesteps"], "guidance_scale": 0.0}
-    else:
-        from diffusers import FlowMatchEulerDiscreteScheduler
-
-        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
-            pipe.scheduler.config, shift=info["shift"], stochastic_sampling=True, use_dynamic_shifting=False)
-        call = {"sigmas": info["unshifted_sigmas"], "guidance_scale": 1.0}
-    print(f"{lora_dir} is a {info['num_steps']}-step Flash-DMD student: sampling its schedule "
-          f"({', '.join(f'{k}={v}' for k, v in call.items())}); --steps and --guidance-scale are not used")
-    return call
 
 
 def _env(args) -> int:

@@ -123,7 +123,7 @@ def cost(args) -> None:
     work = Path(tempfile.mkdtemp())
     pipe_dir = Path(args.model) if args.model else save_tiny_pipeline(args.family, work / args.family)
     (work / "prompts.txt").write_text("a red circle\ntwo blue squares\na green triangle\n")
-    gan = [f"dmd.gan_weight={5e-3 if args.gan else 0}", "data.real_source=toy_renders" if args.gan else "dmd.ttur=2"]
+    gan = ["dmd.gan_weight=5e-3", "data.real_source=toy_renders"] if args.gan else ["dmd.gan_weight=0"]
     cfg = load_config(F.Config, None, [
         f"model.pretrained={pipe_dir}", f"data.prompts={work / 'prompts.txt'}", "data.resolution=32", "lora.rank=8",
         "dmd.ttur=2", "dmd.split_threshold=null", *gan, f"run.output_dir={work / 'run'}",
@@ -461,8 +461,8 @@ def summarize(s: dict, reference: dict, base: dict | None, k: int) -> dict:
 def evaluate_toy(runs: dict[str, dict], args, cfg) -> dict[str, dict]:
     """Samples of the teacher (cfg.model.pretrained) and the students on the held-out prompts at cfg.data.resolution,
     scored -> {model: summary}."""
-    from imgalign.cli import _few_step_student  # how `imgalign generate --lora` samples a Flash-DMD student
     from imgalign.eval.toy_bench import load_pipeline
+    from imgalign.recipes import flash_dmd
     from imgalign.toy.clip import load_toy_clip
     from imgalign.toy.prompts import PROMPT_DIR, load_prompts
 
@@ -478,7 +478,7 @@ def evaluate_toy(runs: dict[str, dict], args, cfg) -> dict[str, dict]:
     floor = scored(teacher, {"num_inference_steps": 25, "guidance_scale": 5.0}, seed=args.eval_seed + 1)
     for name, run in runs.items():
         student = load_pipeline(cfg.model.pretrained, str(run["dir"]))
-        samples[name] = scored(student, _few_step_student(student, Path(run["dir"])))
+        samples[name] = scored(student, flash_dmd.use_student_sampler(student, Path(run["dir"])))
     ref, base = samples["teacher@25"], samples["teacher@4"]
     summary = {name: summarize(s, ref, None if name == "teacher@4" else base, k) for name, s in samples.items()}
     fd, lo, hi = fd_interval(floor["features"], ref["features"])  # teacher@25's own row: the noise floor, not 0

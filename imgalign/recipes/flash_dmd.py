@@ -285,6 +285,31 @@ def sample_student(adapter, model, sched: StudentSchedule, prompts: list[str], g
     return x0
 
 
+def use_student_sampler(pipe, lora_dir: Path) -> dict:
+    """A Flash-DMD student (its LoRA folder holds flash_dmd_student.json): switch the pipeline to the student's
+    sampler and return the call arguments of its schedule. SD-type: LCMScheduler at the student's timesteps, no CFG;
+    flow: FlowMatchEulerDiscreteScheduler with the student's shift and stochastic re-noising at its sigmas. This is how
+    `imgalign generate --lora` samples a student; any other LoRA folder -> {} (the pipeline left as it is)."""
+    path = lora_dir / STUDENT_FILE
+    if not path.is_file():
+        return {}
+    info = json.loads(path.read_text(encoding="utf-8"))
+    if info.get("shift") is None:
+        from diffusers import LCMScheduler
+
+        pipe.scheduler = LCMScheduler.from_config(pipe.scheduler.config)
+        call = {"timesteps": info["timesteps"], "guidance_scale": 0.0}
+    else:
+        from diffusers import FlowMatchEulerDiscreteScheduler
+
+        pipe.scheduler = FlowMatchEulerDiscreteScheduler.from_config(
+            pipe.scheduler.config, shift=info["shift"], stochastic_sampling=True, use_dynamic_shifting=False)
+        call = {"sigmas": info["unshifted_sigmas"], "guidance_scale": 1.0}
+    print(f"{lora_dir} is a {info['num_steps']}-step Flash-DMD student: sampling its schedule "
+          f"({', '.join(f'{k}={v}' for k, v in call.items())}); --steps and --guidance-scale are not used")
+    return call
+
+
 def timesteps_per_sample(adapter, gens, noise_range) -> Tensor:
     return torch.cat([adapter.sample_timesteps(1, g, tuple(noise_range)) for g in gens])
 
