@@ -280,12 +280,13 @@ class RepeatedTokenJointAttn:
         return attn.to_out[1](attn.to_out[0](img)), ctx
 
 
-def use_repeated_token_attention(transformer, copies: torch.Tensor) -> None:
-    """Route every joint attention of an SD3 transformer through `RepeatedTokenJointAttn` (a fresh
-    processor per call, holding this batch's copy counts)."""
+def use_repeated_token_attention(transformer, copies: torch.Tensor) -> RepeatedTokenJointAttn:
+    """Route every joint attention of an SD3 transformer through one `RepeatedTokenJointAttn`, returned so that each
+    batch sets its copy counts (`proc.copies = ...`)."""
     proc = RepeatedTokenJointAttn(copies)
     for block in transformer.transformer_blocks:
         block.attn.set_processor(proc)
+    return proc
 
 
 def _train_denoiser(name: str, pipe, args, steps: int, batch: int, lr: float, seed: int, extra_zero_tokens=None):
@@ -324,6 +325,8 @@ def _train_denoiser(name: str, pipe, args, steps: int, batch: int, lr: float, se
     ema = [p.detach().clone() for p in model.parameters()]
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01)
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(steps, max(1, steps // 20)))
+    if extra_zero_tokens:
+        repeated = use_repeated_token_attention(model, torch.ones(batch))
     start, done, ema_loss = time.time(), 0, None
     bar = tqdm(range(steps), desc=name)
     for step in bar:
@@ -338,7 +341,7 @@ def _train_denoiser(name: str, pipe, args, steps: int, batch: int, lr: float, se
                 torch.randint(0, len(extra_zero_tokens), (batch,), generator=gen)]
             ehs = c["encoder_hidden_states"]
             c["encoder_hidden_states"] = torch.cat([ehs, ehs.new_zeros(batch, 1, ehs.shape[-1])], dim=1)
-            use_repeated_token_attention(model, copies)
+            repeated.copies = copies
         t = adapter.sample_timesteps(batch, generator=gen)
         noise = torch.randn(x0.shape, generator=gen)
         noisy, target = adapter.noise_and_target(x0, noise, t)
