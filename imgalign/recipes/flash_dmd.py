@@ -684,6 +684,8 @@ def make_validator(ctx, vcfg: ValidationConfig, resolution: int, out_dir: Path):
     f = adapter.pipe.vae_scale_factor
 
     def validate(step: int) -> dict:
+        if not ctx.accelerator.is_main_process:
+            return {}
         if "images" not in teacher_cache:  # the teacher does not change: sample it once
             with nets.role("teacher"):
                 teacher_cache["images"], teacher_cache["prompts"] = validation_images(adapter, vcfg, resolution)
@@ -719,10 +721,6 @@ def train(cfg: FlashDMDConfig) -> dict:
     run, d = cfg.run, cfg.dmd
     book = Run(cfg, "flash-dmd")
     acc, dtype = book.accelerator, book.dtype
-    if acc.num_processes > 1:
-        raise ConfigError("flash-dmd runs on one process: the student and the fake score share one module whose "
-                          "trained adapter changes between forwards, which DDP's gradient reduction does not follow; "
-                          "launch it without accelerate launch / torchrun")
     adapter = load_model(cfg.model, acc.device, dtype)
     nets = DMDNetworks(adapter, cfg.lora, dtype, run.gradient_checkpointing)
     sched = StudentSchedule(adapter, d.student_steps, d.student_shift)
@@ -797,7 +795,9 @@ def train(cfg: FlashDMDConfig) -> dict:
                      "; no split (DMD2)"),
         "joint RL": ctx.reward.describe() if ctx.reward is not None else "off",
         "data": f"{len(prompts)} prompts" + (f"; real images: {ctx.real.summary}" if ctx.real is not None else ""),
-        "effective batch": f"{run.batch_size} x {run.grad_accum} accum = {run.batch_size * run.grad_accum}/step",
+        "effective batch": f"{run.batch_size} x {run.grad_accum} accum x {acc.num_processes} procs = "
+                           f"{run.batch_size * run.grad_accum * acc.num_processes}/step (gradients averaged over "
+                           "the processes per network, see train.loop.average_gradients)",
     })
     book.start(make_validator(ctx, cfg.validation, cfg.data.resolution, book.out_dir), cfg.validation.every)
 
@@ -824,7 +824,7 @@ def train_step(ctx, book: Run, i: int, prompts: list[str], latent_shape, counts:
     rl_on = ctx.reward is not None and i >= cfg.rl.start_step
     student_metrics, critic_metrics, stash = MeanMetrics(), MeanMetrics(), []
     for a in range(run.grad_accum):  # 1. inputs by backward simulation; 2. the student's loss on its turn
-        positions = global_positions(0, 1, a, run.batch_size)
+        positions = global_positions(acc.process_index, acc.num_processes, a, run.batch_size)
         gens = sample_generators(run.seed, "flash-dmd/prompt", i, positions)
         chosen = [prompts[int(torch.randint(len(prompts), (1,), generator=g))] for g in gens]
         cond = adapter.encode_prompts(chosen)

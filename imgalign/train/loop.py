@@ -38,7 +38,7 @@ from typing import Any
 
 import torch
 
-from imgalign.config import save_run_info
+from imgalign.config import ConfigError, save_run_info
 from imgalign.errors import NonFiniteError
 from imgalign.train.checkpoint import (
     check_finite_params,
@@ -86,6 +86,42 @@ class _Network:
         """For gradient clipping: the explicit parameters, else all of the module (accelerate's FSDP clipping
         recognises the model by its full parameter list)."""
         return [p for _, p in self.params] if self.params is not None else list(self.module.parameters())
+
+
+def check_reduced_gradients_backend(acc, name: str) -> None:
+    from accelerate.utils import DistributedType
+
+    if acc.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise ConfigError(f"network {name!r} trains named parameters of a shared module (two adapters taking turns), "
+                          f"which runs data-parallel only; {acc.distributed_type.value} shards the module. Launch "
+                          "with a DDP config (accelerate launch --multi_gpu, or torchrun)")
+
+
+def broadcast_from_main(params: list[torch.nn.Parameter], acc) -> None:
+    from accelerate.utils import broadcast
+
+    with torch.no_grad():
+        for p in params:
+            p.copy_(broadcast(p.detach().clone(), from_process=0))
+
+
+def average_gradients(acc, params: list[torch.nn.Parameter], bucket: int = 2**25) -> None:
+    """Average the gradients of `params` over the processes, as DDP would: all-reduces of the flattened gradients
+    in buckets of at most `bucket` elements (a bounded extra buffer for full-size networks), and one of a
+    has-a-gradient flag per parameter; a parameter with no gradient on any process keeps none (AdamW then skips it,
+    as it would on one process)."""
+    dev = params[0].device
+    flags = acc.reduce(torch.tensor([float(p.grad is not None) for p in params], device=dev), reduction="sum")
+    buckets = [[]]
+    for p, flag in zip(params, flags):
+        if buckets[-1] and sum(q.numel() for q, _ in buckets[-1]) + p.numel() > bucket:
+            buckets.append([])
+        buckets[-1].append((p, flag))
+    for group in buckets:
+        flat = acc.reduce(torch.cat([p.grad.detach().flatten().float() if p.grad is not None else
+                                     torch.zeros(p.numel(), device=dev) for p, _ in group]), reduction="sum")
+        for part, (p, flag) in zip(flat.split([p.numel() for p, _ in group]), group):
+            p.grad = (part.view_as(p) / acc.num_processes).to(p.dtype) if flag > 0 else None
 
 
 def trainable_fingerprint_of(parts) -> str:
@@ -143,6 +179,10 @@ class Run:
         (Flash-DMD's student and fake score), or a network with parameters outside the module (a GAN head). The
         optimizer, gradient clipping, fingerprint and finite-weight check then use exactly these, and a module
         already registered by another network is not prepared by accelerate a second time.
+        Under several processes such a network is not wrapped in DDP (DDP's reducer serves one fixed set of trained
+        parameters per module, while two adapters of one module take turns): `apply_gradients` averages its
+        gradients over the processes with accelerate's reduce, once per optimizer step, before clipping. That
+        needs data parallelism (DDP-style launches); FSDP and DeepSpeed shard the module and are refused here.
         """
         acc = self.accelerator
         if name in self.networks:
@@ -157,7 +197,12 @@ class Run:
                                               optim_cfg, max_steps or self.run.max_steps, acc.num_processes)
         fingerprint = params_fingerprint(named) if named is not None else trainable_fingerprint(model)
         shared = next((n for n in self.networks.values() if n.raw is model), None)
-        if shared is not None:  # one module, two networks: accelerate wraps it once
+        if named is not None and acc.num_processes > 1:
+            check_reduced_gradients_backend(acc, name)
+            prepared = model.to(acc.device)  # not DDP-wrapped: apply_gradients averages the gradients
+            broadcast_from_main([p for _, p in named], acc)  # as DDP does at wrapping: every rank starts alike
+            optimizer, scheduler = acc.prepare(optimizer, scheduler)
+        elif shared is not None:  # one module, two networks: accelerate wraps it once
             prepared = shared.module
             optimizer, scheduler = acc.prepare(optimizer, scheduler)
         else:
@@ -240,6 +285,8 @@ class Run:
         first) unless the loss on any rank or the gradient norm is non-finite. Returns whether it was updated."""
         acc = self.accelerator
         net = self.networks[name] if name is not None else next(iter(self.networks.values()))
+        if net.params is not None and acc.num_processes > 1:
+            average_gradients(acc, [p for _, p in net.params])
         max_norm = net.optim_cfg.max_grad_norm
         norm = acc.clip_grad_norm_(net.parameters(), max_norm if max_norm > 0 else math.inf)
         bad = (self._bad_loss if self._bad_loss is not None else torch.zeros(1)).to(acc.device)

@@ -23,6 +23,7 @@ from imgalign.config import load_config
 from imgalign.recipes import get_recipe
 
 ENTRY = Path(__file__).with_name("mp_entry.py")
+LORA = "pytorch_lora_weights.safetensors"
 
 
 def torchrun(method: str, overrides: list[str], delay: str | None = None) -> list[dict]:
@@ -167,6 +168,37 @@ def test_pref_grpo_two_processes_split_rollouts_and_equal_one(tiny_pipelines, tm
     for a, b in zip(h1, h2):
         assert a["train/adv_abs_mean"] == pytest.approx(b["train/adv_abs_mean"], rel=1e-6)
         assert a["train/reward_mean"] == pytest.approx(b["train/reward_mean"], rel=1e-6)
+    assert_complete_checkpoints(tmp_path / "two")
+
+
+@pytest.mark.parametrize("layout", ["lora", "full"])
+def test_flash_dmd_two_processes_equal_one_with_accumulation(layout, tiny_pipelines, tmp_path):
+    """Student and fake score are two networks of one module (LoRA: two adapters taking turns), so they are not
+    DDP-wrapped; their gradients, and the GAN head's, are averaged per optimizer step (train.loop.average_gradients),
+    and their initial weights broadcast from rank 0. With the GAN, the split with k per sample (a parameter may have a
+    gradient on one rank only) and TTUR 2, 2 processes x 2 samples equal 1 process x 2 samples x 2 accumulation steps:
+    both networks and the head. (No RL term here: the offline reward, compressibility, is a JPEG size, which a 1e-8
+    change of the weights can step; the RL term is per sample, like the others.)"""
+    def overrides(out, accum):
+        return [f"model.pretrained={tiny_pipelines('sd15')}", "data.resolution=32", f"run.output_dir={out}",
+                "run.max_steps=3", "run.batch_size=2", f"run.grad_accum={accum}", "run.checkpoint_every=3",
+                "run.progress=false", "run.log_with=none", "optim.lr=1e-3", "critic_optim.lr=1e-3", ADAM_EPS,
+                "critic_optim.adam_eps=1e-4", "lora.rank=4", "dmd.ttur=2", "dmd.gan_weight=1e-2",
+                "data.real_source=toy_renders", "dmd.split_threshold=0.5", "dmd.k_per_sample=true",
+                "validation.enabled=false",
+                *(["lora.enabled=false", "optim.lr=1e-4", "critic_optim.lr=1e-4"] if layout == "full" else [])]
+
+    h2 = torchrun("flash-dmd", overrides(tmp_path / "two", 1))
+    h1 = one_process("flash-dmd", overrides(tmp_path / "one", 2))
+    w = LORA if layout == "lora" else "unet/diffusion_pytorch_model.safetensors"
+    files = [w, f"checkpoint-3/critic/{w}", "checkpoint-3/critic/gan_head.safetensors"]
+    for f in files[1:]:
+        assert_same_run([], [], load_file(str(tmp_path / "one" / f)), load_file(str(tmp_path / "two" / f)))
+    assert_same_run(h1, h2, load_file(str(tmp_path / "one" / w)), load_file(str(tmp_path / "two" / w)),
+                    ("train/loss_critic", "train/gan_d", "train/grad_norm_critic"))
+    for key in ("train/loss_student", "train/gan_g", "train/dm_share", "train/grad_norm_student"):  # steps 1, 3
+        assert h1[-1][key] == pytest.approx(h2[-1][key], rel=1e-5, abs=1e-7), key
+    assert h2[-1]["train/student_updates"] == 2
     assert_complete_checkpoints(tmp_path / "two")
 
 

@@ -287,3 +287,39 @@ def test_a_backend_that_returns_no_gradient_norm_still_trains(tmp_path, monkeypa
     logs = book.end_step(1, {}, {})
     assert not _same(before, _weights(model)) and logs["train/nonfinite_skipped"] == 0
     assert math.isnan(logs["train/grad_norm"])
+
+
+class _TwoIdenticalRanks:
+    """An accelerator of 2 processes whose other rank holds the same tensors: reduce(sum) doubles."""
+    num_processes = 2
+
+    def reduce(self, t, reduction="mean"):
+        return t * 2 if reduction == "sum" else t
+
+
+def test_average_gradients_keeps_missing_gradients_missing_and_buckets_exactly():
+    from imgalign.train.loop import average_gradients
+
+    params = [torch.nn.Parameter(torch.randn(3, 2)) for _ in range(4)]
+    for p in params[:3]:
+        p.grad = torch.randn_like(p)
+    before = [p.grad.clone() for p in params[:3]]
+    average_gradients(_TwoIdenticalRanks(), params, bucket=7)  # buckets of one or two parameters
+    for p, g in zip(params, before):
+        torch.testing.assert_close(p.grad, g, rtol=0, atol=0)
+    assert params[3].grad is None  # AdamW skips it, as on one process
+
+
+def test_named_networks_refuse_sharded_backends():
+    from accelerate.utils import DistributedType
+
+    from imgalign.config import ConfigError
+    from imgalign.train.loop import check_reduced_gradients_backend
+
+    class Acc:
+        distributed_type = DistributedType.FSDP
+
+    with pytest.raises(ConfigError, match="critic.*FSDP.*DDP config"):
+        check_reduced_gradients_backend(Acc(), "critic")
+    Acc.distributed_type = DistributedType.MULTI_GPU
+    check_reduced_gradients_backend(Acc(), "critic")
