@@ -32,6 +32,11 @@ delete a folder to retrain it), validated every --val-every steps with the toy r
   (b) dmd2        DMD2: DM and GAN loss on every student step (dmd.split_threshold=null), no RL
   (c) split       Flash-DMD's timestep-aware split (0.5: DM on t 999/749, GAN on 499/249), no RL
   (d) split_rl    (c) plus the joint RL term (toy rater, hinge, from rl.start_step)
+  split_teacher      (c) with the GAN's real images = 512 samples of the teacher (data.real_source=teacher), which
+                     carry its watermark habit, unlike the clean renders of (c)
+  split_teacher_reg  split_teacher plus the regression loss on the low-noise steps (weight 0.25, latent MSE to the
+                     teacher's 4-step DDIM sample from the student's input)
+  split_wm           (c) with 40 % of the renders watermarked (the toy SD's last pretraining phase)
 The students sample their 4 steps without CFG, as `imgalign generate --lora <student>` does. Evaluation: the first
 --eval-prompts held-out test prompts x --images-per-prompt images, image j of prompt i at one seed derived from
 (--eval-seed, i, j) for every model. Per model, with percentile bootstrap 95 % intervals:
@@ -48,8 +53,8 @@ The students sample their 4 steps without CFG, as `imgalign generate --lora <stu
                                          between the centroids of the largest detected object (prompts where every
                                          image has one) and the share of image pairs whose detected backgrounds
                                          differ (prompts that state no background); intervals over prompts
-Convergence: per run, the first validation step whose reward (val/toy_preference on the validation prompts) reaches
-a level: teacher@4's validation reward, 90 % of the best run's final, teacher@25's. What the evidence should show:
+Convergence: per run, the first validation step whose reward (the config's val/toy_preference, or with
+`--set validation.reward=toy` the rater's fidelity alone, which the watermark does not move) reaches a level: teacher@4's validation reward, 90 % of the best run's final, teacher@25's. What the evidence should show:
 (b) and (c) close the gap from (a) to (t) (preference and fidelity up from teacher@4, FD down towards the noise
 floor), (c) reaches the levels in fewer steps than (b) (Flash-DMD's claim: faster convergence), and (d) raises the
 rater's preference over (c) without collapsing diversity (CLIP diversity, position spread, background variety near
@@ -59,6 +64,9 @@ teacher's watermark without RL.
     python scripts/bench_flash_dmd.py --toy --steps 1000 --lr 1e-3 --split-gan-weight 0.1 --set rl.start_step=500 \
         --set validation.prompts_file=outputs/val48.txt --val-every 100 --eval-prompts 200 --images-per-prompt 2 \
         --threads 1 --out outputs/flash_dmd_toy      # docs/results.md (outputs/val48.txt: 48 validation prompts)
+    python scripts/bench_flash_dmd.py --toy --runs dmd2 split split_teacher split_teacher_reg split_wm --steps 1000 \
+        --lr 1e-3 --split-gan-weight 0.1 --set validation.reward=toy --set validation.prompts_file=outputs/val48.txt \
+        --val-every 100 --eval-prompts 200 --images-per-prompt 2 --threads 1 --out outputs/flash_dmd_toy2
 
 (untuned: at the config's lr 1e-4 the validation reward of dmd2 did not move in 100 steps, at 1e-3 it rose from 0.33
 to 0.45 on 32 validation prompts; --set passes any other override to every run, e.g. rl.start_step.)
@@ -74,10 +82,17 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+NO_RL = ["rl.rewards=[]", "rl.thresholds=[]"]
 TOY_RUNS = {  # overrides of configs/flash_dmd/toy.yaml per student
-    "dmd2": ["dmd.split_threshold=null", "rl.rewards=[]", "rl.thresholds=[]"],
-    "split": ["rl.rewards=[]", "rl.thresholds=[]"],
+    "dmd2": ["dmd.split_threshold=null", *NO_RL],
+    "split": NO_RL,
     "split_rl": [],
+    # the GAN's real images as the teacher's own samples (LADD-style; they carry its watermark habit) ...
+    "split_teacher": [*NO_RL, "data.real_source=teacher", "data.teacher_images=512"],
+    # ... plus the regression loss on the low-noise steps (DMD1's weight 0.25, latent MSE)
+    "split_teacher_reg": [*NO_RL, "data.real_source=teacher", "data.teacher_images=512", "dmd.regression_weight=0.25"],
+    # ... or renders watermarked as the toy SD's last pretraining phase (40 %)
+    "split_wm": [*NO_RL, "data.toy_watermark_fraction=0.4"],
 }
 RATER = ("preference", "fidelity", "watermark_rate")  # per image, paired against teacher@4
 RIDGE = 1e-4  # added to both covariances of the Frechet distance (48-d embeddings, a few hundred images)
@@ -319,6 +334,8 @@ def toy_overrides(name: str, args) -> list[str]:
     lr = [f"optim.lr={args.lr}", f"critic_optim.lr={args.lr}"] if args.lr is not None else []
     if args.split_gan_weight is not None and name != "dmd2":  # under the split the GAN is the only loss of its steps
         lr.append(f"dmd.gan_weight={args.split_gan_weight}")
+    if "data.real_source=teacher" in TOY_RUNS[name]:  # one pool for every run that uses it
+        lr.append(f"data.teacher_dir={Path(args.out) / 'teacher_pool'}")
     return [*TOY_RUNS[name], f"run.output_dir={Path(args.out) / name}", f"run.max_steps={args.steps}", *lr,
             "run.progress=false", "run.log_with=none", "run.checkpoint_every=0", f"validation.every={args.val_every}",
             *args.set]

@@ -378,7 +378,8 @@ def _train_denoiser(name: str, pipe, args, steps: int, batch: int, lr: float, se
             **({"architecture": {k: model.config[k] for k in ("num_layers", "num_attention_heads",
                                                                "attention_head_dim", "patch_size")},
                 "shift": adapter.shift, "timestep_sampling": adapter.timestep_sampling,
-                "zero_tokens": list(extra_zero_tokens)} if extra_zero_tokens else {})}
+                "zero_tokens": list(extra_zero_tokens),
+                "text_identity_layers": args.sd3_text_identity_layers} if extra_zero_tokens else {})}
 
 
 def _denoiser_stage(name: str, args) -> None:
@@ -401,7 +402,8 @@ def _denoiser_stage(name: str, args) -> None:
             return M.build_sd_pipeline(clip, vae, unet=denoiser, seed=seed)
         vae.register_to_config(shift_factor=0.0)  # SD3's decode adds shift_factor; ours is centred
         return M.build_sd3_pipeline(clip, vae, transformer=denoiser, seed=seed, shift=args.sd3_shift,
-                                    width=args.sd3_width, layers=args.sd3_layers, patch=args.sd3_patch)
+                                    width=args.sd3_width, layers=args.sd3_layers, patch=args.sd3_patch,
+                                    text_identity_layers=args.sd3_text_identity_layers)
 
     previous = read_manifest().get(name)
     if not args.resume:
@@ -610,6 +612,9 @@ def main(argv=None) -> None:
     p.add_argument("--sd3-zero-tokens", default="1,128,256",
                    help="sd3: counts of zero T5 tokens to train with (drawn per row; the pipeline appends "
                         "max_sequence_length of them)")
+    p.add_argument("--sd3-text-identity-layers", type=int, default=0,
+                   help="sd3: identity layers appended to the CLIP towers, so that the pipeline's hidden_states[-2] "
+                        "is the last trained layer (1) instead of the first of the toy CLIP's two (0)")
     p.add_argument("--sd-phase2-steps", type=int, default=0)
     p.add_argument("--sd3-phase2-steps", type=int, default=0)
     p.add_argument("--resume", action="store_true", help="sd/sd3: run phase 2 only, from assets/toy/<name>")

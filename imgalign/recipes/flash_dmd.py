@@ -23,10 +23,13 @@ One optimizer step i (run.max_steps of them), read top to bottom:
        DM    fresh t in [0.02, 0.98] of the schedule, the SAME x_t to the teacher (CFG dmd.real_guidance) and the fake
              score (no CFG); g = dm_gradient(x, x0_real, x0_fake); loss 0.5 mean (x - sg(x - g))^2
        GAN   softplus(-D(x_t')) on the diffusion-GAN-noised x, critic frozen (weight dmd.gan_weight)
+       REG   (the GAN's side of the split; dmd.regression_weight) the distance from x to the teacher's deterministic
+             sample from the same input x_k (`teacher_ode_x0`, dmd.regression_steps DDIM / Euler steps, no grad)
        RL    after rl.start_step: sum_i w_i relu(tau_i - r_i(decode(x))) (DMDR's hinge; gradient by backprop through
              the VAE and a differentiable reward, or Gaussian smoothing for a non-differentiable one)
   3. critic turn (every step): on the detached x of step 2, the family's denoising loss of the fake score over the full
      range, plus dmd.gan_critic_weight * [softplus(D(fake)) + softplus(-D(real))] on noised real and fake latents.
+     Real images: a dataset, toy renders, or the teacher's own samples (`TeacherPool`, generated once before step 0).
 Each turn's gradients reach only its own parameters; the other network's gradients are cleared after each update.
 """
 
@@ -51,6 +54,7 @@ from imgalign.losses.distill import (
     dm_surrogate_loss,
     gan_critic_loss,
     gan_generator_loss,
+    pseudo_huber,
     reward_hinge_loss,
     smoothed_gradient,
     student_timesteps,
@@ -84,10 +88,23 @@ class DataConfig:
     prompts: str | None = cfg_field(None, "the student's training prompts (.txt/.jsonl/.csv); null: the toy train "
                                     "prompts")
     max_prompts: int | None = cfg_field(None, "use only the first N prompts", ge=1)
-    real_source: str | None = cfg_field(None, "real images for the GAN: 'toy_renders' (the toy renderer draws the "
-                                        "training prompts, which must be toy-grammar prompts), an unpaired JSONL {image, caption, label} (rows with label true) or "
-                                        "Pick-a-Pic-layout pairs (the winners); null: none (needs dmd.gan_weight=0). "
-                                        "DMD2: ~500k LAION images")
+    real_source: str | None = cfg_field(None, "real images for the GAN: 'teacher' (the teacher's own samples of the "
+                                        "training prompts, generated once: data.teacher_*; LADD's synthetic data, "
+                                        "no dataset needed), 'toy_renders' (the toy renderer draws the training "
+                                        "prompts, which must be toy-grammar prompts), an unpaired JSONL {image, "
+                                        "caption, label} (rows with label true) or Pick-a-Pic-layout pairs (the "
+                                        "winners); null: none (needs dmd.gan_weight=0). DMD2: ~500k LAION images")
+    teacher_images: int = cfg_field(512, "real_source=teacher: images in the pool, each of a training prompt drawn by "
+                                    "seed", ge=1)
+    teacher_steps: int = cfg_field(25, "real_source=teacher: the teacher's sampling steps (its pipeline's scheduler)",
+                                   ge=1)
+    teacher_guidance: float | None = cfg_field(None, "real_source=teacher: its CFG scale (null: dmd.real_guidance)")
+    teacher_dir: str | None = cfg_field(None, "real_source=teacher: the pool's folder (PNGs + teacher_pool.json; "
+                                        "reused by any run with the same settings); null: <run.output_dir>/"
+                                        "teacher_pool")
+    toy_watermark_fraction: float = cfg_field(0.0, "real_source=toy_renders: share of the renders that carry the "
+                                              "toy watermark, as in the toy models' pretraining data (the toy SD: "
+                                              "0.4 in its last phase); 0: clean renders", ge=0, le=1)
     split: str = cfg_field("train", "split name for `datasets` pair sources")
     image_root: str | None = cfg_field(None, "JSONL sources: folder the image paths are relative to")
     max_rows: int | None = cfg_field(None, "real images: use only the first N rows", ge=1)
@@ -96,7 +113,7 @@ class DataConfig:
 
     def __post_init__(self):
         check_local_source("data.prompts", self.prompts)
-        if self.real_source != "toy_renders":
+        if self.real_source not in ("toy_renders", "teacher"):
             check_local_source("data.real_source", self.real_source)
 
 
@@ -134,14 +151,25 @@ class DMDConfig:
                                               "the GAN loss only; null: DMD2 "
                                               "(every loss on every step). ASSUMPTION: the paper's value is not "
                                               "public; 0.5 puts 999/749 on DM and 499/249 on GAN", gt=0, le=1)
+    regression_weight: float = cfg_field(0.0, "weight of the regression loss on the low-noise student steps (every "
+                                         "step without the split): the distance from the student's x0 to the "
+                                         "teacher's deterministic sample (DDIM / Euler, CFG real_guidance) from the "
+                                         "student's own input x_k at t_k. DMD1: 0.25 with LPIPS on precomputed "
+                                         "noise-image pairs (for a one-step student, the same thing at k = 0); "
+                                         "Flash-DMD: 'optionally', weight not public; 0: off", ge=0)
+    regression_steps: int = cfg_field(4, "the teacher's steps from t_k to 0 for the regression target", ge=1)
+    regression_distance: Literal["mse", "pseudo_huber"] = cfg_field(
+        "mse", "distance in latent space, per sample (LPIPS, DMD1's, needs VGG weights: not offered)")
+    regression_huber_c: float = cfg_field(0.03, "pseudo_huber: c", gt=0)
 
     def __post_init__(self):
         if len(self.dm_range) != 2:
             raise ValueError(f"dmd.dm_range must be [lo, hi], got {list(self.dm_range)}")
         check_noise_range(self.dm_range)
-        if self.split_threshold is not None and self.gan_weight == 0:
-            raise ValueError("dmd.split_threshold routes the low-noise student steps to the GAN loss, but "
-                             "dmd.gan_weight is 0; set dmd.gan_weight (DMD2: 5e-3 SDXL) or dmd.split_threshold=null")
+        if self.split_threshold is not None and self.gan_weight == 0 and self.regression_weight == 0:
+            raise ValueError("dmd.split_threshold routes the low-noise student steps to the GAN (and regression) "
+                             "loss, but dmd.gan_weight and dmd.regression_weight are 0; set one (DMD2's GAN: 5e-3 "
+                             "SDXL) or dmd.split_threshold=null")
 
 
 @dataclass
@@ -285,6 +313,23 @@ def sample_student(adapter, model, sched: StudentSchedule, prompts: list[str], g
     return x0
 
 
+@torch.no_grad()
+def teacher_ode_x0(adapter, net, x: Tensor, t_start: Tensor, cond, uncond, guidance: float, steps: int) -> Tensor:
+    """The teacher's deterministic sample from x [B] at its time t_start [B] (the family's time values): `steps`
+    DDIM (eta 0) steps on the grid t_start (1 - i / steps), i < steps, each re-noising its clean and noise estimates
+    to the next time; for flow teachers that step is Euler's. -> the last clean estimate [B, C, h, w] (fp32)."""
+    x = x.float()
+    grid = [t_start.to(x.device) * (1 - i / steps) for i in range(steps)]
+    grid = grid if adapter.is_flow else [t.round().long() for t in grid]
+    for i, t in enumerate(grid):
+        pred = adapter.predict_cfg(net, x, t, cond, uncond, guidance)
+        x0, eps = adapter.to_x0_eps(pred.float(), x, *adapter.alpha_sigma(t, x))
+        if i + 1 < steps:
+            a, s = adapter.alpha_sigma(grid[i + 1], x)
+            x = a * x0 + s * eps
+    return x0
+
+
 def use_student_sampler(pipe, lora_dir: Path) -> dict:
     """A Flash-DMD student (its LoRA folder holds flash_dmd_student.json): switch the pipeline to the student's
     sampler and return the call arguments of its schedule. SD-type: LCMScheduler at the student's timesteps, no CFG;
@@ -395,14 +440,80 @@ class DMDNetworks:
 # ------------------------------------------------------------------------------------------------
 # Data: prompts and real images
 # ------------------------------------------------------------------------------------------------
-class RealImages:
-    """Real images with their captions for the GAN: toy renders of the prompts, or a folder of images in the unpaired
-    JSONL / Pick-a-Pic pair layouts. `batch(gens, epoch)` -> (pixels [B, 3, R, R] in [-1, 1], captions)."""
+class TeacherPool:
+    """data.real_source=teacher: `data.teacher_images` samples of the teacher (its pipeline, data.teacher_steps,
+    CFG data.teacher_guidance) as the GAN's real images, the prompt of image i drawn from the training prompts by
+    (seed, i), its noise seeded by (seed, i). LADD (arXiv 2403.12015) trains its discriminator on such synthetic
+    data; on the toy world they carry the teacher's own habits (its watermark), unlike clean renders. PNGs in a
+    folder with `teacher_pool.json` (the settings and each image's prompt); a killed generation continues, a folder
+    made with other settings is refused."""
 
-    def __init__(self, cfg: DataConfig, prompts: list[str], seed: int):
-        self.cfg, self.prompts = cfg, prompts
+    FILE = "teacher_pool.json"
+
+    def __init__(self, folder: Path, settings: dict, prompts: list[str]):
+        self.folder, self.settings, self.prompts = Path(folder), settings, prompts
+        self.items = [{"file": f"{i:06d}.png", "prompt": prompts[int(torch.randint(len(prompts), (1,), generator=g))]}
+                      for i, g in enumerate(torch.Generator().manual_seed(derive_seed(settings["seed"],
+                                                                                      "flash-dmd/pool", i))
+                                            for i in range(settings["images"]))]
+
+    def check(self) -> None:
+        path = self.folder / self.FILE
+        if path.is_file():
+            old = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
+            changed = sorted(k for k in self.settings if old.get(k) != self.settings[k])
+            if changed:
+                raise ConfigError(f"{path}: this teacher pool was made with other settings ({', '.join(changed)}); "
+                                  "delete the folder to regenerate it, or set data.teacher_dir to another folder")
+
+    def prepare(self, pipe, batch: int, progress: bool) -> int:
+        """Generate the missing images (main process) -> how many were generated."""
+        from tqdm.auto import tqdm
+
+        self.check()
+        self.folder.mkdir(parents=True, exist_ok=True)
+        (self.folder / self.FILE).write_text(json.dumps({"settings": self.settings, "items": self.items}, indent=1)
+                                             + "\n", encoding="utf-8")
+        todo = [i for i, it in enumerate(self.items) if not (self.folder / it["file"]).is_file()]
+        pipe.set_progress_bar_config(disable=True)
+        s = self.settings
+        for start in tqdm(range(0, len(todo), batch), desc="teacher pool", disable=not progress or not todo):
+            chunk = todo[start:start + batch]
+            gens = [torch.Generator().manual_seed(derive_seed(s["seed"], "flash-dmd/pool-noise", i)) for i in chunk]
+            images = pipe(prompt=[self.items[i]["prompt"] for i in chunk], generator=gens,
+                          num_inference_steps=s["steps"], guidance_scale=s["guidance"], height=s["resolution"],
+                          width=s["resolution"]).images
+            for i, image in zip(chunk, images):
+                image.save(self.folder / self.items[i]["file"])
+        return len(todo)
+
+
+def teacher_pool(cfg: FlashDMDConfig, prompts: list[str]) -> TeacherPool:
+    d = cfg.data
+    folder = Path(d.teacher_dir) if d.teacher_dir else Path(cfg.run.output_dir) / "teacher_pool"
+    settings = {"model": cfg.model.pretrained, "images": d.teacher_images, "steps": d.teacher_steps,
+                "guidance": d.teacher_guidance if d.teacher_guidance is not None else cfg.dmd.real_guidance,
+                "resolution": d.resolution, "seed": cfg.run.seed, "prompts": d.prompts or "toy train prompts",
+                "max_prompts": d.max_prompts}
+    return TeacherPool(folder, settings, prompts)
+
+
+class RealImages:
+    """Real images with their captions for the GAN: the teacher's pool, toy renders of the prompts, or a folder of
+    images in the unpaired JSONL / Pick-a-Pic pair layouts. `batch(gens, epoch)` -> (pixels [B, 3, R, R] in [-1, 1],
+    captions)."""
+
+    def __init__(self, cfg: DataConfig, prompts: list[str], seed: int, pool: TeacherPool | None = None):
+        self.cfg, self.prompts, self.pool = cfg, prompts, pool
         if cfg.real_source == "toy_renders":
-            self.data, self.rows, self.summary = None, None, f"toy renders of {len(prompts)} prompts"
+            marked = f", {cfg.toy_watermark_fraction:.0%} watermarked" if cfg.toy_watermark_fraction else ""
+            self.data, self.rows, self.summary = None, None, f"toy renders of {len(prompts)} prompts{marked}"
+            return
+        if cfg.real_source == "teacher":
+            s = pool.settings
+            self.data, self.rows = None, None
+            self.summary = (f"the teacher's {s['images']} samples ({s['steps']} steps, CFG {s['guidance']:g}) in "
+                            f"{pool.folder}")
             return
         from imgalign.data import load_preference_pairs
         from imgalign.data.unpaired import ImageTransform, detect_layout, load_unpaired_images, split_pairs
@@ -422,18 +533,29 @@ class RealImages:
         self.summary = f"{len(self.rows)} images of {self.data.stats.summary()}"
 
     def batch(self, gens, epoch: int) -> tuple[Tensor, list[str]]:
-        if self.data is None:
-            import numpy as np
-            import torchvision.transforms.functional as TF
+        import numpy as np
+        import torchvision.transforms.functional as TF
 
+        if self.pool is not None:
+            from imgalign.data.images import read_image
+
+            items = [self.pool.items[int(torch.randint(len(self.pool.items), (1,), generator=g))] for g in gens]
+            pixels = [TF.pil_to_tensor(read_image(self.pool.folder / it["file"])).float() / 127.5 - 1 for it in items]
+            if self.cfg.hflip:
+                pixels = [p.flip(-1) if bool(torch.rand((), generator=g) < 0.5) else p for p, g in zip(pixels, gens)]
+            return torch.stack(pixels), [it["prompt"] for it in items]
+        if self.data is None:
             from imgalign.toy import render
+            from imgalign.toy.render import add_watermark
 
             pixels, captions = [], []
             for g in gens:
                 prompt = self.prompts[int(torch.randint(len(self.prompts), (1,), generator=g))]
                 rng = np.random.default_rng(int(torch.randint(2**62, (1,), generator=g)))
-                image, _ = render(prompt, rng, size=self.cfg.resolution)
-                pixels.append(TF.pil_to_tensor(image).float() / 127.5 - 1)
+                image = np.array(render(prompt, rng, size=self.cfg.resolution)[0])
+                if self.cfg.toy_watermark_fraction and float(torch.rand((), generator=g)) < self.cfg.toy_watermark_fraction:
+                    image = add_watermark(image)
+                pixels.append(torch.from_numpy(image).permute(2, 0, 1).float() / 127.5 - 1)
                 captions.append(prompt)
             return torch.stack(pixels), captions
         rows = [self.rows[int(torch.randint(len(self.rows), (1,), generator=g))] for g in gens]
@@ -524,6 +646,7 @@ class Batch:
     uncond: dict | None
     k: Tensor          # [B] the student step each sample trains
     positions: list[int]
+    x_in: Tensor | None = None  # [B, C, h, w] the student's inputs (backward simulation)
 
 
 def discriminate(ctx, x: Tensor, cond, gens) -> Tensor:
@@ -558,12 +681,24 @@ def adversarial_term(ctx, x: Tensor, cond, gens) -> Tensor:
 
 
 def routes(ctx, k: Tensor) -> tuple[Tensor, Tensor]:
-    """Which samples get the DM and which the adversarial loss: Flash-DMD's split by the student step's position in
-    the noise schedule, or (split_threshold null, DMD2) every sample both (the adversarial one only with a GAN)."""
+    """Which samples get the DM loss and which the low-noise losses (GAN, regression): Flash-DMD's split by the
+    student step's position in the noise schedule, or (split_threshold null, DMD2) every sample both."""
     d = ctx.cfg.dmd
     if d.split_threshold is None:
-        return torch.ones_like(k, dtype=torch.bool), torch.full_like(k, ctx.head is not None, dtype=torch.bool)
+        return torch.ones_like(k, dtype=torch.bool), torch.ones_like(k, dtype=torch.bool)
     return timestep_split(ctx.sched.frac[k], d.split_threshold)
+
+
+def regression_term(ctx, x0: Tensor, x_in: Tensor, k: Tensor, cond, uncond, guidance: float) -> Tensor:
+    """Per sample [B]: the distance from the student's x0 (with grad) to the teacher's deterministic sample from the
+    student's own input x_in at its step's time (`teacher_ode_x0`, no grad)."""
+    d = ctx.cfg.dmd
+    with torch.no_grad(), ctx.nets.role("teacher") as net, ctx.accelerator.autocast():
+        target = teacher_ode_x0(ctx.adapter, net, x_in, ctx.sched.t[k.cpu()].to(x_in.device), cond, uncond, guidance,
+                                d.regression_steps)
+    if d.regression_distance == "pseudo_huber":
+        return pseudo_huber(x0, target, d.regression_huber_c)
+    return (x0.float() - target).pow(2).flatten(1).mean(1)
 
 
 def teacher_guidance(d: DMDConfig, seed: int, step: int) -> float:
@@ -584,11 +719,13 @@ def real_score_lora_scale(d: DMDConfig, step: int) -> float:
 
 
 def student_loss(ctx, x0: Tensor, batch: Batch, step: int, rl_on: bool) -> tuple[Tensor, dict]:
-    """The student's loss on its clean estimates x0 [B] (with grad): per-sample DM / GAN by the split, plus RL."""
+    """The student's loss on its clean estimates x0 [B] (with grad) from inputs batch.x_in: per-sample DM / GAN and
+    regression by the split, plus RL."""
     adapter, nets, d, seed, acc = ctx.adapter, ctx.nets, ctx.cfg.dmd, ctx.cfg.run.seed, ctx.accelerator
     b, dev = x0.shape[0], x0.device
-    dm, adv = routes(ctx, batch.k)
-    per_dm, per_adv = torch.zeros(b, device=dev), torch.zeros(b, device=dev)
+    dm, low = routes(ctx, batch.k)
+    adv = low & (ctx.head is not None)
+    per_dm, per_adv, per_reg = (torch.zeros(b, device=dev) for _ in range(3))
     m = {"dm_share": dm.float().mean(), "adv_share": adv.float().mean(), "dm_grad_abs": torch.zeros(()),
          "real_lora_scale": torch.tensor(real_score_lora_scale(d, step))}
     if dm.any():
@@ -615,10 +752,18 @@ def student_loss(ctx, x0: Tensor, batch: Batch, step: int, rl_on: bool) -> tuple
         idx = torch.nonzero(adv).flatten().to(dev)
         gens = sample_generators(seed, "flash-dmd/gan-g", step, [batch.positions[i] for i in idx.tolist()])
         per_adv = per_adv.index_copy(0, idx, adversarial_term(ctx, x0[idx], _rows(batch.cond, idx), gens))
-    distill = per_dm + d.gan_weight * per_adv
+    if d.regression_weight and low.any():
+        idx = torch.nonzero(low).flatten().to(dev)
+        uncond = _rows(batch.uncond, idx) if batch.uncond is not None else None
+        per_reg = per_reg.index_copy(0, idx, regression_term(ctx, x0[idx], batch.x_in[idx], batch.k[idx.cpu()],
+                                                             _rows(batch.cond, idx), uncond,
+                                                             teacher_guidance(d, seed, step)))
+    distill = per_dm + d.gan_weight * per_adv + d.regression_weight * per_reg
     loss = distill.mean()
     # batch means of the per-sample terms (0 for samples routed to the other loss): what each adds to the loss
     m.update({"loss_dm": per_dm.mean().detach(), "gan_g": per_adv.mean().detach(), "loss_distill": loss.detach()})
+    if d.regression_weight:
+        m["loss_reg"] = per_reg.mean().detach()
     if rl_on:
         gens = sample_generators(seed, "flash-dmd/rl", step, batch.positions)
         term, rm = ctx.reward(adapter, x0, batch.prompts, gens)
@@ -731,7 +876,18 @@ def train(cfg: FlashDMDConfig) -> dict:
     ctx = SimpleNamespace(cfg=cfg, adapter=adapter, nets=nets, sched=sched, accelerator=acc, head=None, features=None,
                           real=None, reward=None, critic_params=[])
     if d.gan_weight > 0:
-        ctx.real = RealImages(cfg.data, prompts, run.seed)
+        pool = teacher_pool(cfg, prompts) if cfg.data.real_source == "teacher" else None
+        if pool is not None:
+            pool.check()  # every rank, before the main process spends time generating
+            if acc.is_main_process:
+                with nets.role("teacher") as net, torch.autocast(acc.device.type, dtype=dtype,
+                                                                 enabled=dtype != torch.float32):
+                    was = net.training
+                    net.eval()
+                    pool.prepare(adapter.pipe, run.batch_size, run.progress)
+                    net.train(was)
+            acc.wait_for_everyone()
+        ctx.real = RealImages(cfg.data, prompts, run.seed, pool)
         ctx.features = BottleneckFeatures(nets.fake)
         with torch.no_grad(), nets.role("fake") as net, acc.autocast():  # the bottleneck's shape, for the head
             probe = ctx.features(lambda: adapter.predict(net, torch.zeros(1, *latent_shape, device=acc.device),
@@ -833,7 +989,7 @@ def train_step(ctx, book: Run, i: int, prompts: list[str], latent_shape, counts:
         sim_gens = sample_generators(run.seed, "flash-dmd/sim", i, positions)
         with nets.role("student") as net:
             with acc.autocast():
-                x_in = simulate_input(adapter, net, ctx.sched, cond, batch.k, sim_gens, latent_shape)
+                x_in = batch.x_in = simulate_input(adapter, net, ctx.sched, cond, batch.k, sim_gens, latent_shape)
             with torch.set_grad_enabled(student_turn), acc.autocast():
                 x0 = student_x0(adapter, net, ctx.sched, x_in, batch.k, cond)
             if student_turn:

@@ -98,15 +98,33 @@ def clip_image_processor():
     )
 
 
-def text_tower(clip, projection: bool):
+def text_tower(clip, projection: bool, identity_layers: int = 0):
     """The CLIP text tower as a standalone `CLIPTextModel` (SD) or `CLIPTextModelWithProjection` (SD3),
-    with the trained weights of `clip` (a `CLIPModel`)."""
+    with the trained weights of `clip` (a `CLIPModel`).
+
+    ``identity_layers`` appends that many encoder layers whose residual branches are zero (attention
+    output and second MLP projection weights and biases), so the outputs are unchanged but the tower is
+    deeper. SD3's pipeline conditions on ``hidden_states[-2]``: on the 2-layer toy CLIP that is the first
+    layer's output, with one identity layer it is the last trained layer's (what the toy SD conditions on,
+    before the final layer norm)."""
+    import copy
+
     from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
-    cfg = clip.config.text_config
+    cfg = copy.deepcopy(clip.config.text_config)
+    cfg.num_hidden_layers += identity_layers
     model = CLIPTextModelWithProjection(cfg) if projection else CLIPTextModel(cfg)
     # transformers 5's CLIPTextModel *is* the text transformer; 4.x wraps it in `.text_model`
-    getattr(model, "text_model", model).load_state_dict(clip.text_model.state_dict())
+    tower = getattr(model, "text_model", model)
+    missing, unexpected = tower.load_state_dict(clip.text_model.state_dict(), strict=False)
+    added = {f"encoder.layers.{i}." for i in range(cfg.num_hidden_layers - identity_layers, cfg.num_hidden_layers)}
+    if unexpected or any(not any(k.startswith(a) for a in added) for k in missing):
+        raise RuntimeError(f"text tower weights do not match: missing {missing}, unexpected {unexpected}")
+    with torch.no_grad():
+        for layer in tower.encoder.layers[cfg.num_hidden_layers - identity_layers:]:
+            for lin in (layer.self_attn.out_proj, layer.mlp.fc2):
+                lin.weight.zero_()
+                lin.bias.zero_()
     if projection:
         model.text_projection.load_state_dict(clip.text_projection.state_dict())
     return model.eval().requires_grad_(False)
@@ -221,17 +239,19 @@ def build_sd_pipeline(clip, vae, unet=None, seed: int = 0):
     )
 
 
-def build_sd3_pipeline(clip, vae, transformer=None, seed: int = 0, shift: float = 1.5, **arch):
-    """``arch``: `build_sd3_transformer`'s width / layers / patch for a new transformer."""
+def build_sd3_pipeline(clip, vae, transformer=None, seed: int = 0, shift: float = 1.5, text_identity_layers: int = 0,
+                       **arch):
+    """``arch``: `build_sd3_transformer`'s width / layers / patch for a new transformer;
+    ``text_identity_layers``: see `text_tower`."""
     from diffusers import StableDiffusion3Pipeline
 
     return StableDiffusion3Pipeline(
         transformer=transformer if transformer is not None else build_sd3_transformer(seed, **arch),
         scheduler=sd3_scheduler(shift),
         vae=vae,
-        text_encoder=text_tower(clip, projection=True),
+        text_encoder=text_tower(clip, projection=True, identity_layers=text_identity_layers),
         tokenizer=tokenizer(),
-        text_encoder_2=text_tower(clip, projection=True),
+        text_encoder_2=text_tower(clip, projection=True, identity_layers=text_identity_layers),
         tokenizer_2=tokenizer(),
         text_encoder_3=None,
         tokenizer_3=None,

@@ -126,10 +126,11 @@ def test_each_update_moves_only_its_own_network(lora, tiny_pipelines, tmp_path, 
 @pytest.mark.parametrize("split", [0.5, None], ids=["split", "dmd2"])
 def test_the_split_routes_each_sample_to_its_loss(split, tiny_pipelines, tmp_path, monkeypatch):
     """Samples at the student steps 999, 749, 499, 249 (k = 0..3 in one batch): with split_threshold 0.5 the DM
-    gradient is computed on exactly the first two samples' x0 and the GAN term on the last two; without a split
-    (DMD2) both on all four."""
+    gradient is computed on exactly the first two samples' x0 and the GAN and regression terms on the last two, the
+    regression from those samples' own inputs; without a split (DMD2) every loss on all four."""
     seen = {}
     real_x0, real_dm, real_adv = flash_dmd.student_x0, flash_dmd.dm_gradient, flash_dmd.adversarial_term
+    real_reg, real_sim = flash_dmd.regression_term, flash_dmd.simulate_input
 
     def x0_spy(*a, **k):
         out = real_x0(*a, **k)
@@ -143,14 +144,110 @@ def test_the_split_routes_each_sample_to_its_loss(split, tiny_pipelines, tmp_pat
                         and real_dm(x, *a))
     monkeypatch.setattr(flash_dmd, "adversarial_term", lambda ctx, x, *a: seen.setdefault("adv", x.detach().clone())
                         is not None and real_adv(ctx, x, *a))
+    monkeypatch.setattr(flash_dmd, "simulate_input", lambda *a: seen.setdefault("x_in", real_sim(*a)))
+    monkeypatch.setattr(flash_dmd, "regression_term", lambda ctx, x, x_in, k, *a: seen.setdefault(
+        "reg", (x.detach().clone(), x_in, k)) is not None and real_reg(ctx, x, x_in, k, *a))
     extra = [f"dmd.split_threshold={split}"] if split is not None else []
     result = flash_dmd.train(make_cfg(tiny_pipelines("sd15"), tmp_path / "run", *GAN, *extra, "run.max_steps=1",
-                                      "run.batch_size=4", "run.checkpoint_every=0"))
+                                      "run.batch_size=4", "run.checkpoint_every=0", "dmd.regression_weight=1"))
     dm_rows, adv_rows = ([0, 1], [2, 3]) if split is not None else ([0, 1, 2, 3], [0, 1, 2, 3])
     torch.testing.assert_close(seen["dm"], seen["x0"][dm_rows], rtol=0, atol=0)
     torch.testing.assert_close(seen["adv"], seen["x0"][adv_rows], rtol=0, atol=0)
+    x, x_in, k = seen["reg"]
+    torch.testing.assert_close(x, seen["x0"][adv_rows], rtol=0, atol=0)
+    torch.testing.assert_close(x_in, seen["x_in"][adv_rows], rtol=0, atol=0)
+    assert k.tolist() == adv_rows
     first = result["history"][0]
     assert first["train/dm_share"] == len(dm_rows) / 4 and first["train/adv_share"] == len(adv_rows) / 4
+    assert first["train/loss_reg"] > 0
+
+
+def test_regression_split_without_gan_and_a_regression_run(tiny_pipelines, tmp_path):
+    """The split may route the low-noise steps to the regression loss alone (no GAN, no real images); pseudo-Huber."""
+    result = flash_dmd.train(make_cfg(tiny_pipelines("sd15"), tmp_path / "run", "dmd.split_threshold=0.5",
+                                      "dmd.regression_weight=0.25", "dmd.regression_distance=pseudo_huber",
+                                      "dmd.regression_steps=2", "dmd.k_per_sample=true", "run.batch_size=4",
+                                      "dmd.ttur=1", "run.checkpoint_every=0"))
+    hist = result["history"]
+    assert all(math.isfinite(h["train/loss_reg"]) for h in hist) and any(h["train/loss_reg"] > 0 for h in hist)
+    assert all(h["train/adv_share"] == 0 for h in hist)
+
+
+@pytest.mark.parametrize("family", ["sd15", "sd2-v", "sd3"])
+def test_teacher_ode_lands_on_the_data_point_and_follows_ddim(family, tiny_pipelines, monkeypatch):
+    """With the exact denoiser of a one-point data distribution x* (eps = (x - alpha x*) / sigma, as eps, v or flow
+    velocity), the teacher's DDIM/Euler sample is x* from any start time and any step count. And on the real tiny
+    network, 2 steps equal a manual DDIM from t_k through round(t_k / 2)."""
+    from imgalign.models.adapters import load_adapter
+
+    adapter = load_adapter(tiny_pipelines(family))
+    sched = flash_dmd.StudentSchedule(adapter, 4)
+    x_star = torch.randn(2, *adapter_latent_shape(adapter))
+    t_start = sched.t[torch.tensor([1, 3])]
+    a0, s0 = adapter.alpha_sigma(t_start, x_star)
+    x = a0 * x_star + s0 * torch.randn_like(x_star)
+    cond = adapter.encode_prompts(["a red circle", "a blue square"])
+    real_predict = adapter.predict
+
+    def exact(model, noisy, t, c):
+        a, s = adapter.alpha_sigma(t, noisy)
+        eps = (noisy - a * x_star) / s
+        return {"epsilon": eps, "v_prediction": a * eps - s * x_star, "flow": eps - x_star}[adapter.prediction_type]
+
+    monkeypatch.setattr(adapter, "predict", exact)
+    for steps in (1, 3):
+        got = flash_dmd.teacher_ode_x0(adapter, None, x, t_start, cond, None, 1.0, steps)
+        torch.testing.assert_close(got, x_star, rtol=1e-4, atol=1e-4)
+    monkeypatch.setattr(adapter, "predict", real_predict)
+    net = adapter.denoiser
+    with torch.no_grad():
+        got = flash_dmd.teacher_ode_x0(adapter, net, x, t_start, cond, None, 1.0, 2)
+        half = t_start / 2 if adapter.is_flow else (t_start.float() / 2).round().long()
+        x0, eps = adapter.to_x0_eps(real_predict(net, x, t_start, cond).float(), x, *adapter.alpha_sigma(t_start, x))
+        a, s = adapter.alpha_sigma(half, x)
+        x1 = a * x0 + s * eps
+        want, _ = adapter.to_x0_eps(real_predict(net, x1, half, cond).float(), x1, *adapter.alpha_sigma(half, x1))
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def adapter_latent_shape(adapter):
+    f = adapter.pipe.vae_scale_factor
+    return (adapter.vae.config.latent_channels, 32 // f, 32 // f)
+
+
+def test_gan_on_the_teacher_pool_generates_once_and_refuses_other_settings(tiny_pipelines, tmp_path):
+    """data.real_source=teacher: the teacher's samples of the training prompts become the GAN's real images; the
+    pool is generated once (a second run reuses it) and a run with other settings is refused, naming them."""
+    pool = tmp_path / "pool"
+    extra = ("dmd.gan_weight=1e-2", "data.real_source=teacher", "data.teacher_images=3", "data.teacher_steps=2",
+             f"data.teacher_dir={pool}", "run.checkpoint_every=0")
+    result = flash_dmd.train(make_cfg(tiny_pipelines("sd15"), tmp_path / "a", *extra))
+    assert sorted(p.name for p in pool.glob("*.png")) == ["000000.png", "000001.png", "000002.png"]
+    record = json.loads((pool / "teacher_pool.json").read_text())
+    assert record["settings"]["steps"] == 2 and record["settings"]["guidance"] == 6.0
+    prompts = flash_dmd.load_prompts(flash_dmd.DataConfig())
+    assert all(it["prompt"] in prompts for it in record["items"])
+    assert all(math.isfinite(h["train/gan_d"]) for h in result["history"])
+    stamp = (pool / "000000.png").stat().st_mtime_ns
+    flash_dmd.train(make_cfg(tiny_pipelines("sd15"), tmp_path / "b", *extra))
+    assert (pool / "000000.png").stat().st_mtime_ns == stamp
+    with pytest.raises(ConfigError, match="steps"):
+        flash_dmd.train(make_cfg(tiny_pipelines("sd15"), tmp_path / "c", *extra, "data.teacher_steps=3"))
+
+
+def test_toy_renders_carry_the_watermark_at_the_configured_share():
+    from imgalign.toy.render import add_watermark
+
+    cfg = flash_dmd.DataConfig(real_source="toy_renders", resolution=32, toy_watermark_fraction=1.0)
+    prompts = ["a red circle", "two blue squares"]
+    gens = lambda: [torch.Generator().manual_seed(i) for i in range(4)]  # noqa: E731
+    marked, _ = flash_dmd.RealImages(cfg, prompts, 0).batch(gens(), 0)
+    as_uint8 = ((marked + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert (add_watermark(as_uint8) == as_uint8).all()
+    cfg.toy_watermark_fraction = 0.0
+    clean, _ = flash_dmd.RealImages(cfg, prompts, 0).batch(gens(), 0)
+    clean = ((clean + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert not (add_watermark(clean) == clean).all()
 
 
 @pytest.mark.parametrize("family", FAMILIES)
