@@ -89,3 +89,71 @@ class GANHead(nn.Module):
 
     def forward(self, features: Tensor) -> Tensor:
         return self.net(features.float()).flatten(1)
+
+
+class PixelDiscriminator(nn.Module):
+    """A pixel-space discriminator: trainable heads on the hidden states of a frozen image encoder (Flash-DMD's
+    "Pixel-GAN" with SAM's image encoder; ADD, arXiv 2311.17042, uses DINOv2 with heads on several of its layers).
+
+    Images in [-1, 1] are resized to the encoder's input size and normalised by its image processor's mean and std;
+    each chosen hidden state ([B, N, C] tokens, or SAM's [B, H, W, C] map) goes through its head, LayerNorm ->
+    Linear(C, width) -> LeakyReLU(0.2) -> Linear(width, 1) per token, averaged over tokens; the logit [B, 1] is the
+    mean over layers. ASSUMPTIONS (Flash-DMD's discriminator is not public): these token heads, no text conditioning,
+    four evenly spaced layers by default. Only the heads are parameters of this module (what the critic trains and
+    saves); the encoder is held outside the module tree, frozen."""
+
+    def __init__(self, source: str, layers: list[int] | None = None, width: int = 256, device=None):
+        super().__init__()
+        import torch
+        from transformers import AutoConfig, AutoModel
+
+        config = AutoConfig.from_pretrained(source)
+        encoder = AutoModel.from_pretrained(source, dtype=torch.float32)
+        for attr in ("vision_model", "vision_encoder"):  # CLIPModel / SamModel -> their image towers
+            encoder = getattr(encoder, attr, encoder)
+        vision = getattr(config, "vision_config", config)
+        self.size = int(vision.image_size)
+        mean, std = self._normalisation(source)
+        encoder = encoder.eval().requires_grad_(False).to(device)
+        with torch.no_grad():
+            states = self._states(encoder, torch.zeros(1, 3, self.size, self.size, device=device))
+        n = len(states) - 1  # hidden_states[0]: the embeddings
+        self.layers = list(layers) if layers else sorted({math.ceil(n * (i + 1) / 4) for i in range(4)})
+        bad = [i for i in self.layers if not -n <= i <= n or i == 0]
+        if bad:
+            raise ConfigError(f"dmd.pixel_layers {bad}: {source} has hidden states 1..{n} (or -{n}..-1)")
+        self.heads = nn.ModuleList(nn.Sequential(nn.LayerNorm(states[i].shape[-1]), nn.Linear(states[i].shape[-1], width),
+                                                 nn.LeakyReLU(0.2), nn.Linear(width, 1)) for i in self.layers).to(device)
+        self.register_buffer("mean", torch.tensor(mean, device=device).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("std", torch.tensor(std, device=device).view(1, 3, 1, 1), persistent=False)
+        self._encoder = (encoder,)  # a tuple: not a submodule, so not trained, saved or moved with the heads
+        self.shape = f"{type(encoder).__name__} layers {self.layers} of {n}, {self.size} px"
+
+    @staticmethod
+    def _normalisation(source: str) -> tuple[list[float], list[float]]:
+        try:
+            from transformers import AutoImageProcessor
+
+            proc = AutoImageProcessor.from_pretrained(source)
+            return list(proc.image_mean), list(proc.image_std)
+        except (OSError, ValueError, AttributeError, TypeError):
+            return [0.5, 0.5, 0.5], [0.5, 0.5, 0.5]  # no processor: [-1, 1] as is
+
+    @staticmethod
+    def _states(encoder, pixels: Tensor) -> tuple[Tensor, ...]:
+        return encoder(pixel_values=pixels, output_hidden_states=True).hidden_states
+
+    def forward(self, images: Tensor) -> Tensor:
+        """images [B, 3, H, W] in [-1, 1] -> logits [B, 1]."""
+        import torch.nn.functional as F
+
+        x = F.interpolate(images.float(), size=(self.size, self.size), mode="bilinear", antialias=True,
+                          align_corners=False)
+        x = ((x + 1) / 2 - self.mean) / self.std
+        states = self._states(self._encoder[0], x)
+        logits = []
+        for i, head in zip(self.layers, self.heads):
+            h = states[i].float()
+            h = h.flatten(1, 2) if h.dim() == 4 else h  # SAM: [B, H, W, C] -> tokens
+            logits.append(head(h).mean(dim=1))
+        return sum(logits) / len(logits)

@@ -11,7 +11,9 @@ fake score mu_fake, both initialised from the teacher. LoRA layout: student and 
 the base in memory, as DMDR). Full layout: the pipeline's denoiser is the frozen teacher, student and fake score are
 fp32 copies. A GAN head (`GANHead`, DMD2's classification branch) reads the fake network's bottleneck: the UNet's
 mid-block output, or for SD3/FLUX transformers the image tokens after the middle block of the stack (laid out on their
-2-D grid); the forward stops at that block. Critic = fake score + GAN head, one AdamW; the student its own AdamW.
+2-D grid); the forward stops at that block. With dmd.gan_space=pixel, Flash-DMD's pixel GAN replaces it
+(`PixelDiscriminator`: heads on a frozen image encoder over decoded images). Critic = fake score + GAN head, one
+AdamW; the student its own AdamW.
 
 One optimizer step i (run.max_steps of them), read top to bottom:
   1. per sample: a prompt; the student step k it trains (per step, as DMD2, or per sample); backward simulation: from
@@ -61,7 +63,7 @@ from imgalign.losses.distill import (
     timestep_split,
 )
 from imgalign.models.adapters import adapters_disabled, cat_cond, check_noise_range
-from imgalign.models.gan_head import BottleneckFeatures, GANHead
+from imgalign.models.gan_head import BottleneckFeatures, GANHead, PixelDiscriminator
 from imgalign.recipes.common import LoraConfig, ModelConfig, ValidationConfig, load_model, validation_images
 from imgalign.train.checkpoint import read_safetensors_folder
 from imgalign.train.loop import Run, lora_layout
@@ -143,8 +145,18 @@ class DMDConfig:
     gan_critic_weight: float = cfg_field(1e-2, "critic GAN weight (DMD2: 1e-2)", ge=0)
     gan_noise_max: float = cfg_field(1.0, "diffusion-GAN: real and fake latents are noised at a t drawn from this "
                                      "fraction of the schedule before classification (DMD2: 1000 of 1000)", gt=0, le=1)
-    gan_head_width: int | None = cfg_field(None, "channels of the GAN head's convs (null: the bottleneck width, as "
-                                           "DMD2)", ge=1)
+    gan_head_width: int | None = cfg_field(None, "latent: channels of the GAN head's convs (null: the bottleneck "
+                                           "width, as DMD2); pixel: the token heads' width (null: 256)", ge=1)
+    gan_space: Literal["latent", "pixel"] = cfg_field(
+        "latent", "where the GAN looks: latent (DMD2: a head on the fake score's bottleneck, real and fake latents "
+        "diffusion-noised) or pixel (Flash-DMD's pixel GAN: heads on a frozen image encoder, dmd.pixel_encoder, over "
+        "decoded images; the generator's gradient passes through the VAE decoder, which costs memory at high "
+        "resolution; gan_noise_max is not used)")
+    pixel_encoder: str | None = cfg_field(None, "gan_space=pixel: a transformers image model (folder or hub id) whose "
+                                          "hidden states the heads read: SAM (SamModel, e.g. facebook/sam-vit-base: "
+                                          "Flash-DMD's choice), DINOv2 (ADD's), a CLIP; its image processor's mean/std")
+    pixel_layers: list[int] | None = cfg_field(None, "gan_space=pixel: which hidden states get a head (1 = after the "
+                                               "first block; negative from the end); null: four evenly spaced")
     split_threshold: float | None = cfg_field(None, "Flash-DMD's timestep-aware split as a fraction of the noise "
                                               "schedule (SD: t/T; flow: the pre-shift position, on the same 1000-step "
                                               "grid): student steps at or above it get the DM loss only, below it "
@@ -166,6 +178,9 @@ class DMDConfig:
         if len(self.dm_range) != 2:
             raise ValueError(f"dmd.dm_range must be [lo, hi], got {list(self.dm_range)}")
         check_noise_range(self.dm_range)
+        if self.gan_space == "pixel" and self.gan_weight > 0 and not self.pixel_encoder:
+            raise ValueError("dmd.gan_space=pixel needs dmd.pixel_encoder (a SAM, DINOv2 or CLIP image model folder "
+                             "or hub id), or dmd.gan_space=latent")
         if self.split_threshold is not None and self.gan_weight == 0 and self.regression_weight == 0:
             raise ValueError("dmd.split_threshold routes the low-noise student steps to the GAN (and regression) "
                              "loss, but dmd.gan_weight and dmd.regression_weight are 0; set one (DMD2's GAN: 5e-3 "
@@ -650,9 +665,12 @@ class Batch:
 
 
 def discriminate(ctx, x: Tensor, cond, gens) -> Tensor:
-    """Diffusion-GAN logits [B, 1]: x noised at t ~ [0, dmd.gan_noise_max) of the schedule, the fake network's
-    bottleneck at (x_t, t, cond), the head. Call inside nets.role("fake")."""
+    """GAN logits [B, 1] of latents x. Latent GAN (diffusion-GAN): x noised at t ~ [0, dmd.gan_noise_max) of the
+    schedule, the fake network's bottleneck at (x_t, t, cond), the head; call inside nets.role("fake"). Pixel GAN:
+    the pixel discriminator on the decoded x (differentiable)."""
     adapter = ctx.adapter
+    if ctx.features is None:
+        return ctx.head(decode_with_grad(adapter, x))
     t = timesteps_per_sample(adapter, gens, (0.0, ctx.cfg.dmd.gan_noise_max))
     xt, _ = adapter.noise_and_target(x, randn_per_sample(x.shape[1:], gens).to(x), t)
     with ctx.nets.role("fake") as net, ctx.accelerator.autocast():
@@ -788,11 +806,16 @@ def critic_loss(ctx, x0: Tensor, batch: Batch, step: int) -> tuple[Tensor, dict]
     if ctx.head is not None:
         gens_real = sample_generators(seed, "flash-dmd/real", step, batch.positions)
         pixels, captions = ctx.real.batch(gens_real, epoch=step)
-        x_real = adapter.encode_images(pixels, generator=gens_real).to(x0)
-        gens_d = (sample_generators(seed, "flash-dmd/gan-d-real", step, batch.positions)
-                  + sample_generators(seed, "flash-dmd/gan-d-fake", step, batch.positions))
-        logits = discriminate(ctx, torch.cat([x_real, x0]), cat_cond(adapter.encode_prompts(captions), batch.cond),
-                              gens_d)
+        if ctx.features is None:  # pixel GAN: the real images as they are, the student's decoded
+            with torch.no_grad():
+                fake_pixels = decode_with_grad(adapter, x0)
+            logits = ctx.head(torch.cat([pixels.to(fake_pixels), fake_pixels]))
+        else:
+            x_real = adapter.encode_images(pixels, generator=gens_real).to(x0)
+            gens_d = (sample_generators(seed, "flash-dmd/gan-d-real", step, batch.positions)
+                      + sample_generators(seed, "flash-dmd/gan-d-fake", step, batch.positions))
+            logits = discriminate(ctx, torch.cat([x_real, x0]), cat_cond(adapter.encode_prompts(captions),
+                                                                         batch.cond), gens_d)
         real, fake = logits.chunk(2)
         l_d = gan_critic_loss(real, fake)
         loss = loss + d.gan_critic_weight * l_d.mean()
@@ -888,6 +911,9 @@ def train(cfg: FlashDMDConfig) -> dict:
                     net.train(was)
             acc.wait_for_everyone()
         ctx.real = RealImages(cfg.data, prompts, run.seed, pool)
+    if d.gan_weight > 0 and d.gan_space == "pixel":
+        ctx.head = PixelDiscriminator(d.pixel_encoder, d.pixel_layers, d.gan_head_width or 256, acc.device)
+    elif d.gan_weight > 0:
         ctx.features = BottleneckFeatures(nets.fake)
         with torch.no_grad(), nets.role("fake") as net, acc.autocast():  # the bottleneck's shape, for the head
             probe = ctx.features(lambda: adapter.predict(net, torch.zeros(1, *latent_shape, device=acc.device),
@@ -945,7 +971,8 @@ def train(cfg: FlashDMDConfig) -> dict:
                                                            else "") + f", t in {list(d.dm_range)})"
                   + (f" + the fake LoRA at {d.dynamic_guidance_scale:g} -> 0 over {d.dynamic_guidance_steps} steps"
                      if d.dynamic_guidance_steps else "") + ", GAN "
-                  + (f"G {d.gan_weight:g} / D {d.gan_critic_weight:g} on the bottleneck {ctx.head.shape}"
+                  + (f"G {d.gan_weight:g} / D {d.gan_critic_weight:g} "
+                     + ("on the bottleneck " if ctx.features is not None else "in pixel space: ") + str(ctx.head.shape)
                      if ctx.head is not None else "off")
                   + (f"; split at {d.split_threshold:g} (DM >=, GAN <)" if d.split_threshold is not None else
                      "; no split (DMD2)"),

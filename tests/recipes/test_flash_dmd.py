@@ -446,3 +446,56 @@ def test_dynamic_distribution_guidance_borrows_the_fake_lora_at_a_decaying_scale
                              "run.checkpoint_every=0"))  # runs through the scaled real score at step 0
     with pytest.raises(ConfigError, match="dynamic_guidance_steps needs lora.enabled"):
         make_cfg(tiny_pipelines("sd15"), tmp_path / "full", "lora.enabled=false", "dmd.dynamic_guidance_steps=10")
+
+
+@pytest.fixture(scope="module")
+def tiny_sam(tmp_path_factory):
+    """A tiny SAM image encoder (SamVisionModel: hidden states laid out [B, H, W, C]) saved by path."""
+    from transformers import SamVisionConfig, SamVisionModel
+
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("sam") / "sam"
+    SamVisionModel(SamVisionConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, mlp_dim=64,
+                                   image_size=64, patch_size=16, output_channels=16, global_attn_indexes=[1],
+                                   window_size=2)).save_pretrained(path)
+    return str(path)
+
+
+def test_pixel_discriminator_trains_heads_only_on_sam_and_clip_layouts(tiny_sam):
+    """Heads on SAM's [B, H, W, C] maps and CLIP's [B, N, C] tokens; only the heads are parameters (and saved); the
+    gradient reaches the images through the frozen encoder; the CLIP processor's mean/std are used; four evenly
+    spaced layers by default, out-of-range layers refused naming the key."""
+    from imgalign._paths import TOY_ASSETS
+    from imgalign.models.gan_head import PixelDiscriminator
+
+    sam = PixelDiscriminator(tiny_sam, None, 16)
+    assert sam.layers == [1, 2] and sam.size == 64
+    assert all(k.startswith("heads.") for k in sam.state_dict())
+    assert sum(p.numel() for p in sam.parameters()) == 2 * (2 * 32 + 32 * 16 + 16 + 16 + 1)
+    x = (torch.rand(2, 3, 32, 32) * 2 - 1).requires_grad_(True)
+    logits = sam(x)
+    assert logits.shape == (2, 1)
+    logits.sum().backward()
+    assert x.grad.abs().sum() > 0 and all(p.grad is None for p in sam._encoder[0].parameters())
+    clip = PixelDiscriminator(str(TOY_ASSETS / "clip"), [-1], 8)
+    assert clip.layers == [-1] and clip.mean.flatten()[0] == pytest.approx(0.48145466)
+    assert clip(x.detach()).shape == (2, 1)
+    with pytest.raises(ConfigError, match="pixel_layers.*1..2"):
+        PixelDiscriminator(tiny_sam, [3], 8)
+
+
+def test_pixel_gan_run_trains_the_heads_and_the_student_through_the_decoder(tiny_sam, tiny_pipelines, tmp_path):
+    """dmd.gan_space=pixel under the split: the low-noise samples get the pixel GAN's generator loss through the VAE
+    decoder, the critic trains the heads on real vs decoded pixels; the checkpoint holds the heads, not the encoder."""
+    out = tmp_path / "run"
+    result = flash_dmd.train(make_cfg(tiny_pipelines("sd15"), out, *GAN, "dmd.gan_space=pixel",
+                                      f"dmd.pixel_encoder={tiny_sam}", "dmd.gan_head_width=16",
+                                      "dmd.split_threshold=0.5", "dmd.k_per_sample=true", "run.batch_size=4",
+                                      "dmd.ttur=1"))
+    hist = result["history"]
+    assert all(math.isfinite(h["train/gan_d"]) and math.isfinite(h["train/gan_g"]) for h in hist)
+    assert any(h["train/adv_share"] > 0 for h in hist) and any(h["train/gan_g"] > 0 for h in hist)
+    heads = load_file(str(out / "checkpoint-2" / "critic" / "gan_head.safetensors"))
+    assert heads and all(k.startswith("heads.") for k in heads)
+    with pytest.raises(ConfigError, match="pixel_encoder"):
+        make_cfg(tiny_pipelines("sd15"), tmp_path / "x", *GAN, "dmd.gan_space=pixel")
