@@ -37,6 +37,7 @@ delete a folder to retrain it), validated every --val-every steps with the toy r
   split_teacher_reg  split_teacher plus the regression loss on the low-noise steps (weight 0.25, latent MSE to the
                      teacher's 4-step DDIM sample from the student's input)
   split_wm           (c) with 40 % of the renders watermarked (the toy SD's last pretraining phase)
+  split_pixel        split_teacher with the pixel-space GAN (dmd.gan_space=pixel) on the frozen toy CLIP image tower
 The students sample their 4 steps without CFG, as `imgalign generate --lora <student>` does. Evaluation: the first
 --eval-prompts held-out test prompts x --images-per-prompt images, image j of prompt i at one seed derived from
 (--eval-seed, i, j) for every model. Per model, with percentile bootstrap 95 % intervals:
@@ -64,7 +65,7 @@ teacher's watermark without RL.
     python scripts/bench_flash_dmd.py --toy --steps 1000 --lr 1e-3 --split-gan-weight 0.1 --set rl.start_step=500 \
         --set validation.prompts_file=outputs/val48.txt --val-every 100 --eval-prompts 200 --images-per-prompt 2 \
         --threads 1 --out outputs/flash_dmd_toy      # docs/results.md (outputs/val48.txt: 48 validation prompts)
-    python scripts/bench_flash_dmd.py --toy --runs dmd2 split split_teacher split_teacher_reg split_wm --steps 1000 \
+    python scripts/bench_flash_dmd.py --toy --runs dmd2 split split_teacher split_teacher_reg split_wm split_pixel --steps 1000 \
         --lr 1e-3 --split-gan-weight 0.1 --set validation.reward=toy --set validation.prompts_file=outputs/val48.txt \
         --val-every 100 --eval-prompts 200 --images-per-prompt 2 --threads 1 --out outputs/flash_dmd_toy2
 
@@ -93,6 +94,9 @@ TOY_RUNS = {  # overrides of configs/flash_dmd/toy.yaml per student
     "split_teacher_reg": [*NO_RL, "data.real_source=teacher", "data.teacher_images=512", "dmd.regression_weight=0.25"],
     # ... or renders watermarked as the toy SD's last pretraining phase (40 %)
     "split_wm": [*NO_RL, "data.toy_watermark_fraction=0.4"],
+    # split_teacher with Flash-DMD's pixel-space GAN: heads on the frozen toy CLIP image tower over decoded images
+    "split_pixel": [*NO_RL, "data.real_source=teacher", "data.teacher_images=512", "dmd.gan_space=pixel",
+                    "dmd.pixel_encoder=assets/toy/clip"],
 }
 RATER = ("preference", "fidelity", "watermark_rate")  # per image, paired against teacher@4
 RIDGE = 1e-4  # added to both covariances of the Frechet distance (48-d embeddings, a few hundred images)
