@@ -28,7 +28,8 @@ One optimizer step i (run.max_steps of them), read top to bottom:
        REG   (the GAN's side of the split; dmd.regression_weight) the distance from x to the teacher's deterministic
              sample from the same input x_k (`teacher_ode_x0`, dmd.regression_steps DDIM / Euler steps, no grad)
        RL    after rl.start_step: sum_i w_i relu(tau_i - r_i(decode(x))) (DMDR's hinge; gradient by backprop through
-             the VAE and a differentiable reward, or Gaussian smoothing for a non-differentiable one)
+             the VAE and a differentiable reward, or Gaussian smoothing for a non-differentiable one); or
+             (rl.algorithm=grpo) -A log p of the student's own rollouts' transitions (`GRPOTerm`)
   3. critic turn (every step): on the detached x of step 2, the family's denoising loss of the fake score over the full
      range, plus dmd.gan_critic_weight * [softplus(D(fake)) + softplus(-D(real))] on noised real and fake latents.
      Real images: a dataset, toy renders, or the teacher's own samples (`TeacherPool`, generated once before step 0).
@@ -189,11 +190,23 @@ class DMDConfig:
 
 @dataclass
 class RLConfig:
-    rewards: list[str] = cfg_field([], "reward specs NAME:WEIGHT (imgalign.rewards) of the joint RL term "
-                                   "sum_i w_i relu(tau_i - r_i) on the student's decoded x0; empty: no RL. DMDR SD3: "
-                                   "DFN-CLIP-H 0.3 and HPSv2.1 0.3")
-    thresholds: list[float] = cfg_field([], "tau_i, one per reward, in the reward's own units (DMDR: 0.7 on cosine "
-                                        "scores)")
+    rewards: list[str] = cfg_field([], "reward specs NAME:WEIGHT (imgalign.rewards) of the joint RL term; empty: no "
+                                   "RL. hinge: sum_i w_i relu(tau_i - r_i) on the student's decoded x0 (DMDR SD3: "
+                                   "DFN-CLIP-H 0.3 and HPSv2.1 0.3); grpo: the weights of the advantages")
+    algorithm: Literal["hinge", "grpo"] = cfg_field(
+        "hinge", "hinge: DMDR's reward hinge on the student's x0 of the distillation batch; grpo: a Pref-GRPO-style "
+        "policy gradient on the student's own stochastic N-step rollouts (its LCM re-noising is the policy's "
+        "Gaussian transition x_k+1 ~ N(alpha_k+1 G(x_k), sigma_k+1^2)): rl.groups prompts x rl.group_size rollouts "
+        "per micro-batch, group-normalised advantages of the rewards (rl.mode), -A log p of every transition, "
+        "times rl.grpo_weight. ASSUMPTION: Flash-DMD's RL loss is not public")
+    mode: Literal["pairwise", "pointwise"] = cfg_field("pairwise", "grpo: pairwise win rates inside each group "
+                                                       "(Pref-GRPO) or pointwise scores (Flow-GRPO)")
+    groups: int = cfg_field(2, "grpo: prompts per micro-batch (the first of the distillation batch's)", ge=1)
+    group_size: int = cfg_field(4, "grpo: rollouts per prompt", ge=2)
+    grpo_weight: float = cfg_field(1.0, "grpo: weight of the policy loss beside the distillation loss", ge=0)
+    adv_clip_max: float = cfg_field(5.0, "grpo: advantages clamped to [-adv_clip_max, adv_clip_max]", gt=0)
+    thresholds: list[float] = cfg_field([], "hinge: tau_i, one per reward, in the reward's own units (DMDR: 0.7 on "
+                                        "cosine scores); grpo: not used")
     kwargs: dict[str, dict] = cfg_field({}, "constructor arguments per reward name")
     start_step: int = cfg_field(2000, "cold start: optimizer steps of pure distillation before the reward term joins "
                                 "(DMDR: 2000); distillation continues after it", ge=0)
@@ -206,7 +219,7 @@ class RLConfig:
     smoothing_pairs: int = cfg_field(4, "smoothed: antithetic perturbation pairs per sample", ge=1)
 
     def __post_init__(self):
-        if len(self.thresholds) != len(self.rewards):
+        if self.algorithm == "hinge" and len(self.thresholds) != len(self.rewards):
             raise ValueError(f"rl.thresholds has {len(self.thresholds)} values for {len(self.rewards)} rl.rewards; "
                              "give one threshold tau per reward")
 
@@ -231,6 +244,9 @@ class FlashDMDConfig:
         if self.lora.ref_cpu_offload:
             raise ValueError("lora.ref_cpu_offload is not supported by flash-dmd (the teacher is evaluated every "
                              "step); leave it false")
+        if self.rl.rewards and self.rl.algorithm == "grpo" and self.dmd.student_steps < 2:
+            raise ValueError("rl.algorithm=grpo needs dmd.student_steps >= 2: a one-step student has no stochastic "
+                             "transition to take a policy gradient of; use rl.algorithm=hinge")
         if self.dmd.dynamic_guidance_steps and not self.lora.enabled:
             raise ValueError("dmd.dynamic_guidance_steps needs lora.enabled=true (the real score borrows the fake "
                              "score's LoRA at a reduced scale); set dmd.dynamic_guidance_steps=0 for full copies")
@@ -651,6 +667,80 @@ class RewardTerm:
         return h0.to(x0) + surrogate - surrogate.detach(), {f"reward/{n}": v.mean() for n, v in seen.items()}
 
 
+@torch.no_grad()
+def student_rollout(adapter, model, sched: StudentSchedule, cond, gens, latent_shape) -> tuple[list[Tensor], Tensor]:
+    """The student's stochastic N-step sampler, one generator per sample (initial noise, then one draw per
+    re-noising) -> (the inputs x_0 .. x_N-1 of its steps, each [B, C, h, w]; the final clean estimate [B, C, h, w])."""
+    x = randn_per_sample(latent_shape, gens).to(adapter.device)
+    states = [x]
+    for k in range(sched.n):
+        step = torch.full((len(gens),), k)
+        x0 = student_x0(adapter, model, sched, x, step, cond)
+        if k + 1 < sched.n:
+            x = sched.renoise(x0, step + 1, randn_per_sample(latent_shape, gens).to(x0)).to(x.dtype)
+            states.append(x)
+    return states, x0
+
+
+class GRPOTerm:
+    """rl.algorithm=grpo: a Pref-GRPO-style policy gradient on the student's own rollouts. Policy: the student's
+    sampler, whose re-noising makes step k a Gaussian transition x_k+1 ~ N(alpha_k+1 G(x_k, k), sigma_k+1^2) (the last
+    step is deterministic and has none). Per micro-batch: rl.groups prompts x rl.group_size rollouts (no grad), the
+    rewards of their decoded x0 (pairwise win rates in each group, or pointwise scores), group-normalised advantages
+    (imgalign.losses.policy, zero for constant groups), then with grad the on-policy clipped surrogate of the mean
+    log-probability of the rollout's transitions (ratio 1: the gradient is -A grad log p)."""
+
+    def __init__(self, cfg: RLConfig, device):
+        from imgalign.rewards.online import build_reward_list
+
+        self.cfg = cfg
+        self.judge = SimpleNamespace(mode=cfg.mode, rewards=cfg.rewards, kwargs=cfg.kwargs, swap_order=False,
+                                     hard_wins=True)
+        self.specs, self.rewards = build_reward_list(self.judge, device)
+        self.weights = [s.weight for s in self.specs]
+
+    def describe(self) -> str:
+        c = self.cfg
+        return (f"GRPO on student rollouts: {c.groups} prompts x {c.group_size} per micro-batch, {c.mode} "
+                f"{' + '.join(f'{s.weight:g} {s.name}' for s in self.specs)}, weight {c.grpo_weight:g}, from step "
+                f"{c.start_step}")
+
+    def __call__(self, ctx, batch: Batch, step: int, latent_shape) -> tuple[Tensor, dict]:
+        from imgalign.losses.policy import clipped_surrogate, combine_advantages, zero_std_groups
+        from imgalign.rewards.online import compute_rewards
+        from imgalign.sampling.gaussian import gaussian_log_prob
+
+        adapter, sched, acc, c = ctx.adapter, ctx.sched, ctx.accelerator, self.cfg
+        g, n = min(c.groups, len(batch.prompts)), c.group_size
+        rows = torch.arange(g).repeat_interleave(n)
+        prompts = [batch.prompts[i] for i in rows.tolist()]
+        groups = torch.tensor([batch.positions[i] for i in rows.tolist()])
+        gens = sample_generators(ctx.cfg.run.seed, "flash-dmd/grpo", step,
+                                 [batch.positions[i] * n + j for i in range(g) for j in range(n)])
+        cond = _rows(batch.cond, rows.to(adapter.device))
+        with ctx.nets.role("student") as net:
+            with acc.autocast():
+                states, x0 = student_rollout(adapter, net, sched, cond, gens, latent_shape)
+            values, _ = compute_rewards(self.specs, self.rewards, self.judge, adapter.decode_latents(x0), prompts,
+                                        groups, acc)
+            all_groups = acc.gather(groups.to(acc.device)).cpu()
+            adv = combine_advantages(values, self.weights, all_groups, std="group")
+            adv = torch.where(zero_std_groups(values, all_groups), torch.zeros_like(adv), adv)
+            adv = adv[acc.process_index * len(rows):(acc.process_index + 1) * len(rows)].to(x0.device)
+            log_probs = []
+            for k in range(sched.n - 1):
+                step_k = torch.full((len(rows),), k)
+                with acc.autocast():
+                    x0_k = student_x0(adapter, net, sched, states[k], step_k, cond)
+                a, s = sched.coef(step_k + 1, x0_k)
+                log_probs.append(gaussian_log_prob(states[k + 1], a * x0_k, s.expand_as(x0_k)))
+        log_p = torch.stack(log_probs, 1).mean(1)
+        out = clipped_surrogate(log_p, log_p.detach(), adv, adv_clip_max=c.adv_clip_max)
+        combined = sum(w * v for w, v in zip(self.weights, values))
+        return c.grpo_weight * out.loss.mean(), {"loss_grpo": out.loss.mean().detach(),
+                                                 "grpo_reward": combined.mean(), "grpo_adv_abs": adv.abs().mean()}
+
+
 # ------------------------------------------------------------------------------------------------
 # Losses of one micro-batch
 # ------------------------------------------------------------------------------------------------
@@ -782,7 +872,11 @@ def student_loss(ctx, x0: Tensor, batch: Batch, step: int, rl_on: bool) -> tuple
     m.update({"loss_dm": per_dm.mean().detach(), "gan_g": per_adv.mean().detach(), "loss_distill": loss.detach()})
     if d.regression_weight:
         m["loss_reg"] = per_reg.mean().detach()
-    if rl_on:
+    if rl_on and isinstance(ctx.reward, GRPOTerm):
+        term, rm = ctx.reward(ctx, batch, step, x0.shape[1:])
+        loss = loss + term
+        m.update({"loss_rl": term.detach(), **rm})
+    elif rl_on:
         gens = sample_generators(seed, "flash-dmd/rl", step, batch.positions)
         term, rm = ctx.reward(adapter, x0, batch.prompts, gens)
         loss = loss + term.mean()
@@ -920,7 +1014,7 @@ def train(cfg: FlashDMDConfig) -> dict:
                                                          sched.t[:1].to(acc.device), adapter.encode_prompts([""])))
         ctx.head = GANHead(probe.shape[1], probe.shape[-1], d.gan_head_width).to(acc.device)
     if cfg.rl.rewards:
-        ctx.reward = RewardTerm(cfg.rl, acc.device)
+        ctx.reward = (GRPOTerm if cfg.rl.algorithm == "grpo" else RewardTerm)(cfg.rl, acc.device)
 
     # ---- two trained networks: the student first (its weights are the checkpoint folder's own), then the critic --
     head_params = [(f"gan_head.{n}", p) for n, p in ctx.head.named_parameters()] if ctx.head is not None else []

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -499,3 +500,68 @@ def test_pixel_gan_run_trains_the_heads_and_the_student_through_the_decoder(tiny
     assert heads and all(k.startswith("heads.") for k in heads)
     with pytest.raises(ConfigError, match="pixel_encoder"):
         make_cfg(tiny_pipelines("sd15"), tmp_path / "x", *GAN, "dmd.gan_space=pixel")
+
+
+def test_grpo_term_raises_the_log_probability_of_the_better_rollouts(tiny_pipelines, monkeypatch):
+    """rl.algorithm=grpo: with rewards that favour rollout 0 of each group, one SGD step along the term's gradient
+    raises the log-probability of rollout 0's transitions and lowers the others' (the term is -A log p); its value at
+    ratio 1 is -mean(A) (0 with group-normalised advantages)."""
+    from accelerate import Accelerator
+
+    from imgalign.models.adapters import load_adapter
+    from imgalign.sampling.gaussian import gaussian_log_prob
+
+    cfg = make_cfg(tiny_pipelines("sd15"), Path("unused"), "rl.algorithm=grpo", "rl.rewards=[compressibility]",
+                   "rl.mode=pointwise", "rl.groups=2", "rl.group_size=3")
+    adapter = load_adapter(cfg.model.pretrained)
+    nets = flash_dmd.DMDNetworks(adapter, cfg.lora, torch.float32, False)
+    with torch.no_grad():  # a student that differs from the teacher
+        for _, p in nets.named_params("student"):
+            p.add_(0.1 * torch.randn_like(p))
+    sched = flash_dmd.StudentSchedule(adapter, 4)
+    ctx = SimpleNamespace(cfg=cfg, adapter=adapter, nets=nets, sched=sched, accelerator=Accelerator(cpu=True))
+    prompts = ["a red circle", "two blue squares"]
+    batch = flash_dmd.Batch(prompts, adapter.encode_prompts(prompts), None, torch.zeros(2, dtype=torch.long), [0, 1])
+    seen = {}
+    real_rollout = flash_dmd.student_rollout
+    monkeypatch.setattr(flash_dmd, "student_rollout", lambda *a: seen.setdefault("r", real_rollout(*a)))
+    monkeypatch.setattr("imgalign.rewards.online.compute_rewards",
+                        lambda specs, rewards, judge, images, *a: (torch.tensor([[1.0, 0, 0, 1.0, 0, 0]]), {}))
+    term = flash_dmd.GRPOTerm(cfg.rl, torch.device("cpu"))
+    shape = (4, 16, 16)
+    with nets.role("student"):
+        loss, metrics = term(ctx, batch, 0, shape)
+    assert float(loss) == pytest.approx(0.0, abs=1e-6) and float(metrics["grpo_adv_abs"]) > 0
+    states, _ = seen["r"]
+    cond = flash_dmd._rows(batch.cond, torch.arange(2).repeat_interleave(3))
+
+    def log_p():
+        with torch.no_grad(), nets.role("student") as net:
+            out = []
+            for k in range(3):
+                step = torch.full((6,), k)
+                x0 = flash_dmd.student_x0(adapter, net, sched, states[k], step, cond)
+                a, s = sched.coef(step + 1, x0)
+                out.append(gaussian_log_prob(states[k + 1], a * x0, s.expand_as(x0)))
+            return torch.stack(out, 1).mean(1)
+
+    before = log_p()
+    params = [p for _, p in nets.named_params("student")]
+    grads = torch.autograd.grad(loss, params)
+    with torch.no_grad():
+        for p, g in zip(params, grads):
+            p.sub_(1e-2 * g)
+    change = log_p() - before
+    assert (change[[0, 3]] > 0).all() and (change[[1, 2, 4, 5]] < 0).all(), change
+
+
+def test_grpo_term_runs_beside_the_distillation(tiny_pipelines, tmp_path):
+    result = flash_dmd.train(make_cfg(tiny_pipelines("sd15"), tmp_path / "run", "rl.algorithm=grpo",
+                                      "rl.rewards=[compressibility]", "rl.mode=pointwise", "rl.start_step=1",
+                                      "rl.groups=1", "rl.group_size=2", "dmd.ttur=1", "run.checkpoint_every=0"))
+    hist = result["history"]
+    assert "train/loss_grpo" not in hist[0] and math.isfinite(hist[1]["train/loss_grpo"])
+    assert math.isfinite(hist[1]["train/loss_student"])
+    with pytest.raises(ConfigError, match="student_steps >= 2"):
+        make_cfg(tiny_pipelines("sd15"), tmp_path / "x", "rl.algorithm=grpo", "rl.rewards=[compressibility]",
+                 "dmd.student_steps=1")
