@@ -38,6 +38,8 @@ delete a folder to retrain it), validated every --val-every steps with the toy r
                      teacher's 4-step DDIM sample from the student's input)
   split_wm           (c) with 40 % of the renders watermarked (the toy SD's last pretraining phase)
   split_pixel        split_teacher with the pixel-space GAN (dmd.gan_space=pixel) on the frozen toy CLIP image tower
+  split_teacher_grpo split_teacher plus rl.algorithm=grpo: the toy rater's win rates in groups of 4 rollouts of the
+                     student (2 prompts per micro-batch), from rl.start_step
 The students sample their 4 steps without CFG, as `imgalign generate --lora <student>` does. Evaluation: the first
 --eval-prompts held-out test prompts x --images-per-prompt images, image j of prompt i at one seed derived from
 (--eval-seed, i, j) for every model. Per model, with percentile bootstrap 95 % intervals:
@@ -65,9 +67,10 @@ teacher's watermark without RL.
     python scripts/bench_flash_dmd.py --toy --steps 1000 --lr 1e-3 --split-gan-weight 0.1 --set rl.start_step=500 \
         --set validation.prompts_file=outputs/val48.txt --val-every 100 --eval-prompts 200 --images-per-prompt 2 \
         --threads 1 --out outputs/flash_dmd_toy      # docs/results.md (outputs/val48.txt: 48 validation prompts)
-    python scripts/bench_flash_dmd.py --toy --runs dmd2 split split_teacher split_teacher_reg split_wm split_pixel --steps 1000 \
-        --lr 1e-3 --split-gan-weight 0.1 --set validation.reward=toy --set validation.prompts_file=outputs/val48.txt \
-        --val-every 100 --eval-prompts 200 --images-per-prompt 2 --threads 1 --out outputs/flash_dmd_toy2
+    python scripts/bench_flash_dmd.py --toy --runs dmd2 split split_teacher split_teacher_reg split_wm split_pixel \
+        split_teacher_grpo --steps 1000 --lr 1e-3 --split-gan-weight 0.1 --set rl.start_step=500 \
+        --set validation.reward=toy --set validation.prompts_file=outputs/val48.txt --val-every 100 \
+        --eval-prompts 200 --images-per-prompt 2 --threads 1 --out outputs/flash_dmd_toy2
 
 (untuned: at the config's lr 1e-4 the validation reward of dmd2 did not move in 100 steps, at 1e-3 it rose from 0.33
 to 0.45 on 32 validation prompts; --set passes any other override to every run, e.g. rl.start_step.)
@@ -94,6 +97,9 @@ TOY_RUNS = {  # overrides of configs/flash_dmd/toy.yaml per student
     "split_teacher_reg": [*NO_RL, "data.real_source=teacher", "data.teacher_images=512", "dmd.regression_weight=0.25"],
     # ... or renders watermarked as the toy SD's last pretraining phase (40 %)
     "split_wm": [*NO_RL, "data.toy_watermark_fraction=0.4"],
+    # split_teacher plus the Pref-GRPO-style RL term (the toy rater's win rates on the student's own rollouts)
+    "split_teacher_grpo": ["data.real_source=teacher", "data.teacher_images=512", "rl.algorithm=grpo",
+                           "rl.rewards=[toy_preference]", "rl.thresholds=[]", "rl.mode=pairwise"],
     # split_teacher with Flash-DMD's pixel-space GAN: heads on the frozen toy CLIP image tower over decoded images
     "split_pixel": [*NO_RL, "data.real_source=teacher", "data.teacher_images=512", "dmd.gan_space=pixel",
                     "dmd.pixel_encoder=assets/toy/clip"],
