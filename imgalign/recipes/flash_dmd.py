@@ -1073,8 +1073,9 @@ def train(cfg: FlashDMDConfig) -> dict:
         "joint RL": ctx.reward.describe() if ctx.reward is not None else "off",
         "data": f"{len(prompts)} prompts" + (f"; real images: {ctx.real.summary}" if ctx.real is not None else ""),
         "effective batch": f"{run.batch_size} x {run.grad_accum} accum x {acc.num_processes} procs = "
-                           f"{run.batch_size * run.grad_accum * acc.num_processes}/step (gradients averaged over "
-                           "the processes per network, see train.loop.average_gradients)",
+                           f"{run.batch_size * run.grad_accum * acc.num_processes}/step"
+                           + (" (each network's gradients averaged over the processes: train.loop.average_gradients)"
+                              if acc.num_processes > 1 else ""),
     })
     book.start(make_validator(ctx, cfg.validation, cfg.data.resolution, book.out_dir), cfg.validation.every)
 
