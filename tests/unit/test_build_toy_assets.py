@@ -170,3 +170,25 @@ def test_repeated_token_attention_equals_real_zero_tokens(copies):
         plain = net(hidden_states=x, timestep=t, pooled_projections=pooled,
                     encoder_hidden_states=torch.cat([ehs, torch.zeros(3, 1, 96)], 1)).sample
     torch.testing.assert_close(ones, plain)
+
+
+def test_identity_layers_make_sd3s_penultimate_hidden_state_the_last_trained_layer():
+    """SD3's pipeline conditions on hidden_states[-2]: on the 2-layer toy CLIP that is layer 1's output; with one
+    zero-residual layer appended it is layer 2's (what the toy SD conditions on, before the final norm), while the
+    last hidden state and the pooled projection stay exactly those of the 2-layer tower."""
+    from transformers import CLIPModel
+
+    from imgalign._paths import TOY_ASSETS
+    from imgalign.toy import models as M
+
+    clip = CLIPModel.from_pretrained(str(TOY_ASSETS / "clip"))
+    plain, deeper = M.text_tower(clip, projection=True), M.text_tower(clip, projection=True, identity_layers=1)
+    assert deeper.config.num_hidden_layers == 3
+    ids = M.tokenizer()(["a red circle left of two blue squares"], padding="max_length", max_length=32,
+                        return_tensors="pt").input_ids
+    with torch.no_grad():
+        a, b = plain(ids, output_hidden_states=True), deeper(ids, output_hidden_states=True)
+    torch.testing.assert_close(b.hidden_states[-2], a.hidden_states[-1], rtol=0, atol=0)
+    torch.testing.assert_close(b.last_hidden_state, a.last_hidden_state, rtol=0, atol=0)
+    torch.testing.assert_close(b.text_embeds, a.text_embeds, rtol=0, atol=0)
+    assert not torch.equal(a.hidden_states[-2], b.hidden_states[-2])
