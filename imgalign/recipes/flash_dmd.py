@@ -483,10 +483,10 @@ class TeacherPool:
 
     def __init__(self, folder: Path, settings: dict, prompts: list[str]):
         self.folder, self.settings, self.prompts = Path(folder), settings, prompts
+        gens = [torch.Generator().manual_seed(derive_seed(settings["seed"], "flash-dmd/pool", i))
+                for i in range(settings["images"])]
         self.items = [{"file": f"{i:06d}.png", "prompt": prompts[int(torch.randint(len(prompts), (1,), generator=g))]}
-                      for i, g in enumerate(torch.Generator().manual_seed(derive_seed(settings["seed"],
-                                                                                      "flash-dmd/pool", i))
-                                            for i in range(settings["images"]))]
+                      for i, g in enumerate(gens)]
 
     def check(self) -> None:
         path = self.folder / self.FILE
@@ -514,8 +514,10 @@ class TeacherPool:
             images = pipe(prompt=[self.items[i]["prompt"] for i in chunk], generator=gens,
                           num_inference_steps=s["steps"], guidance_scale=s["guidance"], height=s["resolution"],
                           width=s["resolution"]).images
-            for i, image in zip(chunk, images):
-                image.save(self.folder / self.items[i]["file"])
+            for i, image in zip(chunk, images):  # written whole, then renamed: a killed run leaves no half image
+                tmp = self.folder / f".{self.items[i]['file']}"
+                image.save(tmp, format="PNG")
+                tmp.replace(self.folder / self.items[i]["file"])
         return len(todo)
 
 
