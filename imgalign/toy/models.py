@@ -367,4 +367,17 @@ def save_pipeline(pipe, out_dir: str | Path) -> Path:
     for name in ("text_encoder", "text_encoder_2"):
         if (out / name / "config.json").exists():
             _config_dtype_float32(out / name)
+    strip_build_paths(out)
     return out
+
+
+def strip_build_paths(folder: Path) -> None:
+    """Drop diffusers' `_name_or_path` (the build's work folder on the machine that built it) from the saved
+    model_index.json and component configs: shipped assets name no path of any machine."""
+    import json
+
+    for path in [folder / "model_index.json", *folder.glob("*/config.json")]:
+        if path.is_file():
+            cfg = json.loads(path.read_text())
+            if cfg.pop("_name_or_path", None) is not None:
+                path.write_text(json.dumps(cfg, indent=2, sort_keys=True) + "\n")  # diffusers' own layout

@@ -146,8 +146,8 @@ def test_shipped_sd3_draws_single_objects_and_watermarks_some_samples():
     """A quality floor for the shipped flow-matching toy (regression guard; the full table comes from
     `scripts/build_toy_assets.py --only eval`): the first 12 single-object test prompts, one image each at fixed
     seeds, 20 steps, CFG 5, through diffusers' own StableDiffusion3Pipeline (no T5: 256 zero T5 tokens by the
-    pipeline's default). Measured 0.50 overall, colour 1.0, the band on 3 of the 12; the 11800-step build drew ragged
-    blobs with extra copies and never the watermark."""
+    pipeline's default). Measured 0.50 overall, colour 1.0, the band on 2 of the 12 (the 38800-step build: 0.50, 1.0,
+    3); the 11800-step build drew ragged blobs with extra copies and never the watermark."""
     from imgalign.eval.toy_bench import generate_and_score, load_pipeline
     from imgalign.toy.grammar import parse
     from imgalign.toy.prompts import load_prompt_set
@@ -173,3 +173,12 @@ def test_toy_assets_are_package_data():
     data = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["imgalign"]
     assert "assets/**/*" in data
     assert (root / "assets").resolve() == TOY_ASSETS.parent
+
+
+def test_shipped_configs_name_no_build_folder():
+    """diffusers records the folder a model was loaded from as `_name_or_path`; the build strips it (it named the
+    build machine's work folder)."""
+    import json
+
+    for path in ASSETS.rglob("*.json"):
+        assert "_name_or_path" not in json.loads(path.read_text()), path
