@@ -498,6 +498,7 @@ def shipped_chain(work_dir: str, assets: str) -> dict[str, list[tuple[str, str |
     sd3_phase = ["--only", "sd3", "--resume", "--sd3-phase2-steps", "3000", *work]
     sd3_long = ["--only", "sd3", "--resume", "--sd3-timestep-sampling", "uniform", "--watermark-fraction", "0.3",
                 "--sd3-phase2-steps"]
+    sd3_text = ["--sd3-text-identity-layers", "1"]
     return {
         "a": [("clip", None, ["--only", "clip", *work]),
               ("sd_1", "vae", ["--only", "sd", "--kind-weights", "uniform", "--sd-steps", "2000", *work]),
@@ -516,6 +517,11 @@ def shipped_chain(work_dir: str, assets: str) -> dict[str, list[tuple[str, str |
               # timesteps, the watermark decoder and 30 % watermarked renders; phase 6 on fresh renders (seed 1)
               ("sd3_5_watermark", None, [*sd3_long, "15000", "--work-dir", wm]),
               ("sd3_6_watermark", None, [*sd3_long, "12000", "--seed", "1", "--work-dir", wm]),
+              # phases 7-8: SD3 conditioned on the last CLIP layer (an identity layer appended to the towers), then
+              # batches weighted towards pair and relation prompts; each on fresh renders
+              ("sd3_7_text_layer", None, [*sd3_long, "12000", "--seed", "2", *sd3_text, "--work-dir", wm]),
+              ("sd3_8_pairs", None, [*sd3_long, "12000", "--seed", "3", *sd3_text, "--kind-weights",
+                                     "single=0.2,count=0.2,pair=0.35,relation=0.25", "--work-dir", wm]),
               ("eval_sd3", None, ["--only", "eval", "--eval-models", "sd3", *work]),
               ("subjects", None, ["--only", "subjects", *work])],
     }

@@ -74,12 +74,16 @@ def test_shipped_chain_reproduces_the_manifests_phases():
     assert wm_sd[wm_sd.index("--work-dir") + 1] == wm_vae[wm_vae.index("--work-dir") + 1] != "/tmp/w"
     # so do sd3's watermark phases, after it in the same lane, at the fraction the manifest recorded
     lane_b = [step for step, _, _ in lanes["b"]]
-    for step in ("sd3_5_watermark", "sd3_6_watermark"):
+    for step in ("sd3_5_watermark", "sd3_6_watermark", "sd3_7_text_layer", "sd3_8_pairs"):
         argv = next(argv for name, _, argv in steps if name == step)
         assert lane_b.index(step) > lane_b.index("vae_watermark")
         assert argv[argv.index("--work-dir") + 1] == wm_vae[wm_vae.index("--work-dir") + 1]
         assert float(argv[argv.index("--watermark-fraction") + 1]) == manifest["sd3"]["watermark_fraction"]
         assert argv[argv.index("--sd3-timestep-sampling") + 1] == manifest["sd3"]["timestep_sampling"]
+    # the text-layer phases and every later one rebuild the towers with the identity layer the shipped sd3 has
+    last = next(argv for name, _, argv in steps if name == lane_b[lane_b.index("eval_sd3") - 1])
+    assert int(last[last.index("--sd3-text-identity-layers") + 1]) == manifest["sd3"]["text_identity_layers"]
+    assert last[last.index("--kind-weights") + 1] == manifest["sd3"]["kind_weights"]
 
 
 def test_eval_of_one_model_keeps_the_others_entry(tmp_path, monkeypatch):
