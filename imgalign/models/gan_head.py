@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from imgalign.config import ConfigError
@@ -104,7 +106,6 @@ class PixelDiscriminator(nn.Module):
 
     def __init__(self, source: str, layers: list[int] | None = None, width: int = 256, device=None):
         super().__init__()
-        import torch
         from transformers import AutoConfig, AutoModel
 
         config = AutoConfig.from_pretrained(source)
@@ -145,8 +146,6 @@ class PixelDiscriminator(nn.Module):
 
     def forward(self, images: Tensor) -> Tensor:
         """images [B, 3, H, W] in [-1, 1] -> logits [B, 1]."""
-        import torch.nn.functional as F
-
         x = F.interpolate(images.float(), size=(self.size, self.size), mode="bilinear", antialias=True,
                           align_corners=False)
         x = ((x + 1) / 2 - self.mean) / self.std

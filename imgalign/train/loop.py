@@ -112,11 +112,12 @@ def average_gradients(acc, params: list[torch.nn.Parameter], bucket: int = 2**25
     as it would on one process)."""
     dev = params[0].device
     flags = acc.reduce(torch.tensor([float(p.grad is not None) for p in params], device=dev), reduction="sum")
-    buckets = [[]]
+    buckets, size = [[]], 0
     for p, flag in zip(params, flags):
-        if buckets[-1] and sum(q.numel() for q, _ in buckets[-1]) + p.numel() > bucket:
-            buckets.append([])
+        if buckets[-1] and size + p.numel() > bucket:
+            buckets, size = [*buckets, []], 0
         buckets[-1].append((p, flag))
+        size += p.numel()
     for group in buckets:
         flat = acc.reduce(torch.cat([p.grad.detach().flatten().float() if p.grad is not None else
                                      torch.zeros(p.numel(), device=dev) for p, _ in group]), reduction="sum")
