@@ -193,7 +193,8 @@ def toy(args) -> dict:
     # 2. Self-NPO negative model (full fine-tuning from the model's own samples) + NPO guidance vs plain CFG
     if args.npo_steps > 0:
         npo_dir = out / "self_npo"
-        sub = "transformer" if json.loads((Path(model) / "model_index.json").read_text()).get("transformer") else "unet"
+        base = load_adapter(model)
+        sub = base.denoiser_name  # where Self-NPO saves the negative: unet/ or transformer/
         if not (npo_dir / sub).is_dir():
             cfg = load_config(self_npo.Config, None, [
                 f"model.pretrained={model}", f"data.prompts_file={PROMPT_DIR / 'train.txt'}",
@@ -205,7 +206,6 @@ def toy(args) -> dict:
                 "validation.num_inference_steps=2", "validation.images_per_prompt=1", *args.npo_set,
             ])
             self_npo.train(cfg)
-        base = load_adapter(model)
         neg = type(base.denoiser).from_pretrained(str(npo_dir), subfolder=sub).eval()
         plain = _score(base.pipe, test_prompts, args)
         guided = _score(base.pipe, test_prompts, args, NPOGuidance(negative=neg))

@@ -44,6 +44,7 @@ __all__ = [
     "ImageStats",
     "parse_background",
     "read_image",
+    "save_image_whole",
     "to_rgb",
 ]
 
@@ -190,6 +191,16 @@ def to_rgb(
         ) from e
     count(f"converted from {mode}")
     return rgb
+
+
+def save_image_whole(image: Image.Image, path: str | os.PathLike) -> None:
+    """Save `image` to `path` (format from its suffix) through a temporary file beside it, then rename: a killed
+    writer leaves no half-written image for a resumed run to mistake for a finished one."""
+    final = os.fspath(path)
+    stem, suffix = os.path.splitext(os.path.basename(final))
+    tmp = os.path.join(os.path.dirname(final), f".{stem}.tmp{suffix}")
+    image.save(tmp)
+    os.replace(tmp, final)
 
 
 def read_image(

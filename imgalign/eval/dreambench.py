@@ -388,6 +388,8 @@ def generate_images(pipe: Callable, bench: DreamBench, images_dir: str | os.Path
     before its images and unloaded after (``unload_lora_weights``); subjects with nothing to do load nothing."""
     from tqdm.auto import tqdm
 
+    from imgalign.data.images import save_image_whole
+
     out = Path(images_dir)
     if hasattr(pipe, "set_progress_bar_config"):
         pipe.set_progress_bar_config(disable=True)
@@ -419,10 +421,7 @@ def generate_images(pipe: Callable, bench: DreamBench, images_dir: str | os.Path
                               num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                               **extra, **pipe_kwargs).images
                 for k, image in zip(ks, images):
-                    final = image_path(out, subject.name, i, k)
-                    tmp = final.with_name(f".{final.stem}.tmp.png")
-                    image.save(tmp)
-                    os.replace(tmp, final)
+                    save_image_whole(image, image_path(out, subject.name, i, k))
                     stats.written += 1
                 bar.update(1)
         finally:

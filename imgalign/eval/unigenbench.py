@@ -828,6 +828,8 @@ def generate_images(pipe: Callable, bench: UniGenBench, out_dir: str | os.PathLi
     import torch
     from tqdm.auto import tqdm
 
+    from imgalign.data.images import save_image_whole
+
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(pipe, "set_progress_bar_config"):
@@ -843,10 +845,7 @@ def generate_images(pipe: Callable, bench: UniGenBench, out_dir: str | os.PathLi
                       num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
                       **extra, **pipe_kwargs).images
         for k, image in zip(todo, images):
-            final = out / image_name(item.index, k, suffix)
-            tmp = final.with_name(f".{final.stem}.tmp{suffix}")
-            image.save(tmp)
-            os.replace(tmp, final)
+            save_image_whole(image, out / image_name(item.index, k, suffix))
             written += 1
     return written
 

@@ -10,7 +10,7 @@ from typing import Literal
 
 import torch
 
-from imgalign.config import MISSING, cfg_field
+from imgalign.config import MISSING, ConfigError, cfg_field
 from imgalign.models.adapters import DEFAULT_LORA_TARGETS, ModelAdapter, adapters_disabled, load_adapter
 from imgalign.train.checkpoint import read_safetensors_folder
 from imgalign.train.setup import captioned_grid
@@ -124,6 +124,22 @@ def reference_errors(adapter, model, reference, noisy, t, cond, target, accelera
 
 
 @torch.no_grad()
+def read_generated_record(path: Path, settings: dict, what: str, fix: str) -> dict:
+    """The JSON record of a folder of generated images ({} when there is none yet); a ConfigError naming the settings
+    that differ when the folder was made with other `settings` than these. `what` names the images, `fix` the way
+    out (e.g. which key points elsewhere)."""
+    import json
+
+    if not path.is_file():
+        return {}
+    record = json.loads(path.read_text(encoding="utf-8"))
+    if record.get("settings") != settings:
+        changed = sorted(k for k in settings if record.get("settings", {}).get(k) != settings[k])
+        raise ConfigError(f"{path}: {what} were made with other settings ({', '.join(changed)}); delete the folder to "
+                          f"regenerate them, or {fix}")
+    return record
+
+
 def validation_images(adapter: ModelAdapter, cfg: ValidationConfig, resolution: int) -> tuple[torch.Tensor, list[str]]:
     """Generate the validation prompts at a fixed seed with the pipeline as it is now.
 

@@ -65,7 +65,14 @@ from imgalign.losses.distill import (
 )
 from imgalign.models.adapters import adapters_disabled, cat_cond, check_noise_range
 from imgalign.models.gan_head import BottleneckFeatures, GANHead, PixelDiscriminator
-from imgalign.recipes.common import LoraConfig, ModelConfig, ValidationConfig, load_model, validation_images
+from imgalign.recipes.common import (
+    LoraConfig,
+    ModelConfig,
+    ValidationConfig,
+    load_model,
+    read_generated_record,
+    validation_images,
+)
 from imgalign.train.checkpoint import read_safetensors_folder
 from imgalign.train.loop import Run, lora_layout
 from imgalign.train.seeding import derive_seed, global_positions, randn_per_sample, sample_generators
@@ -482,24 +489,21 @@ class TeacherPool:
     FILE = "teacher_pool.json"
 
     def __init__(self, folder: Path, settings: dict, prompts: list[str]):
-        self.folder, self.settings, self.prompts = Path(folder), settings, prompts
+        self.folder, self.settings = Path(folder), settings
         gens = [torch.Generator().manual_seed(derive_seed(settings["seed"], "flash-dmd/pool", i))
                 for i in range(settings["images"])]
         self.items = [{"file": f"{i:06d}.png", "prompt": prompts[int(torch.randint(len(prompts), (1,), generator=g))]}
                       for i, g in enumerate(gens)]
 
     def check(self) -> None:
-        path = self.folder / self.FILE
-        if path.is_file():
-            old = json.loads(path.read_text(encoding="utf-8")).get("settings", {})
-            changed = sorted(k for k in self.settings if old.get(k) != self.settings[k])
-            if changed:
-                raise ConfigError(f"{path}: this teacher pool was made with other settings ({', '.join(changed)}); "
-                                  "delete the folder to regenerate it, or set data.teacher_dir to another folder")
+        read_generated_record(self.folder / self.FILE, self.settings, "these teacher samples",
+                              "set data.teacher_dir to another folder")
 
     def prepare(self, pipe, batch: int, progress: bool) -> int:
         """Generate the missing images (main process) -> how many were generated."""
         from tqdm.auto import tqdm
+
+        from imgalign.data.images import save_image_whole
 
         self.check()
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -514,10 +518,8 @@ class TeacherPool:
             images = pipe(prompt=[self.items[i]["prompt"] for i in chunk], generator=gens,
                           num_inference_steps=s["steps"], guidance_scale=s["guidance"], height=s["resolution"],
                           width=s["resolution"]).images
-            for i, image in zip(chunk, images):  # written whole, then renamed: a killed run leaves no half image
-                tmp = self.folder / f".{self.items[i]['file']}"
-                image.save(tmp, format="PNG")
-                tmp.replace(self.folder / self.items[i]["file"])
+            for i, image in zip(chunk, images):
+                save_image_whole(image, self.folder / self.items[i]["file"])
         return len(todo)
 
 
@@ -903,8 +905,7 @@ def critic_loss(ctx, x0: Tensor, batch: Batch, step: int) -> tuple[Tensor, dict]
         gens_real = sample_generators(seed, "flash-dmd/real", step, batch.positions)
         pixels, captions = ctx.real.batch(gens_real, epoch=step)
         if ctx.features is None:  # pixel GAN: the real images as they are, the student's decoded
-            with torch.no_grad():
-                fake_pixels = decode_with_grad(adapter, x0)
+            fake_pixels = adapter.decode_latents(x0)
             logits = ctx.head(torch.cat([pixels.to(fake_pixels), fake_pixels]))
         else:
             x_real = adapter.encode_images(pixels, generator=gens_real).to(x0)

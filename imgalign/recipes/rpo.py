@@ -42,6 +42,7 @@ from imgalign.recipes.common import (
     load_model,
     load_weights,
     make_trainable,
+    read_generated_record,
     reference_errors,
     save_weights,
     validation_images,
@@ -214,19 +215,14 @@ class Negatives:
         self.ref_rewards: list[list[float]] = []  # [reference j][prompt p]
 
     def _record(self) -> dict:
-        path = self.folder / self.FILE
-        if not path.is_file():
-            return {}
-        record = json.loads(path.read_text(encoding="utf-8"))
-        if record.get("settings") != self.settings:
-            changed = sorted(k for k in self.settings if record.get("settings", {}).get(k) != self.settings[k])
-            raise ConfigError(f"{path}: these negatives were made with other settings ({', '.join(changed)}); delete "
-                              "the folder to regenerate them, or set rpo.negatives_dir to another folder")
-        return record
+        return read_generated_record(self.folder / self.FILE, self.settings, "these negatives",
+                                     "set rpo.negatives_dir to another folder")
 
     def prepare(self, pipe, reward, progress: bool = True) -> None:
         """Main process: generate what is missing, score with the label reward when the reward changed, write."""
         from tqdm.auto import tqdm
+
+        from imgalign.data.images import save_image_whole
 
         s = self.settings
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -241,7 +237,7 @@ class Negatives:
             images = pipe(prompt=[prompts[p]] * len(ks), generator=gens, num_inference_steps=s["steps"],
                           guidance_scale=s["guidance"], height=s["resolution"], width=s["resolution"]).images
             for k, image in zip(ks, images):
-                image.save(self.folder / f"{p:02d}_{k:02d}.png")
+                save_image_whole(image, self.folder / f"{p:02d}_{k:02d}.png")
             self.generated += len(ks)
         items = [{"prompt_index": p, "prompt": prompts[p], "file": f"{p:02d}_{k:02d}.png",
                   "seed": derive_seed(s["seed"], "rpo-negative", p, k)} for p in range(len(prompts)) for k in range(n)]

@@ -221,3 +221,25 @@ def test_unreadable_and_missing_files(tmp_path):
         read_image(tmp_path / "gone.png")
     with pytest.raises(DataError, match="not a colour"):
         to_rgb(Image.new("RGBA", (1, 1)), background="not-a-colour")
+
+
+def test_save_image_whole_leaves_no_half_image(tmp_path, monkeypatch):
+    """The image goes through a temporary file beside the target (format from the target's suffix); a writer killed
+    mid-save leaves no file under the final name, so a resumed generation redoes it."""
+    from PIL import Image
+
+    from imgalign.data.images import save_image_whole
+
+    image = Image.new("RGB", (8, 8), (200, 10, 10))
+    save_image_whole(image, tmp_path / "a.jpg")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.jpg"]
+    assert Image.open(tmp_path / "a.jpg").format == "JPEG"
+
+    def killed(self, fp, *a, **k):
+        open(fp, "wb").write(b"\x89PNG half")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Image.Image, "save", killed)
+    with pytest.raises(KeyboardInterrupt):
+        save_image_whole(image, tmp_path / "b.png")
+    assert not (tmp_path / "b.png").exists()
